@@ -1,0 +1,34 @@
+"""The model's whole story: load the baked pipeline once, then generate per request.
+
+`python app.py` serves it with Potassium's server on HOST:PORT. To change what the worker does per request,
+start at `sdworker/handler.py`; to change how the model loads, `sdworker/model.py`.
+"""
+
+import logging
+
+from potassium import Potassium, Request, Response
+
+from sdworker.config import Settings
+from sdworker.handler import handle
+from sdworker.model import load_model
+from sdworker.platforms.potassium import serve
+
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+app = Potassium("sd-worker")
+
+
+@app.init
+def init() -> dict:
+    """Runs once at start: load the fp16 pipeline onto the GPU (fp32 on a CPU)."""
+    return {"model": load_model(Settings())}
+
+
+@app.handler("/")
+def handler(context: dict, request: Request) -> Response:
+    """Runs per request: txt2img, img2img or inpaint, by the inputs given."""
+    status, body = handle(context["model"], request.json)
+    return Response(status=status, json=body)
+
+
+if __name__ == "__main__":
+    serve(app, Settings())

@@ -1,0 +1,78 @@
+"""Bake MODEL_ID's weights into MODEL_DIR at build time, with the same loader app.py uses at start.
+
+    python download.py                       # MODEL_ID etc. from the environment, else build_args.env
+    python download.py --model-id tiny-sd    # flags override both
+
+Exit status 0 when the model is baked (or already was), 1 with one line on stderr when it cannot be.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from diffusers.utils import logging as diffusers_logging
+from huggingface_hub.utils import logging as hf_logging
+from transformers.utils import logging as transformers_logging
+
+from sdworker.config import Settings
+from sdworker.errors import WorkerError
+from sdworker.model import bake_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags, bake, and print what was baked."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model-id", help="hub id, local directory, s3://bucket/prefix, tiny-sd or tiny-sdxl")
+    parser.add_argument("--revision", help="hub branch, tag or commit")
+    parser.add_argument("--variant", help="weight variant such as fp16")
+    parser.add_argument("--model-dir", help="where to write the pipeline")
+    parser.add_argument("--force", action="store_true", help="bake again even if MODEL_DIR holds this model")
+    parser.add_argument("--no-verify", action="store_true", help="skip loading the result to check it")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # The libraries' warnings would bury the one line that says what happened; the hub's download bars stay.
+    hf_logging.set_verbosity_error()
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+
+    overrides = {
+        "model_id": args.model_id,
+        "model_revision": args.revision,
+        "model_variant": args.variant,
+        "model_dir": args.model_dir,
+    }
+    settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
+    token = settings.hf_token.get_secret_value() if settings.hf_token else None
+    try:
+        result = bake_model(
+            settings.model_id,
+            settings.model_dir,
+            revision=settings.model_revision,
+            variant=settings.model_variant,
+            token=token,
+            force=args.force,
+            verify=not args.no_verify,
+        )
+    except WorkerError as err:
+        print(f"download.py: cannot bake {settings.model_id}: {err.message}", file=sys.stderr)
+        return 1
+    except Exception as err:  # anything else still ends in one line, not a traceback
+        print(f"download.py: cannot bake {settings.model_id}: {err.__class__.__name__}: {err}", file=sys.stderr)
+        return 1
+    manifest = result.manifest
+    if result.skipped:
+        print(f"{manifest['model_id']} is already baked in {result.model_dir}; nothing to do")
+    else:
+        print(
+            f"baked {manifest['model_id']} (revision {manifest['revision'] or 'default'}, "
+            f"variant {manifest['variant'] or 'default'}) from {manifest['source']} into {result.model_dir}: "
+            f"{manifest['files']} files, {manifest['bytes'] / 2**20:.1f} MiB in {result.seconds:.1f} s"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

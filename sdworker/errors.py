@@ -1,0 +1,25 @@
+"""The one error type: every failure a client can see has a code, a message and, for bad input, a field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class WorkerError(Exception):
+    """A failure with a stable code a client can branch on.
+
+    `status` is the HTTP status a platform should answer with: 4xx for bad input, 5xx for the worker's fault.
+    """
+
+    code: str
+    message: str
+    field: str | None = None
+    status: int = 400
+
+    def __str__(self) -> str:
+        return self.message
+
+    def to_dict(self) -> dict:
+        """The `$error` body clients receive; never a traceback."""
+        return {"code": self.code, "message": self.message, "field": self.field}

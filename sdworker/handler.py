@@ -1,0 +1,87 @@
+"""One request in, one response out: the platform-neutral body every platform serves.
+
+`handle` never raises: bad input is a 4xx with `{"$error": {"code", "message", "field"}}`, a failure inside
+the worker a 5xx with a code and a message, and no traceback ever reaches the client.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from typing import Any
+
+from .errors import WorkerError
+from .generate import StepCallback, generate
+from .images import encode_image
+from .model import LoadedModel
+from .schema import check_limits, parse_request
+
+log = logging.getLogger("sdworker")
+
+
+def handle(model: LoadedModel, payload: Any, on_step: StepCallback | None = None) -> tuple[int, dict]:
+    """Validate `payload`, generate, and answer `(HTTP status, JSON body)`."""
+    started = time.perf_counter()
+    where: dict[str, str] = {}
+    try:
+        request, where = parse_request(payload)
+        check_limits(request, model.settings)
+        baked = model.manifest.get("model_id")
+        if request.model_id is not None and request.model_id != baked:
+            raise WorkerError(
+                "MODEL_MISMATCH",
+                f"model {request.model_id!r} is not on this worker, which serves {baked!r}",
+                "model_id",
+            )
+        result = generate(model, request, on_step)
+        encode_started = time.perf_counter()
+        encoded = [
+            base64.b64encode(encode_image(image, request.output_format, request.output_quality)).decode("ascii")
+            for image in result.images
+        ]
+        timings = dict(result.timings, encode=round((time.perf_counter() - encode_started) * 1000, 1))
+    except WorkerError as err:
+        err.field = where.get(err.field, err.field) if err.field else None
+        log.info("request refused: %s %s", err.code, err.message)
+        return err.status, {"$error": err.to_dict()}
+    except Exception:
+        log.exception("unexpected error")
+        error = WorkerError("INTERNAL_ERROR", "internal error; the worker's log has the details", status=500)
+        return error.status, {"$error": error.to_dict()}
+
+    timings["total"] = round((time.perf_counter() - started) * 1000, 1)
+    if not model.init_reported:  # the first answer after a cold start says how long the start took
+        model.init_reported = True
+        timings["init"] = round(model.load_ms, 1)
+    images = [
+        {"base64": data, "seed": seed, "width": image.width, "height": image.height, "format": request.output_format}
+        for data, seed, image in zip(encoded, result.seeds, result.images, strict=True)
+    ]
+    body: dict[str, Any] = {"images": images, "image_base64": encoded[0]}
+    if len(encoded) > 1:
+        body["images_base64"] = encoded
+    if result.nsfw is not None:
+        body["nsfw_content_detected"] = result.nsfw
+    body["$timings"] = timings
+    if result.mem_usage is not None:
+        body["$mem_usage"] = result.mem_usage
+    body["$meta"] = {
+        "MODEL_ID": model.manifest.get("model_id"),
+        "PIPELINE": result.pipeline,
+        "SCHEDULER": result.scheduler,
+        "family": model.family,
+        "task": request.task,
+        "device": model.device,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "width": result.width,
+        "height": result.height,
+        "num_inference_steps": request.num_inference_steps,
+        "guidance_scale": request.guidance_scale,
+        "strength": request.strength if request.task != "text2img" else None,
+        "num_images_per_prompt": request.num_images_per_prompt,
+        "seed": result.seeds[0],
+        "safety_checker": result.nsfw is not None,
+        "output_format": request.output_format,
+    }
+    return 200, body

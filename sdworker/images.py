@@ -1,0 +1,71 @@
+"""Input images in (base64, data URL or http(s) URL), output images out (png, jpeg or webp as base64)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+
+import requests
+from PIL import Image
+
+from .config import Settings
+from .errors import WorkerError
+
+
+def _fetch(url: str, field: str, settings: Settings) -> bytes:
+    limit = settings.max_input_image_bytes
+    try:
+        with requests.get(url, stream=True, timeout=settings.image_fetch_timeout) as response:
+            if response.status_code != 200:
+                raise WorkerError("IMAGE_FETCH_FAILED", f"{field}: {url} answered HTTP {response.status_code}", field)
+            data = bytearray()
+            for chunk in response.iter_content(64 * 1024):
+                data += chunk
+                if len(data) > limit:
+                    raise WorkerError("INVALID_IMAGE", f"{field}: {url} is larger than the {limit} byte limit", field)
+            return bytes(data)
+    except requests.RequestException as err:
+        raise WorkerError(
+            "IMAGE_FETCH_FAILED", f"{field}: cannot fetch {url}: {err.__class__.__name__}", field
+        ) from None
+
+
+def decode_image(value: str, field: str, settings: Settings) -> Image.Image:
+    """An RGB image from base64 (with or without a `data:` prefix) or an http(s) URL, within the size limits."""
+    if value.startswith(("http://", "https://")):
+        data = _fetch(value, field, settings)
+    else:
+        if value.startswith("data:"):
+            value = value.partition(",")[2]
+        try:
+            data = base64.b64decode("".join(value.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise WorkerError("INVALID_IMAGE", f"{field} is neither base64 nor an http(s) URL", field) from None
+        if len(data) > settings.max_input_image_bytes:
+            raise WorkerError(
+                "INVALID_IMAGE", f"{field} is larger than the {settings.max_input_image_bytes} byte limit", field
+            )
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.width * image.height > settings.max_input_image_pixels:
+            raise WorkerError(
+                "INVALID_IMAGE",
+                f"{field} is {image.width}x{image.height}; the limit is {settings.max_input_image_pixels} pixels",
+                field,
+            )
+        return image.convert("RGB")
+    except WorkerError:
+        raise
+    except Exception:  # PIL raises many types for undecodable data
+        raise WorkerError("INVALID_IMAGE", f"{field} is not an image PIL can read", field) from None
+
+
+def encode_image(image: Image.Image, output_format: str, quality: int) -> bytes:
+    """The image as png, jpeg or webp bytes."""
+    buffer = io.BytesIO()
+    if output_format == "png":
+        image.save(buffer, format="PNG")
+    else:
+        image.save(buffer, format=output_format.upper(), quality=quality)
+    return buffer.getvalue()

@@ -1,0 +1,1 @@
+"""What drives app.py: each platform receives the app (its init and handler) at run time."""

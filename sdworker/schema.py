@@ -1,0 +1,192 @@
+"""One request schema for every platform: the inputs a generation takes, their types, ranges and limits.
+
+Two shapes arrive: a flat object of inputs, and docker-diffusers-api's
+`{"modelInputs": {...}, "callInputs": {"MODEL_ID", "PIPELINE", "SCHEDULER", "safety_checker"}}`.
+Both become one `GenerateInput`; errors name the field the way the client wrote it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .config import Settings
+from .errors import WorkerError
+
+MAX_SEED = 2**64 - 1
+
+# Pipeline names clients send (docker-diffusers-api's PIPELINE) -> the task they stand for.
+PIPELINES = {
+    "AutoPipelineForText2Image": "text2img",
+    "StableDiffusionPipeline": "text2img",
+    "StableDiffusionXLPipeline": "text2img",
+    "AutoPipelineForImage2Image": "img2img",
+    "StableDiffusionImg2ImgPipeline": "img2img",
+    "StableDiffusionXLImg2ImgPipeline": "img2img",
+    "AutoPipelineForInpainting": "inpaint",
+    "StableDiffusionInpaintPipeline": "inpaint",
+    "StableDiffusionXLInpaintPipeline": "inpaint",
+    "text2img": "text2img",
+    "txt2img": "text2img",
+    "img2img": "img2img",
+    "inpaint": "inpaint",
+}
+# callInputs -> input field.
+CALL_INPUTS = {
+    "MODEL_ID": "model_id",
+    "PIPELINE": "pipeline",
+    "SCHEDULER": "scheduler",
+    "safety_checker": "safety_checker",
+}
+# callInputs docker-diffusers-api clients send that are fixed when the image is built here; accepted, not used.
+BUILD_TIME_CALL_INPUTS = {"MODEL_PRECISION", "MODEL_REVISION", "MODEL_URL", "xformers_memory_efficient_attention"}
+
+
+class GenerateInput(BaseModel):
+    """What one generation may ask, with diffusers' names. Unknown fields are refused, not ignored."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    prompt: str = Field(min_length=1, description="What to draw.")
+    negative_prompt: str | None = Field(None, description="What to steer away from.")
+    num_inference_steps: int = Field(50, ge=1, description="Denoising steps (limit: MAX_STEPS).")
+    guidance_scale: float = Field(7.5, ge=0, le=50, description="Classifier-free guidance; <= 1 turns it off.")
+    width: int | None = Field(None, ge=64, description="Multiple of 8; default: the model's native size.")
+    height: int | None = Field(None, ge=64, description="Multiple of 8; default: the model's native size.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="0 to 2**64-1; null, false or -1: random.")
+    num_images_per_prompt: int = Field(1, ge=1, description="Images to make (limit: MAX_IMAGES).")
+    scheduler: str | None = Field(None, description="diffusers class or A1111 name; default: the baked one.")
+    image: str | None = Field(
+        None, validation_alias=AliasChoices("image", "init_image"), description="img2img / inpaint input."
+    )
+    mask_image: str | None = Field(None, description="Inpainting mask: white is repainted.")
+    strength: float = Field(0.8, gt=0, le=1, description="How far img2img / inpaint may move from the image.")
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_quality: int = Field(
+        90, ge=1, le=100, validation_alias=AliasChoices("output_quality", "quality"), description="jpeg / webp."
+    )
+    safety_checker: bool = Field(True, description="Run the model's safety checker, when it has one.")
+    pipeline: str | None = Field(None, description="Task or pipeline class; default: from the inputs given.")
+    model_id: str | None = Field(None, description="Must name the baked model when given.")
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _random_seed(cls, value: Any) -> Any:
+        if value is True:
+            raise ValueError("seed must be an integer, null or false")
+        return None if value is False or value == -1 else value
+
+    @field_validator("output_format", mode="before")
+    @classmethod
+    def _format_name(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip().lower()
+            return "jpeg" if value == "jpg" else value
+        return value
+
+    @property
+    def task(self) -> str:
+        """text2img, img2img or inpaint: from `pipeline` when given, else from the images given."""
+        if self.pipeline:
+            return PIPELINES[self.pipeline]
+        return "inpaint" if self.mask_image else "img2img" if self.image else "text2img"
+
+
+def parse_request(payload: Any) -> tuple[GenerateInput, dict[str, str]]:
+    """Validate a request body of either shape.
+
+    Returns the input and a map from input field to the field as the client wrote it (`modelInputs.width`,
+    `callInputs.SCHEDULER`), so that later errors name what the client sent.
+    """
+    if not isinstance(payload, dict):
+        raise WorkerError("INVALID_INPUTS", "the request body must be a JSON object")
+    where: dict[str, str] = {}
+    if "modelInputs" in payload or "callInputs" in payload:
+        for key in payload:
+            if key not in ("modelInputs", "callInputs"):
+                raise WorkerError("INVALID_INPUTS", f"unknown key {key!r} beside modelInputs and callInputs", key)
+        model_inputs, call_inputs = payload.get("modelInputs"), payload.get("callInputs") or {}
+        for name, value in (("modelInputs", model_inputs), ("callInputs", call_inputs)):
+            if not isinstance(value, dict):
+                raise WorkerError("INVALID_INPUTS", f"{name} must be a JSON object", name)
+        data = dict(model_inputs)
+        where = {key: f"modelInputs.{key}" for key in data}
+        for key, value in call_inputs.items():
+            if key in BUILD_TIME_CALL_INPUTS:
+                continue
+            if key not in CALL_INPUTS:
+                known = ", ".join([*CALL_INPUTS, *sorted(BUILD_TIME_CALL_INPUTS)])
+                raise WorkerError("INVALID_INPUTS", f"unknown call input {key!r}; known: {known}", f"callInputs.{key}")
+            name = CALL_INPUTS[key]
+            if name in data and data[name] != value:
+                raise WorkerError(
+                    "INVALID_INPUTS", f"callInputs.{key} and modelInputs.{name} disagree", f"callInputs.{key}"
+                )
+            data[name] = value
+            where[name] = f"callInputs.{key}"
+    else:
+        data = payload
+    try:
+        request = GenerateInput.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        name = str(first["loc"][0]) if first["loc"] else ""
+        field = where.get(name, name) or None
+        got = f" (got {first['input']!r:.60})" if first["type"] != "missing" else ""
+        raise WorkerError("INVALID_INPUTS", f"{field}: {first['msg']}{got}", field) from None
+    if request.pipeline is not None and request.pipeline not in PIPELINES:
+        raise WorkerError(
+            "NO_SUCH_PIPELINE",
+            f"unknown pipeline {request.pipeline!r}; known: {', '.join(PIPELINES)}",
+            where.get("pipeline", "pipeline"),
+        )
+    return request, where
+
+
+def check_limits(request: GenerateInput, settings: Settings) -> None:
+    """Refuse what is well-formed but beyond this deployment's limits, or inconsistent with the task."""
+
+    def fail(field: str, message: str) -> None:
+        raise WorkerError("INVALID_INPUTS", message, field)
+
+    for field in ("prompt", "negative_prompt"):
+        text = getattr(request, field) or ""
+        if len(text) > settings.max_prompt_chars:
+            fail(field, f"{field} has {len(text)} characters; the limit is {settings.max_prompt_chars}")
+    if request.num_inference_steps > settings.max_steps:
+        fail("num_inference_steps", f"num_inference_steps must be at most {settings.max_steps}")
+    if request.num_images_per_prompt > settings.max_images:
+        fail("num_images_per_prompt", f"num_images_per_prompt must be at most {settings.max_images}")
+    for field in ("width", "height"):
+        side = getattr(request, field)
+        if side is not None and side % 8:
+            fail(field, f"{field} must be a multiple of 8 (got {side})")
+    check_size(request.width or 64, request.height or 64, settings)
+    encoded_limit = settings.max_input_image_bytes * 4 // 3 + 1024
+    for field in ("image", "mask_image"):
+        value = getattr(request, field)
+        if value is not None and len(value) > encoded_limit:
+            fail(field, f"{field} is larger than the {settings.max_input_image_bytes} byte limit")
+    task = request.task
+    if task == "text2img" and (request.image or request.mask_image):
+        fail("image", "image and mask_image are for img2img and inpaint, not text2img")
+    if task in ("img2img", "inpaint") and not request.image:
+        fail("image", f"{task} needs an image")
+    if task == "inpaint" and not request.mask_image:
+        fail("mask_image", "inpaint needs a mask_image")
+    if task == "img2img" and request.mask_image:
+        fail("mask_image", "mask_image is for inpaint, not img2img")
+    if task != "text2img" and int(request.num_inference_steps * request.strength) < 1:
+        fail("strength", "strength x num_inference_steps must be at least 1 step")
+
+
+def check_size(width: int, height: int, settings: Settings) -> None:
+    """Refuse an output size beyond MAX_SIDE or MAX_PIXELS."""
+    for field, side in (("width", width), ("height", height)):
+        if side > settings.max_side:
+            raise WorkerError("INVALID_INPUTS", f"{field} must be at most {settings.max_side} (got {side})", field)
+    if width * height > settings.max_pixels:
+        raise WorkerError(
+            "INVALID_INPUTS", f"width x height is {width * height} pixels; the limit is {settings.max_pixels}", "width"
+        )

@@ -1,0 +1,70 @@
+"""Shared fixtures: the tiny recipes baked once per session with the real baking code, loaded once."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+from sdworker.config import Settings
+from sdworker.model import LoadedModel, bake_model, load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def baked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """tiny-sd and tiny-sdxl, baked into a session folder."""
+    root = tmp_path_factory.mktemp("models")
+    return {name: bake_model(name, root / name).model_dir for name in ("tiny-sd", "tiny-sdxl")}
+
+
+@pytest.fixture(scope="session")
+def sd(baked: dict[str, Path]) -> LoadedModel:
+    return load_model(Settings(model_dir=baked["tiny-sd"]))
+
+
+@pytest.fixture(scope="session")
+def sdxl(baked: dict[str, Path]) -> LoadedModel:
+    return load_model(Settings(model_dir=baked["tiny-sdxl"]))
+
+
+def decode(data: str) -> Image.Image:
+    """A response's base64 image, opened."""
+    return Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+
+
+def png_base64(width: int = 64, height: int = 64, color: tuple[int, int, int] = (200, 40, 40)) -> str:
+    """A solid-colour PNG as base64, for img2img and inpaint inputs."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_process(args: list[str], url: str, env: dict[str, str], timeout: float = 120) -> subprocess.Popen:
+    """Start a server process and wait until `url` answers; fail with its output if it dies first."""
+    process = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"{args} exited with {process.returncode}:\n{process.stdout.read()}")
+        try:
+            requests.get(url, timeout=1)
+            return process
+        except requests.ConnectionError:
+            time.sleep(0.2)
+    process.kill()
+    pytest.fail(f"{args} did not answer at {url} within {timeout} s")

@@ -1,0 +1,108 @@
+"""app.py over HTTP: `python app.py` on a real port, as Potassium serves it, and test.py against it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import ROOT, decode, free_port, start_process
+
+SEED_000 = {  # the request of the kiri / Gradient README, as written there
+    "modelInputs": {
+        "prompt": "Soft pink roses, white Chinese peony, tiny apple blossom flowers, eucalyptus leaves, twigs of "
+        "cranberries, twigs of copper pepper berries all arrangement into a cute beautiful flowers arrangement on a "
+        "pink nickel mug. The mug is sitting on a thick white book with golden cover image design. Sunny, bright "
+        "image. Ad copy, huge copy space on top of the image, negative space, hd, 8k, blurry dreamy background, "
+        "beautiful pictures. Product",
+        "num_inference_steps": 50,
+        "guidance_scale": 7.5,
+        "width": 512,
+        "height": 512,
+        "seed": 3239022079,
+    },
+    "callInputs": {
+        "MODEL_ID": "stabilityai/stable-diffusion-xl-base-1.0",
+        "SCHEDULER": "EulerAncestralDiscreteScheduler",
+        "safety_checker": True,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def server(baked: dict[str, Path]) -> str:
+    port = free_port()
+    env = {**os.environ, "MODEL_DIR": str(baked["tiny-sdxl"]), "PORT": str(port), "HOST": "127.0.0.1"}
+    url = f"http://127.0.0.1:{port}"
+    process = start_process([sys.executable, "app.py"], f"{url}/__status__", env)
+    yield url
+    process.terminate()
+    process.wait(10)
+
+
+def test_the_seed_000_request_returns_an_image(server: str) -> None:
+    request = {**SEED_000, "callInputs": {**SEED_000["callInputs"], "MODEL_ID": "tiny-sdxl"}}
+    response = requests.post(server, json=request, timeout=300)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    image = decode(body["image_base64"])
+    assert (image.format, image.size) == ("PNG", (512, 512))
+    assert body["$meta"]["SCHEDULER"] == "EulerAncestralDiscreteScheduler"
+    assert body["$meta"]["seed"] == 3239022079
+    assert body["$timings"]["inference"] > 0
+
+
+def test_a_request_for_another_model_says_which_model_is_served(server: str) -> None:
+    response = requests.post(server, json=SEED_000, timeout=60)
+    assert response.status_code == 400
+    error = response.json()["$error"]
+    assert error["code"] == "MODEL_MISMATCH"
+    assert "stabilityai/stable-diffusion-xl-base-1.0" in error["message"] and "tiny-sdxl" in error["message"]
+
+
+def test_bad_input_over_http_is_a_400_with_the_field(server: str) -> None:
+    response = requests.post(server, json={"prompt": "x", "width": 999}, timeout=60)
+    assert response.status_code == 400
+    assert response.json() == {
+        "$error": {"code": "INVALID_INPUTS", "message": "width must be a multiple of 8 (got 999)", "field": "width"}
+    }
+
+
+def test_potassium_routes_answer(server: str) -> None:
+    assert requests.post(f"{server}/_k/warmup", timeout=10).json() == {"warm": True}
+    status = requests.get(f"{server}/__status__", timeout=10).json()
+    assert set(status) == {"gpu_available", "sequence_number", "idle_time", "inference_time"}
+
+
+def test_smoke_test_script_passes_against_the_server(server: str, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "test.py"), "--url", server, "--out", str(tmp_path), "--steps", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "inference" in result.stdout
+    saved = list(tmp_path.glob("*.png"))
+    assert saved and decode_file(saved[0]) == "PNG"
+
+
+def test_smoke_test_script_fails_against_a_dead_url(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "test.py"), "--url", f"http://127.0.0.1:{free_port()}", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+
+
+def decode_file(path: Path) -> str:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.format
