@@ -106,3 +106,11 @@ def decode_file(path: Path) -> str:
 
     with Image.open(path) as image:
         return image.format
+
+
+def test_a_worker_with_no_baked_model_exits_with_a_clear_message(tmp_path: Path) -> None:
+    env = {**os.environ, "MODEL_DIR": str(tmp_path / "empty"), "PORT": str(free_port())}
+    result = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "no baked model" in result.stdout + result.stderr
+    assert "python download.py" in result.stdout + result.stderr
