@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(
             f"baked {manifest['model_id']} (revision {manifest['revision'] or 'default'}, "
-            f"variant {manifest['variant'] or 'default'}) from {manifest['source']} into {result.model_dir}: "
+            f"weights variant {manifest['weights_variant'] or 'none'}) from {manifest['source']} "
+            f"into {result.model_dir}: "
             f"{manifest['files']} files, {manifest['bytes'] / 2**20:.1f} MiB in {result.seconds:.1f} s"
         )
     return 0
