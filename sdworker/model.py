@@ -204,15 +204,11 @@ def _tiny_vae(**extra: Any) -> Any:
     )
 
 
-def _bake_tiny_sd(dest: Path) -> None:
-    """SD 1.x layout with random weights: UNet, VAE, CLIP text encoder, tokenizer, PNDM, safety checker."""
-    import torch
-    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextModel, CLIPVisionConfig
+def _tiny_unet(**extra: Any) -> Any:
+    from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
+    # Two levels at 8x8 latents by default (64 px images): real blocks, a few milliseconds a step on a CPU.
+    return UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=1,
         sample_size=8,
@@ -220,6 +216,19 @@ def _bake_tiny_sd(dest: Path) -> None:
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **extra,
+    )
+
+
+def _bake_tiny_sd(dest: Path) -> None:
+    """SD 1.x layout with random weights: UNet, VAE, CLIP text encoder, tokenizer, PNDM, safety checker."""
+    import torch
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextModel, CLIPVisionConfig
+
+    torch.manual_seed(0)
+    unet = _tiny_unet(
         cross_attention_dim=32,
         attention_head_dim=8,
     )
@@ -257,18 +266,11 @@ def _bake_tiny_sd(dest: Path) -> None:
 def _bake_tiny_sdxl(dest: Path) -> None:
     """SDXL layout with random weights: two text encoders, text-time conditioning, Euler."""
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = _tiny_unet(
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
