@@ -3,7 +3,10 @@
 #
 #   docker build -t sd-worker --build-arg MODEL_ID=stabilityai/stable-diffusion-xl-base-1.0 \
 #       --secret id=HF_TOKEN,env=HF_TOKEN .
-#   docker run --gpus all -p 8000:8000 sd-worker
+#   docker run --gpus all -p 8000:8000 -e API_KEYS=your-secret-key sd-worker
+#
+# Without API_KEYS the server makes a key at start and prints it, so set API_KEYS on serverless platforms,
+# where every cold start is a fresh container. MODE=gateway|worker with REDIS_URL scales past one machine.
 #
 # The base is plain Python: PyPI's torch wheels carry their own CUDA runtime (cuBLAS, cuDNN, NCCL), so a
 # CUDA base image would only add a second copy of those libraries. The host needs an NVIDIA driver.

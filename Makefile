@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
+NPM ?= npm
 
 $(VENV)/.run: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -12,7 +13,13 @@ $(VENV)/.dev: $(VENV)/.run requirements-dev.txt
 	$(VENV)/bin/pip install -q -r requirements-dev.txt
 	touch $@
 
-.PHONY: run test lint
+# newman, which runs postman_collection.json in the tests: exactly the versions package-lock.json pins.
+node_modules/.installed: package.json package-lock.json
+	@command -v $(NPM) >/dev/null || { echo "npm is not installed: install Node.js 18+ (apt-get install nodejs npm)" >&2; exit 1; }
+	$(NPM) ci --no-audit --no-fund
+	touch $@
+
+.PHONY: run test lint redis-server
 run: $(VENV)/.run  ## bake MODEL_ID (skipped when already baked), then serve on HOST:PORT
 	$(PY) download.py
 	$(PY) app.py
@@ -22,5 +29,19 @@ lint: $(VENV)/.dev
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/hadolint Dockerfile
 
-test: lint  ## lint, then the whole test suite
+# The tests start a real redis-server: install it with apt-get when it is missing (as root, or through sudo).
+redis-server:
+	@command -v redis-server >/dev/null || { \
+	  if ! command -v apt-get >/dev/null; then \
+	    echo "redis-server is not installed: install it (brew install redis, dnf install redis, ...) and run make test again" >&2; exit 1; \
+	  elif [ "$$(id -u)" = 0 ]; then SUDO=; \
+	  elif command -v sudo >/dev/null; then SUDO=sudo; \
+	  else echo "redis-server is not installed and this user cannot install it: run 'apt-get install redis-server' as root, then make test again" >&2; exit 1; \
+	  fi; \
+	  echo "installing redis-server with apt-get"; \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
+	  command -v redis-server >/dev/null || { echo "apt-get did not install redis-server" >&2; exit 1; }; \
+	}
+
+test: lint node_modules/.installed redis-server  ## lint, then the whole test suite
 	$(PY) -m pytest

@@ -1,7 +1,8 @@
 """The model's whole story: load the baked pipeline once, then generate per request.
 
-`python app.py` serves it with Potassium's server on HOST:PORT. To change what the worker does per request,
-start at `sdworker/handler.py`; to change how the model loads, `sdworker/model.py`.
+`python app.py` serves it on HOST:PORT: direct calls, Banana's start/check, RunPod's endpoint API and Potassium's
+routes (`--mode gateway|worker|potassium` for the others). To change what the worker does per request, start at
+`sdworker/handler.py`; to change how the model loads, `sdworker/model.py`.
 """
 
 import logging
@@ -11,7 +12,7 @@ from potassium import Potassium, Request, Response
 from sdworker.config import Settings
 from sdworker.handler import handle
 from sdworker.model import load_model
-from sdworker.platforms.potassium import serve
+from sdworker.platforms import run
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 app = Potassium("sd-worker")
@@ -31,4 +32,4 @@ def handler(context: dict, request: Request) -> Response:
 
 
 if __name__ == "__main__":
-    serve(app, Settings())
+    run(app)

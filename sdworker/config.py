@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -41,3 +42,35 @@ class Settings(BaseSettings):
     max_input_image_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_input_image_pixels: int = Field(4096 * 4096, ge=64 * 64)
     image_fetch_timeout: float = Field(15.0, gt=0)
+
+    # The job server (python app.py): who may call, which model, where jobs live.
+    mode: Literal["serve", "gateway", "worker", "potassium"] = Field(
+        "serve", description="serve: HTTP and a worker in one process; gateway: HTTP only; worker: model only."
+    )
+    api_keys: SecretStr | None = Field(None, description="Accepted API keys, comma-separated; one is made if unset.")
+    model_key: str | None = Field(None, description="Model key(s) this deployment answers to; default from MODEL_ID.")
+    data_dir: Path = Field(Path("data"), description="The SQLite job store and the generated API key.")
+    redis_url: SecretStr | None = Field(None, description="redis://... to queue jobs in Redis for many workers.")
+    max_queue: int = Field(
+        100, ge=1, description="Jobs queued or running per model key; past it, new ones are refused."
+    )
+    banana_wait_s: float = Field(50.0, ge=0, description="How long start/v4 and a long-polled check/v4 wait.")
+    runsync_wait_s: float = Field(90.0, ge=0, description="How long /runsync waits before answering IN_PROGRESS.")
+    direct_wait_s: float = Field(600.0, gt=0, description="How long a direct POST / waits for its job.")
+    result_ttl_s: int = Field(1800, ge=1, description="How long a finished job's result is kept.")
+    runsync_result_ttl_s: int = Field(60, ge=1, description="How long a /runsync result is kept.")
+    job_ttl_s: int = Field(86400, ge=1, description="Default for policy.ttl: a job not started by then times out.")
+    execution_timeout_s: float = Field(600.0, gt=0, description="Default for policy.executionTimeout.")
+    lease_s: float = Field(10.0, gt=0, description="A running job whose worker is silent this long runs elsewhere.")
+    max_attempts: int = Field(2, ge=1, description="Runs of one job before a lost worker fails it for good.")
+    webhook_secret: SecretStr | None = Field(None, description="Signs webhook bodies (HMAC-SHA256) when set.")
+    webhook_timeout_s: float = Field(10.0, gt=0)
+    webhook_retries: int = Field(2, ge=0, description="Further tries after a failed webhook delivery.")
+    webhook_retry_delay_s: float = Field(10.0, ge=0)
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
+
+    def model_keys(self) -> list[str]:
+        """The model keys jobs may name: MODEL_KEY (comma-separated), else one derived from MODEL_ID."""
+        if self.model_key:
+            return [key.strip() for key in self.model_key.split(",") if key.strip()]
+        return [re.sub(r"[^a-z0-9]+", "-", self.model_id.lower()).strip("-") or "model"]

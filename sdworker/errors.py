@@ -9,13 +9,14 @@ from dataclasses import dataclass
 class WorkerError(Exception):
     """A failure with a stable code a client can branch on.
 
-    `status` is the HTTP status a platform should answer with: 4xx for bad input, 5xx for the worker's fault.
+    `status` is the HTTP status a platform should answer with: 422 for bad input (not 400, which Banana's v6
+    client retries for five minutes), other 4xx for refusals, 5xx for the worker's fault.
     """
 
     code: str
     message: str
     field: str | None = None
-    status: int = 400
+    status: int = 422
 
     def __str__(self) -> str:
         return self.message

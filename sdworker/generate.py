@@ -7,6 +7,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,10 @@ log = logging.getLogger("sdworker")
 
 StepCallback = Callable[[int, int], None]
 """Called after each denoising step with (step, total). Raise from it to stop the generation."""
+
+step_hook: ContextVar[StepCallback | None] = ContextVar("step_hook", default=None)
+"""The step callback of the job being run, set by whatever runs app.py's handler (progress and cancellation),
+so that the handler itself needs no parameter for it."""
 
 
 @dataclass
@@ -62,6 +67,7 @@ def _check_safety(model: LoadedModel, images: list[Image.Image]) -> tuple[list[I
 def generate(model: LoadedModel, request: GenerateInput, on_step: StepCallback | None = None) -> Generation:
     """Make the images `request` asks for. Raises WorkerError for bad input and for failures in the pipeline."""
     settings, task, timings = model.settings, request.task, {}
+    on_step = on_step or step_hook.get()
     started = time.perf_counter()
     init = decode_image(request.image, "image", settings) if request.image else None
     mask = decode_image(request.mask_image, "mask_image", settings) if request.mask_image else None

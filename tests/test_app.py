@@ -1,4 +1,4 @@
-"""app.py over HTTP: `python app.py` on a real port, as Potassium serves it, and test.py against it."""
+"""app.py over HTTP: `python app.py` on a real port, as the job server and as Potassium's server."""
 
 from __future__ import annotations
 
@@ -32,12 +32,28 @@ SEED_000 = {  # the request of the kiri / Gradient README, as written there
 }
 
 
-@pytest.fixture(scope="module")
-def server(baked: dict[str, Path]) -> str:
+KEY = {"X-BANANA-API-KEY": "test-key"}
+
+
+def start_app(model_dir: Path, tmp_path: Path, *mode: str) -> tuple[str, subprocess.Popen]:
     port = free_port()
-    env = {**os.environ, "MODEL_DIR": str(baked["tiny-sdxl"]), "PORT": str(port), "HOST": "127.0.0.1"}
+    env = {
+        **os.environ,
+        "MODEL_DIR": str(model_dir),
+        "DATA_DIR": str(tmp_path / "data"),
+        "API_KEYS": "test-key",
+        "PORT": str(port),
+        "HOST": "127.0.0.1",
+    }
     url = f"http://127.0.0.1:{port}"
-    process = start_process([sys.executable, "app.py"], f"{url}/__status__", env)
+    return url, start_process([sys.executable, "app.py", *mode], f"{url}/__status__", env)
+
+
+@pytest.fixture(scope="module", params=["serve", "potassium"])
+def server(request: pytest.FixtureRequest, baked: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> str:
+    """`python app.py` (the job server) and `python app.py --mode potassium` (Potassium's own server)."""
+    mode = [] if request.param == "serve" else ["--mode", "potassium"]
+    url, process = start_app(baked["tiny-sdxl"], tmp_path_factory.mktemp("app"), *mode)
     yield url
     process.terminate()
     process.wait(10)
@@ -45,7 +61,7 @@ def server(baked: dict[str, Path]) -> str:
 
 def test_the_seed_000_request_returns_an_image(server: str) -> None:
     request = {**SEED_000, "callInputs": {**SEED_000["callInputs"], "MODEL_ID": "tiny-sdxl"}}
-    response = requests.post(server, json=request, timeout=300)
+    response = requests.post(server, json=request, headers=KEY, timeout=300)
     assert response.status_code == 200, response.text
     body = response.json()
     image = decode(body["image_base64"])
@@ -56,16 +72,16 @@ def test_the_seed_000_request_returns_an_image(server: str) -> None:
 
 
 def test_a_request_for_another_model_says_which_model_is_served(server: str) -> None:
-    response = requests.post(server, json=SEED_000, timeout=60)
-    assert response.status_code == 400
+    response = requests.post(server, json=SEED_000, headers=KEY, timeout=60)
+    assert response.status_code == 422
     error = response.json()["$error"]
     assert error["code"] == "MODEL_MISMATCH"
     assert "stabilityai/stable-diffusion-xl-base-1.0" in error["message"] and "tiny-sdxl" in error["message"]
 
 
-def test_bad_input_over_http_is_a_400_with_the_field(server: str) -> None:
-    response = requests.post(server, json={"prompt": "x", "width": 999}, timeout=60)
-    assert response.status_code == 400
+def test_bad_input_over_http_is_a_422_with_the_field(server: str) -> None:
+    response = requests.post(server, json={"prompt": "x", "width": 999}, headers=KEY, timeout=60)
+    assert response.status_code == 422
     assert response.json() == {
         "$error": {"code": "INVALID_INPUTS", "message": "width must be a multiple of 8 (got 999)", "field": "width"}
     }
@@ -77,35 +93,13 @@ def test_potassium_routes_answer(server: str) -> None:
     assert set(status) == {"gpu_available", "sequence_number", "idle_time", "inference_time"}
 
 
-def test_smoke_test_script_passes_against_the_server(server: str, tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "test.py"), "--url", server, "--out", str(tmp_path), "--steps", "4"],
-        capture_output=True,
-        text=True,
-        timeout=300,
+def test_the_v6_banana_client_calls_the_worker(server: str) -> None:
+    from banana_dev import Client
+
+    answer, meta = Client(api_key="test-key", url=server, verbosity="quiet").call(
+        "/", {"prompt": "a", "seed": 1, "num_inference_steps": 2}
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "inference" in result.stdout
-    saved = list(tmp_path.glob("*.png"))
-    assert saved and decode_file(saved[0]) == "PNG"
-
-
-def test_smoke_test_script_fails_against_a_dead_url(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "test.py"), "--url", f"http://127.0.0.1:{free_port()}", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-
-
-def decode_file(path: Path) -> str:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return image.format
+    assert decode(answer["image_base64"]).size == (64, 64) and meta["headers"]["content-type"] == "application/json"
 
 
 def test_a_worker_with_no_baked_model_exits_with_a_clear_message(tmp_path: Path) -> None:

@@ -70,14 +70,14 @@ CASES = [
 @pytest.mark.parametrize(("payload", "code", "field", "words"), CASES)
 def test_bad_input_names_the_field_and_the_limit(sd: LoadedModel, payload, code, field, words) -> None:
     status, body = handle(sd, payload)
-    assert status == 400, body
+    assert status == 422, body
     assert body == {"$error": {"code": code, "message": body["$error"]["message"], "field": field}}
     assert words in body["$error"]["message"]
 
 
 def test_huge_input_images_are_refused_before_decoding(sd: LoadedModel) -> None:
     status, body = handle(sd, {**FAST, "image": png_base64(4200, 4200, (0, 0, 0))})
-    assert status == 400
+    assert status == 422
     assert body["$error"]["field"] == "image"
     assert "16777216 pixels" in body["$error"]["message"]
 

@@ -94,7 +94,7 @@ def test_full_64_bit_seed_range(sd: LoadedModel) -> None:
     body = ok(sd, {**FAST, "seed": 2**64 - 1, "num_images_per_prompt": 2})
     assert [image["seed"] for image in body["images"]] == [2**64 - 1, 0]
     status, body = handle(sd, {**FAST, "seed": 2**64})
-    assert (status, body["$error"]["field"]) == (400, "seed")
+    assert (status, body["$error"]["field"]) == (422, "seed")
 
 
 @pytest.mark.parametrize("seed", [None, False, -1])
@@ -154,7 +154,7 @@ def test_img2img_fetches_an_http_image(sd: LoadedModel, image_server: str) -> No
 
 def test_an_image_url_that_fails_is_a_clear_error(sd: LoadedModel, image_server: str) -> None:
     status, body = handle(sd, {"modelInputs": {**FAST, "image": f"{image_server}/missing.png"}})
-    assert status == 400
+    assert status == 422
     assert body["$error"]["code"] == "IMAGE_FETCH_FAILED"
     assert body["$error"]["field"] == "modelInputs.image"
     assert "404" in body["$error"]["message"]
@@ -243,7 +243,7 @@ def test_the_baked_scheduler_is_used_again_after_a_swap(sd: LoadedModel) -> None
 )
 def test_unknown_schedulers_are_refused_by_name(sd: LoadedModel, name: str, words: str) -> None:
     status, body = handle(sd, {"modelInputs": FAST, "callInputs": {"SCHEDULER": name}})
-    assert status == 400
+    assert status == 422
     assert body["$error"]["code"] == "INVALID_SCHEDULER"
     assert body["$error"]["field"] == "callInputs.SCHEDULER"
     assert words in body["$error"]["message"]

@@ -1,1 +1,87 @@
-"""What drives app.py: each platform receives the app (its init and handler) at run time."""
+"""What drives app.py: each platform receives the app (its init and handlers) at run time.
+
+`run(app)` is `python app.py`: it picks the mode from `--mode` or MODE.
+- serve (default): the HTTP job server and a worker in one process, jobs in SQLite (or Redis with REDIS_URL).
+- gateway: the HTTP job server only, no model; workers elsewhere take its jobs from Redis.
+- worker: the model and the worker loop only, no HTTP; takes jobs from Redis.
+- potassium: Potassium's own server, for platforms built on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+log = logging.getLogger("sdworker")
+MODES = ("serve", "gateway", "worker", "potassium")
+
+
+def run(app: Any, argv: list[str] | None = None) -> None:
+    """Serve a Potassium app in the mode asked for."""
+    parser = argparse.ArgumentParser(description="Serve app.py.")
+    parser.add_argument("--mode", choices=MODES, help="default: MODE, else serve")
+    args = parser.parse_args(argv)
+
+    from ..config import Settings
+
+    settings = Settings(**({"mode": args.mode} if args.mode else {}))
+    if settings.mode == "potassium":
+        from .potassium import serve
+
+        return serve(app, settings)
+    if settings.mode in ("gateway", "worker") and settings.redis_url is None:
+        parser.exit(2, f"error: --mode {settings.mode} shares jobs through Redis: set REDIS_URL\n")
+
+    from ..errors import WorkerError
+    from ..jobs import open_store
+    from ..jobs.worker import Worker
+    from .potassium import AppRunner
+
+    try:
+        store = open_store(settings)
+    except WorkerError as err:
+        parser.exit(1, f"error: {err.message}\n")
+    except Exception as err:  # an unreachable Redis, an unwritable DATA_DIR
+        parser.exit(1, f"error: cannot open the job store: {type(err).__name__}: {err}\n")
+    runner = AppRunner(app)
+    model_key = settings.model_keys()[0]
+    worker = Worker(store, runner, settings, model_key)
+    loaded = threading.Event()
+    stop = threading.Event()
+
+    def load_then_work(stop: threading.Event) -> None:
+        try:
+            runner.load()
+        except Exception as err:
+            # A worker without its model can do nothing; exit so the platform restarts or reports it.
+            log.critical("init failed, exiting: %s", err)
+            os._exit(1)
+        loaded.set()
+        worker.run_forever(stop)
+
+    if settings.mode == "worker":
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        load_then_work(stop)
+        store.close()
+        return None
+
+    import uvicorn
+
+    from .server import create_server
+
+    if settings.mode == "serve":
+        threading.Thread(target=load_then_work, args=(stop,), name="worker", daemon=True).start()
+    log.info(
+        "mode %s; model keys %s; listening on %s:%s", settings.mode, settings.model_keys(), settings.host, settings.port
+    )
+    ready = loaded.is_set if settings.mode == "serve" else (lambda: True)
+    server = create_server(settings, store, runner.routes, ready)
+    # No access log: a direct call may carry its key in the query string (BANANA_SERVER=...?apiKey=...).
+    uvicorn.run(server, host=settings.host, port=settings.port, access_log=False, log_level="warning")
+    stop.set()
+    return None

@@ -1,14 +1,17 @@
-"""Potassium's own server, started without its cold-start penalty."""
+"""Potassium: its own server (started without its cold-start penalty), and app.py's handlers run without it."""
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import sys
+import uuid
 from typing import Any
 
 from ..config import Settings
+from ..errors import WorkerError
 
 
 def serve(app: Any, settings: Settings) -> None:
@@ -37,3 +40,42 @@ def serve(app: Any, settings: Settings) -> None:
     app._init_func = init_then_restore
     sys.setswitchinterval(1e-5)
     app.serve(host=settings.host, port=settings.port)
+
+
+class AppRunner:
+    """A Potassium app's init and handlers, run without Potassium's server: what the job server and the
+    RunPod worker drive."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.context: dict | None = None
+
+    @property
+    def routes(self) -> dict[str, bool]:
+        """Each route app.py registered, and whether it is a background one (answered `{"started": true}`)."""
+        return {route: endpoint.type.value == "BACKGROUND" for route, endpoint in self.app._endpoints.items()}
+
+    def load(self) -> None:
+        """Run app.py's init once (loads the model)."""
+        init = self.app._init_func
+        self.context = init() if len(inspect.signature(init).parameters) == 0 else init(0)
+
+    def __call__(self, route: str, payload: Any) -> tuple[int, Any]:
+        """Run a route's handler on `payload`: (HTTP status, JSON body). Never raises."""
+        from potassium import Request
+        from potassium.types import RequestHeaders
+
+        # The handler gets no client headers: Potassium 0.5.0 prints every header it is asked for, keys included.
+        request = Request(id=str(uuid.uuid4()), headers=RequestHeaders({}), json=payload)
+        try:
+            response = self.app._endpoints[route].func(self.context, request)
+        except Exception:
+            logging.getLogger("sdworker").exception("the handler for %s raised", route)
+            return 500, {"$error": WorkerError("INTERNAL_ERROR", "internal error; see the worker's log").to_dict()}
+        if response is None:  # a background handler
+            return 200, {"started": True}
+        body = response.json
+        if body is None and response.body:
+            error = WorkerError("NOT_JSON", f"the handler for {route} answered a body that is not JSON", status=500)
+            return 500, {"$error": error.to_dict()}
+        return response.status, body

@@ -1,0 +1,316 @@
+"""The shared job store: Redis, for any number of gateway and worker processes on any number of machines.
+
+Each model key has a stream (`sdw:queue:<key>`) read by the consumer group `workers`; each job is a hash
+(`sdw:job:<id>`) with a TTL. A worker that takes a job keeps refreshing its claim on the stream entry; if it
+dies (kill -9, a lost machine), the entry goes idle and, after `lease_s`, another worker takes it over with
+XAUTOCLAIM. Writes check that the writer still owns the job, so a job completes once. Ends are published on
+`sdw:done`, which wakes long-polls in every gateway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Callable
+
+import redis
+
+from ..config import Settings
+from . import Job, JobStore, end, expired_in_queue, queue_full, requeue_or_fail, reset_for_retry, stats_body
+
+GROUP = "workers"
+DONE_CHANNEL = "sdw:done"
+
+
+def _job_key(job_id: str) -> str:
+    return f"sdw:job:{job_id}"
+
+
+def _queue_key(model_key: str) -> str:
+    return f"sdw:queue:{model_key}"
+
+
+class RedisStore(JobStore):
+    """Jobs in Redis at REDIS_URL."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        assert settings.redis_url is not None
+        self._redis = redis.Redis.from_url(settings.redis_url.get_secret_value(), decode_responses=True)
+        self._redis.ping()
+        self._groups: set[str] = set()
+        self._claimed_at: dict[str, float] = {}  # job id -> when this process last refreshed its claim
+        self._entries: dict[str, str] = {}  # job id -> stream entry, for jobs this process runs
+        self._listener: threading.Thread | None = None
+        self._closed = threading.Event()
+
+    # Helpers.
+    def _queue(self, model_key: str) -> str:
+        key = _queue_key(model_key)
+        if key not in self._groups:
+            with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: it exists
+                self._redis.xgroup_create(key, GROUP, id="0", mkstream=True)
+            self._groups.add(key)
+        return key
+
+    def _ttl(self, job: Job) -> int:
+        if job.final:
+            return job.result_ttl_s
+        return int((job.ttl_s or self.settings.job_ttl_s) + (job.execution_timeout_s or 0) + 3600)
+
+    def _write(self, pipe: redis.client.Pipeline, job: Job) -> None:
+        key = _job_key(job.id)
+        pipe.hset(key, mapping={"data": job.model_dump_json(), "status": job.status})
+        pipe.expire(key, self._ttl(job))
+
+    def _save(self, job: Job) -> None:
+        with self._redis.pipeline() as pipe:
+            self._write(pipe, job)
+            pipe.execute()
+
+    def _ended(self, job: Job, entry: str | None) -> None:
+        """Record a final job, release its stream entry and count it."""
+        with self._redis.pipeline() as pipe:
+            self._write(pipe, job)
+            if entry:
+                pipe.xack(_queue_key(job.model_key), GROUP, entry)
+                pipe.xdel(_queue_key(job.model_key), entry)
+            pipe.hincrby(f"sdw:stats:{job.model_key}", job.status, 1)
+            pipe.publish(DONE_CHANNEL, job.id)
+            pipe.execute()
+        self._notify()
+
+    def _update_if(
+        self, job_id: str, check: Callable[[Job], bool], change: Callable[[Job], Job]
+    ) -> tuple[Job | None, bool]:
+        """If `check(job)` holds, store `change(job)`, atomically (WATCH). Answers (the job as it now is, changed)."""
+        key = _job_key(job_id)
+        with self._redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    data = pipe.hget(key, "data")
+                    if data is None:
+                        return None, False
+                    job = Job.model_validate_json(data)
+                    if not check(job):
+                        pipe.unwatch()
+                        return job, False
+                    job = change(job)
+                    pipe.multi()
+                    self._write(pipe, job)
+                    pipe.execute()
+                    return job, True
+                except redis.WatchError:
+                    continue
+
+    # The interface.
+    def submit(self, job: Job) -> tuple[Job, bool]:
+        queue = self._queue(job.model_key)
+        if job.idempotency_key:
+            idem = f"sdw:idem:{job.idempotency_key}"
+            if not self._redis.set(idem, job.id, nx=True, ex=self._ttl(job)):
+                existing = self.get(self._redis.get(idem) or "")
+                if existing is not None:
+                    return existing, False
+                self._redis.set(idem, job.id, ex=self._ttl(job))
+        if self._redis.xlen(queue) >= self.settings.max_queue:
+            if job.idempotency_key:
+                self._redis.delete(f"sdw:idem:{job.idempotency_key}")
+            raise queue_full(job.model_key, self.settings.max_queue)
+        self._save(job)
+        entry = self._redis.xadd(queue, {"id": job.id})
+        self._redis.hset(_job_key(job.id), "entry", entry)
+        return job, True
+
+    def get(self, job_id: str) -> Job | None:
+        data = self._redis.hget(_job_key(job_id), "data")
+        return Job.model_validate_json(data) if data else None
+
+    def claim(self, model_key: str, worker_id: str, timeout: float) -> Job | None:
+        queue = self._queue(model_key)
+        deadline = time.monotonic() + timeout
+        while True:
+            # First a job whose worker went silent, then a new one.
+            _, stale, _ = self._redis.xautoclaim(
+                queue, GROUP, worker_id, min_idle_time=int(self.settings.lease_s * 1000), start_id="0-0", count=1
+            )
+            if stale:
+                entry, fields = stale[0]
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                read = self._redis.xreadgroup(
+                    GROUP, worker_id, {queue: ">"}, count=1, block=max(1, int(min(left, 5) * 1000))
+                )
+                if not read:
+                    continue
+                entry, fields = read[0][1][0]
+            job = self._take(queue, entry, fields.get("id", ""), worker_id, lost=bool(stale))
+            if job is not None:
+                return job
+
+    def _take(self, queue: str, entry: str, job_id: str, worker_id: str, lost: bool) -> Job | None:
+        """Own the job behind a stream entry, or end it if it may not run; None when there is nothing to run."""
+
+        def own(job: Job) -> Job:
+            job.status, job.started_at, job.worker_id = "IN_PROGRESS", time.time(), worker_id
+            job.progress = None
+            job.attempts += 1
+            return job
+
+        def runnable(job: Job) -> bool:
+            return not job.final and not (lost and job.attempts >= self.settings.max_attempts)
+
+        job = self.get(job_id)
+        if job is not None and not job.final and not lost and expired_in_queue(job):
+            self._ended(job, entry)
+            return None
+        job, taken = self._update_if(job_id, runnable, own)
+        if taken:
+            self._entries[job_id], self._claimed_at[job_id] = entry, time.monotonic()
+            return job
+        if job is not None and not job.final:  # its workers were lost too often
+            requeue_or_fail(job, self.settings.max_attempts)
+            self._ended(job, entry)
+        else:  # ended meanwhile (cancelled) or expired: release the entry
+            self._redis.xack(queue, GROUP, entry)
+            self._redis.xdel(queue, entry)
+        return None
+
+    def heartbeat(self, job: Job, progress: dict[str, int] | None = None) -> bool:
+        def mine(current: Job) -> bool:
+            return current.status == "IN_PROGRESS" and current.worker_id == job.worker_id
+
+        def record(current: Job) -> Job:
+            current.progress = progress
+            return current
+
+        if progress is not None:
+            current, _ = self._update_if(job.id, mine, record)
+        else:
+            current = self.get(job.id)
+        if current is None or not mine(current):
+            return False
+        entry = self._entries.get(job.id)
+        if entry and time.monotonic() - self._claimed_at.get(job.id, 0) > self.settings.lease_s / 3:
+            # Claiming the entry again resets its idle time: the lease that keeps other workers off it.
+            self._redis.xclaim(_queue_key(job.model_key), GROUP, job.worker_id, 0, [entry], justid=True)
+            self._claimed_at[job.id] = time.monotonic()
+        return True
+
+    def finish(self, job: Job) -> bool:
+        job.finished_at = job.finished_at or time.time()
+        entry = self._entries.pop(job.id, None)
+        self._claimed_at.pop(job.id, None)
+        _, owned = self._update_if(
+            job.id,
+            lambda current: current.status == "IN_PROGRESS" and current.worker_id == job.worker_id,
+            lambda _: job,
+        )
+        if owned:
+            self._ended(job, entry)
+        elif entry and self._holds(job, entry):  # cancelled meanwhile, and not taken over: release the entry
+            self._redis.xack(_queue_key(job.model_key), GROUP, entry)
+            self._redis.xdel(_queue_key(job.model_key), entry)
+        return owned
+
+    def mark_streamed(self, job_id: str) -> bool:
+        def streamed(job: Job) -> Job:
+            job.streamed = True
+            return job
+
+        return self._update_if(job_id, lambda job: not job.streamed, streamed)[1]
+
+    def _holds(self, job: Job, entry: str) -> bool:
+        """Whether this job's worker still holds the stream entry (another may have claimed it after a lease)."""
+        pending = self._redis.xpending_range(_queue_key(job.model_key), GROUP, entry, entry, 1)
+        return bool(pending) and pending[0]["consumer"] == job.worker_id
+
+    def cancel(self, job_id: str) -> Job | None:
+        def cancelled(job: Job) -> Job:
+            end(job, "CANCELLED", "CANCELLED", "the job was cancelled")
+            return job
+
+        job, changed = self._update_if(job_id, lambda job: not job.final, cancelled)
+        if changed and job is not None:
+            entry = self._redis.hget(_job_key(job_id), "entry")
+            if entry and job.started_at is None:  # still queued: off the stream at once
+                self._redis.xdel(_queue_key(job.model_key), entry)
+            self._ended(job, None)
+        return job
+
+    def retry(self, job_id: str) -> Job | None:
+        job, changed = self._update_if(
+            job_id, lambda job: job.status in ("FAILED", "TIMED_OUT", "CANCELLED"), reset_for_retry
+        )
+        if changed and job is not None:
+            entry = self._redis.xadd(self._queue(job.model_key), {"id": job.id})
+            self._redis.hset(_job_key(job.id), "entry", entry)
+            self._redis.hincrby(f"sdw:stats:{job.model_key}", "retried", 1)
+        self._notify()
+        return job
+
+    def purge(self, model_key: str) -> int:
+        queue = self._queue(model_key)
+        pending = {item["message_id"] for item in self._redis.xpending_range(queue, GROUP, "-", "+", 10_000)}
+        removed = 0
+        for entry, fields in self._redis.xrange(queue):
+            if entry not in pending:
+                job = self.cancel(fields.get("id", ""))
+                self._redis.xdel(queue, entry)
+                removed += job is not None
+        return removed
+
+    def stats(self, model_key: str) -> dict[str, int]:
+        queue = self._queue(model_key)
+        counts = {k: int(v) for k, v in self._redis.hgetall(f"sdw:stats:{model_key}").items()}
+        in_progress = self._redis.xpending(queue, GROUP)["pending"]
+        counts["IN_PROGRESS"] = in_progress
+        counts["IN_QUEUE"] = max(0, self._redis.xlen(queue) - in_progress)
+        now = time.time()
+        states = [
+            state["state"]
+            for state in map(json.loads, self._redis.hgetall(f"sdw:workers:{model_key}").values())
+            if now - state["seen"] < max(self.settings.lease_s, 10)
+        ]
+        return stats_body(counts, counts.get("retried", 0), states)
+
+    def set_worker_state(self, model_key: str, worker_id: str, state: str | None) -> None:
+        key = f"sdw:workers:{model_key}"
+        if state is None:
+            self._redis.hdel(key, worker_id)
+        else:
+            self._redis.hset(key, worker_id, json.dumps({"state": state, "seen": time.time()}))
+
+    def wait(self, job_id: str, timeout: float) -> Job | None:
+        self._listen()
+        return super().wait(job_id, timeout)
+
+    def _listen(self) -> None:
+        """Wake local waiters whenever any process ends a job."""
+        if self._listener is not None:
+            return
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(DONE_CHANNEL)
+
+        def listen() -> None:
+            while not self._closed.is_set():
+                try:
+                    if pubsub.get_message(timeout=1.0) is not None:
+                        self._notify()
+                except (redis.RedisError, ValueError):  # Redis restarting; ValueError once closed
+                    self._closed.wait(1)
+            pubsub.close()
+
+        self._listener = threading.Thread(target=listen, name="redis-done-listener", daemon=True)
+        self._listener.start()
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._listener is not None:
+            self._listener.join(2)
+        self._redis.close()

@@ -1,0 +1,213 @@
+"""The embedded job store: one SQLite file in DATA_DIR, for one process that serves HTTP and runs the model.
+
+Jobs and results survive a restart. A job that was running when the process died is queued again at the next
+start (or failed with WORKER_LOST once it has had `max_attempts` runs), so nothing stays IN_PROGRESS forever.
+A lock file keeps a second process off the same DATA_DIR; many processes share jobs through Redis instead.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import sqlite3
+import threading
+import time
+from typing import Any
+
+from ..config import Settings
+from ..errors import WorkerError
+from . import Job, JobStore, end, expired_in_queue, queue_full, requeue_or_fail, reset_for_retry, stats_body
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    model_key TEXT NOT NULL,
+    status TEXT NOT NULL,
+    idempotency_key TEXT UNIQUE,
+    created_at REAL NOT NULL,
+    expires_at REAL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (model_key, status, created_at);
+CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires_at);
+"""
+
+
+class SQLiteStore(JobStore):
+    """Jobs in `DATA_DIR/jobs.sqlite3`, for one process."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(settings.data_dir / "jobs.lock", "w")  # noqa: SIM115 (held for the store's life)
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise WorkerError(
+                "STORE_IN_USE",
+                f"another process already serves the jobs in {settings.data_dir}; give each process its own "
+                "DATA_DIR, or set REDIS_URL to share one queue between processes",
+                "DATA_DIR",
+                status=500,
+            ) from None
+        self._db = sqlite3.connect(settings.data_dir / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # durable across a process crash; fast
+        self._db.executescript(SCHEMA)
+        self._mutex = threading.RLock()
+        self._workers: dict[tuple[str, str], str] = {}
+        self._recover()
+
+    # Rows <-> jobs.
+    def _save(self, job: Job) -> None:
+        expires = job.finished_at + job.result_ttl_s if job.final and job.finished_at else None
+        self._db.execute(
+            "INSERT OR REPLACE INTO jobs (id, model_key, status, idempotency_key, created_at, expires_at, data)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (job.id, job.model_key, job.status, job.idempotency_key, job.created_at, expires, job.model_dump_json()),
+        )
+
+    def _load(self, where: str, args: tuple[Any, ...]) -> Job | None:
+        row = self._db.execute(f"SELECT data FROM jobs WHERE {where} LIMIT 1", args).fetchone()
+        return Job.model_validate_json(row[0]) if row else None
+
+    def _expire(self) -> None:
+        self._db.execute("DELETE FROM jobs WHERE expires_at IS NOT NULL AND expires_at < ?", (time.time(),))
+
+    def _recover(self) -> None:
+        """Jobs left IN_PROGRESS by a process that died: run them again, or fail them once out of attempts."""
+        with self._mutex:
+            for (data,) in self._db.execute("SELECT data FROM jobs WHERE status = 'IN_PROGRESS'").fetchall():
+                job = Job.model_validate_json(data)
+                requeue_or_fail(job, self.settings.max_attempts)
+                self._save(job)
+
+    def submit(self, job: Job) -> tuple[Job, bool]:
+        with self._mutex:
+            self._expire()
+            if job.idempotency_key:
+                existing = self._load("idempotency_key = ?", (job.idempotency_key,))
+                if existing is not None:
+                    return existing, False
+            (active,) = self._db.execute(
+                "SELECT count(*) FROM jobs WHERE model_key = ? AND status IN ('IN_QUEUE', 'IN_PROGRESS')",
+                (job.model_key,),
+            ).fetchone()
+            if active >= self.settings.max_queue:
+                raise queue_full(job.model_key, self.settings.max_queue)
+            self._save(job)
+        self._notify()
+        return job, True
+
+    def get(self, job_id: str) -> Job | None:
+        with self._mutex:
+            return self._load("id = ? AND (expires_at IS NULL OR expires_at >= ?)", (job_id, time.time()))
+
+    def claim(self, model_key: str, worker_id: str, timeout: float) -> Job | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._changed:
+                seen = self._version
+            with self._mutex:
+                self._expire()
+                while job := self._load("model_key = ? AND status = 'IN_QUEUE' ORDER BY created_at", (model_key,)):
+                    if expired_in_queue(job):
+                        self._save(job)
+                        continue
+                    job.status, job.started_at, job.worker_id = "IN_PROGRESS", time.time(), worker_id
+                    job.attempts += 1
+                    self._save(job)
+                    return job
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            with self._changed:
+                if self._version == seen:
+                    self._changed.wait(left)
+
+    def _owned(self, job: Job) -> Job | None:
+        current = self._load("id = ?", (job.id,))
+        if current is None or current.status != "IN_PROGRESS" or current.worker_id != job.worker_id:
+            return None
+        return current
+
+    def heartbeat(self, job: Job, progress: dict[str, int] | None = None) -> bool:
+        with self._mutex:
+            current = self._owned(job)
+            if current is None:
+                return False
+            if progress is not None:
+                current.progress = progress
+                self._save(current)
+            return True
+
+    def finish(self, job: Job) -> bool:
+        with self._mutex:
+            if self._owned(job) is None:
+                return False
+            job.finished_at = job.finished_at or time.time()
+            self._save(job)
+        self._notify()
+        return True
+
+    def mark_streamed(self, job_id: str) -> bool:
+        with self._mutex:
+            job = self.get(job_id)
+            if job is None or job.streamed:
+                return False
+            job.streamed = True
+            self._save(job)
+            return True
+
+    def cancel(self, job_id: str) -> Job | None:
+        with self._mutex:
+            job = self.get(job_id)
+            if job is None or job.final:
+                return job
+            end(job, "CANCELLED", "CANCELLED", "the job was cancelled")
+            self._save(job)
+        self._notify()
+        return job
+
+    def retry(self, job_id: str) -> Job | None:
+        with self._mutex:
+            job = self.get(job_id)
+            if job is None or job.status not in ("FAILED", "TIMED_OUT", "CANCELLED"):
+                return job
+            reset_for_retry(job)
+            self._save(job)
+        self._notify()
+        return job
+
+    def purge(self, model_key: str) -> int:
+        with self._mutex:
+            ids = [
+                row[0]
+                for row in self._db.execute(
+                    "SELECT id FROM jobs WHERE model_key = ? AND status = 'IN_QUEUE'", (model_key,)
+                ).fetchall()
+            ]
+        return sum(1 for job_id in ids if self.cancel(job_id) is not None)
+
+    def stats(self, model_key: str) -> dict[str, int]:
+        with self._mutex:
+            self._expire()
+            rows = self._db.execute(
+                "SELECT status, count(*), sum(json_extract(data, '$.retries')) FROM jobs WHERE model_key = ?"
+                " GROUP BY status",
+                (model_key,),
+            ).fetchall()
+            states = [state for (key, _), state in self._workers.items() if key == model_key]
+        return stats_body({status: count for status, count, _ in rows}, sum(r or 0 for *_, r in rows), states)
+
+    def set_worker_state(self, model_key: str, worker_id: str, state: str | None) -> None:
+        with self._mutex:
+            if state is None:
+                self._workers.pop((model_key, worker_id), None)
+            else:
+                self._workers[(model_key, worker_id)] = state
+
+    def close(self) -> None:
+        with self._mutex:
+            self._db.close()
+            self._lock_file.close()

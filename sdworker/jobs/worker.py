@@ -1,0 +1,143 @@
+"""The worker loop: claim a job, run app.py's handler on it, record the result, call the webhook.
+
+The loop knows jobs and the handler's `(status, body)` answer, nothing of HTTP. Each denoising step reports
+progress, keeps the job's lease and stops the run when the job was cancelled or ran past its execution timeout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+
+from ..config import Settings
+from ..errors import WorkerError
+from ..generate import step_hook
+from . import Job, JobStore
+
+log = logging.getLogger("sdworker")
+
+Runner = Callable[[str, Any], tuple[int, Any]]
+"""Runs app.py's handler for a route on a JSON payload: (route, payload) -> (HTTP status, JSON body)."""
+
+STOPPED = {"CANCELLED": "CANCELLED", "TIMED_OUT": "TIMED_OUT"}  # error codes that end a job with their own status
+
+
+class Worker:
+    """Runs the jobs of one model key, one at a time, from a job store."""
+
+    def __init__(self, store: JobStore, run: Runner, settings: Settings, model_key: str) -> None:
+        self.store, self.run, self.settings, self.model_key = store, run, settings, model_key
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.webhooks = WebhookSender(settings)
+
+    def run_forever(self, stop: threading.Event) -> None:
+        """Claim and run jobs until `stop` is set."""
+        log.info("worker %s takes jobs for model key %r", self.id, self.model_key)
+        try:
+            while not stop.is_set():
+                self.store.set_worker_state(self.model_key, self.id, "idle")
+                job = self.store.claim(self.model_key, self.id, timeout=1.0)
+                if job is not None:
+                    self.run_job(job)
+        finally:
+            self.store.set_worker_state(self.model_key, self.id, None)
+
+    def run_job(self, job: Job) -> None:
+        """Run one claimed job to its end and record it."""
+        self.store.set_worker_state(self.model_key, self.id, "running")
+        timeout = job.execution_timeout_s or self.settings.execution_timeout_s
+
+        def on_step(step: int, total: int) -> None:
+            if time.time() - (job.started_at or time.time()) > timeout:
+                raise WorkerError("TIMED_OUT", f"the job ran past its execution timeout of {timeout:g} s", status=408)
+            job.progress = {"step": step, "total": total}
+            if not self.store.heartbeat(job, job.progress):
+                raise WorkerError("CANCELLED", "the job was cancelled", status=409)
+
+        done = threading.Event()
+        keeper = threading.Thread(target=self._keep_lease, args=(job, done), daemon=True)
+        keeper.start()
+        token = step_hook.set(on_step)
+        try:
+            status, body = self.run(job.route, job.input)
+        except Exception:  # the runner should answer errors itself; a worker never dies of one job
+            log.exception("job %s: the handler raised", job.id)
+            status, body = 500, {"$error": WorkerError("INTERNAL_ERROR", "internal error").to_dict()}
+        finally:
+            step_hook.reset(token)
+            done.set()
+            keeper.join()
+
+        error = body.get("$error") if isinstance(body, dict) else None
+        job.http_status, job.output, job.finished_at = status, body, time.time()
+        if status < 400 and not error:
+            job.status = "COMPLETED"
+        else:
+            job.error = error if isinstance(error, dict) else {"code": "HANDLER_ERROR", "message": str(body)[:500]}
+            job.status = STOPPED.get(job.error.get("code", ""), "FAILED")  # type: ignore[assignment]
+        if self.store.finish(job):
+            log.info("job %s %s in %s ms", job.id, job.status, job.execution_ms)
+            if job.webhook:
+                self.webhooks.send(job.webhook, job.status_body())
+        else:
+            log.info("job %s ended elsewhere (cancelled or taken over); this run's result is dropped", job.id)
+
+    def _keep_lease(self, job: Job, done: threading.Event) -> None:
+        """Heartbeats between steps too, for handlers that spend long outside the denoising loop."""
+        while not done.wait(self.settings.lease_s / 3):
+            try:
+                self.store.heartbeat(job)
+            except Exception:
+                log.exception("job %s: heartbeat failed", job.id)
+
+
+class WebhookSender:
+    """POSTs a job's status body to its webhook, signed, with a timeout and retries, off the worker's thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="webhook")
+
+    def send(self, url: str, body: dict) -> None:
+        """Queue one delivery; it never blocks the caller."""
+        future = self._pool.submit(self._deliver, url, body)
+        future.add_done_callback(lambda done: done.exception() and log.error("webhook: %r", done.exception()))
+
+    def sign(self, data: bytes, timestamp: str) -> str | None:
+        """`sha256=<hex>`: HMAC-SHA256 of `<timestamp>.<body>` with WEBHOOK_SECRET, or None when unset."""
+        if self.settings.webhook_secret is None:
+            return None
+        key = self.settings.webhook_secret.get_secret_value().encode()
+        return "sha256=" + hmac.new(key, timestamp.encode() + b"." + data, hashlib.sha256).hexdigest()
+
+    def _deliver(self, url: str, body: dict) -> bool:
+        data = json.dumps(body).encode()
+        target = urlsplit(url).netloc  # logs name the host only: a URL's path or query may hold a token
+        for attempt in range(1 + self.settings.webhook_retries):
+            if attempt:
+                time.sleep(self.settings.webhook_retry_delay_s)
+            timestamp = str(int(time.time()))
+            headers = {"Content-Type": "application/json", "X-Webhook-Timestamp": timestamp}
+            if signature := self.sign(data, timestamp):
+                headers["X-Webhook-Signature"] = signature
+            try:
+                response = requests.post(url, data=data, headers=headers, timeout=self.settings.webhook_timeout_s)
+                if response.status_code < 300:
+                    return True
+                log.warning("webhook to %s answered %s (try %d)", target, response.status_code, attempt + 1)
+            except requests.RequestException as err:
+                log.warning("webhook to %s failed: %s (try %d)", target, type(err).__name__, attempt + 1)
+        return False

@@ -1,0 +1,386 @@
+"""The job server: app.py's handlers behind the HTTP APIs existing clients speak (see PROTOCOLS.md).
+
+- `POST /` (and each route app.py registers): a direct call, answered when the job is done, as Potassium does.
+- `POST /start/v4/`, `/check/v4/`: Banana's call-ID API, with its long-poll.
+- `/v2/{endpoint_id}/run|runsync|status|stream|cancel|retry|purge-queue|health`: RunPod's endpoint API.
+- `POST /_k/warmup`, `GET /__status__`, `GET /_k/status`: Potassium's own routes; `GET /health`: readiness.
+
+Every way in makes the same job in the same store; the worker loop runs it. The server holds no model.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import anyio
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..config import Settings
+from ..errors import WorkerError
+from ..jobs import Job, JobStore
+
+log = logging.getLogger("sdworker")
+
+
+def api_keys(settings: Settings) -> list[str]:
+    """The accepted API keys: API_KEYS, else the one kept in DATA_DIR, else a new one, made and printed once."""
+    if settings.api_keys is not None:
+        keys = [key.strip() for key in settings.api_keys.get_secret_value().split(",") if key.strip()]
+        if keys:
+            return keys
+    path = settings.data_dir / "api_key"
+    if path.exists():
+        log.info("API_KEYS is not set: using the key kept in %s", path)
+        return [path.read_text().strip()]
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    key = "sdw_" + secrets.token_urlsafe(32)
+    path.touch(mode=0o600)
+    path.write_text(key + "\n")
+    # Printed this once only (to the console, not the log), so a fresh server is never open by accident.
+    print(f"API_KEYS is not set: made an API key and kept it in {path}. Your key:\n  {key}", file=sys.stderr)
+    return [key]
+
+
+class Banana(BaseModel):
+    """A Banana v4 body (start or check); other fields are ignored, as the hosted API did."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    id: str | None = None
+    created: int | None = None
+    api_key: str | None = Field(None, alias="apiKey")
+    model_key: str | None = Field(None, alias="modelKey")
+    model_inputs: Any = Field(None, alias="modelInputs")
+    start_only: bool = Field(False, alias="startOnly")
+    call_id: str | None = Field(None, alias="callID")
+    long_poll: bool = Field(False, alias="longPoll")
+
+
+class Policy(BaseModel):
+    """RunPod's per-job policy."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    execution_timeout: int | None = Field(None, alias="executionTimeout", ge=1000, description="ms")
+    ttl: int | None = Field(None, ge=1000, description="ms")
+
+
+class RunRequest(BaseModel):
+    """A RunPod /run or /runsync body."""
+
+    model_config = ConfigDict(extra="ignore")
+    input: dict[str, Any]
+    webhook: str | None = Field(None, pattern=r"^https?://")
+    policy: Policy | None = None
+
+
+class State:
+    """What the routes share: settings, store, keys, and the worker's readiness and Potassium-style counters."""
+
+    def __init__(self, settings: Settings, store: JobStore, routes: dict[str, bool], ready: Callable[[], bool]):
+        self.settings, self.store, self.routes, self.ready = settings, store, routes, ready
+        self.keys = [key.encode() for key in api_keys(settings)]
+        self.model_keys = settings.model_keys()
+        self.waiters = anyio.CapacityLimiter(256)  # threads parked in long-polls and synchronous calls
+        self.sequence_number = 0
+        self.last_request = time.time()
+
+    def authorized(self, key: str | None) -> bool:
+        """Constant-time comparison against every accepted key."""
+        given = (key or "").encode()
+        return any([hmac.compare_digest(given, accepted) for accepted in self.keys])
+
+    async def wait(self, job_id: str, timeout: float) -> Job | None:
+        """The job once final, or as it stands after `timeout` s, without holding the event loop."""
+        return await anyio.to_thread.run_sync(partial(self.store.wait, job_id, timeout), limiter=self.waiters)
+
+    def submit(self, job: Job) -> tuple[Job, bool]:
+        self.sequence_number += 1
+        self.last_request = time.time()
+        return self.store.submit(job)
+
+
+def _bearer(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    return auth[7:].strip() if auth[:7].lower() == "bearer " else None
+
+
+def create_server(
+    settings: Settings, store: JobStore, routes: dict[str, bool], ready: Callable[[], bool] = lambda: True
+) -> FastAPI:
+    """The FastAPI app: every protocol's routes over one job store. `routes` are app.py's (route -> is it
+    a background route); `ready` says whether a worker has its model loaded."""
+    state = State(settings, store, routes, ready)
+    server = FastAPI(
+        title="sd-worker",
+        description="Stable Diffusion worker: direct calls, Banana start/check v4, RunPod v2, Potassium routes.",
+        version="1",
+    )
+    server.state.jobs = state
+
+    @server.middleware("http")
+    async def limit_body(request: Request, call_next: Callable) -> Any:
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > settings.max_body_bytes:
+            error = WorkerError("PAYLOAD_TOO_LARGE", f"the body is over MAX_BODY_BYTES ({settings.max_body_bytes})")
+            return JSONResponse({"$error": error.to_dict(), "error": error.message}, status_code=413)
+        return await call_next(request)
+
+    @server.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problem = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid body"}
+        field = ".".join(str(part) for part in problem["loc"] if part != "body")
+        message = f"{field}: {problem['msg']}" if field else problem["msg"]
+        if request.url.path.startswith(("/start/", "/check/")):
+            return JSONResponse(_banana(None, f"error: invalid request: {message}"))
+        return JSONResponse(
+            {"error": message, "$error": {"code": "INVALID_REQUEST", "message": message, "field": field or None}},
+            status_code=400,
+        )
+
+    # Health and Potassium's routes.
+    @server.get("/health", tags=["health"], summary="Liveness and readiness: 200 once a worker's model is loaded")
+    async def health() -> JSONResponse:
+        ready = state.ready()
+        body = {"status": "ready" if ready else "loading", "model_keys": state.model_keys}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @server.post("/_k/warmup", tags=["potassium"], summary="Potassium's warm-up call")
+    async def warmup() -> dict:
+        return {"warm": True}
+
+    @server.get("/__status__", tags=["potassium"], summary="Potassium's status")
+    @server.get("/_k/status", tags=["potassium"], summary="Potassium's status")
+    async def potassium_status() -> dict:
+        running = state.store.stats(state.model_keys[0])["jobs"]["inProgress"]
+        return {
+            "gpu_available": state.ready() and running == 0,
+            "sequence_number": state.sequence_number,
+            "idle_time": 0 if running else int((time.time() - state.last_request) * 1000),
+            "inference_time": 0,
+        }
+
+    # Banana start/check v4.
+    def model_key_of(given: str | None) -> str:
+        if not given:
+            return state.model_keys[0]
+        if given not in state.model_keys:
+            raise WorkerError("UNKNOWN_MODEL_KEY", f"unknown modelKey {given!r}; this server serves {state.model_keys}")
+        return given
+
+    def banana_view(body: Banana, job: Job, started: bool = False) -> dict:
+        if job.status == "COMPLETED":
+            return _banana(body, "success", job, finished=True)
+        if job.final:
+            return _banana(body, f"error: job {job.status.lower()}: {job.error_message()}", job)
+        return _banana(body, "" if started else "running", job)
+
+    async def start(body: Banana) -> dict:
+        if not state.authorized(body.api_key):
+            return _banana(body, "error: invalid apiKey")
+        if not isinstance(body.model_inputs, dict):
+            return _banana(body, "error: invalid request: modelInputs must be a JSON object")
+        try:
+            job = Job(
+                id=f"call_{uuid.uuid4()}",
+                model_key=model_key_of(body.model_key),
+                input=body.model_inputs,
+                result_ttl_s=settings.result_ttl_s,
+                idempotency_key=f"banana:{body.id}" if body.id else None,
+            )
+            job, _ = state.submit(job)
+        except WorkerError as err:
+            return _banana(body, f"error: {err.code}: {err.message}")
+        if not body.start_only and not job.final:
+            job = await state.wait(job.id, settings.banana_wait_s) or job
+        return banana_view(body, job, started=True)
+
+    async def check(body: Banana) -> dict:
+        if not state.authorized(body.api_key):
+            return _banana(body, "error: invalid apiKey")
+        job = state.store.get(body.call_id or "")
+        if job is None:
+            return _banana(body, f"error: no job with callID {body.call_id!r} (unknown, or its result expired)")
+        if body.long_poll and not job.final:
+            job = await state.wait(job.id, settings.banana_wait_s) or job
+        return banana_view(body, job)
+
+    for path in ("/start/v4", "/start/v4/"):
+        server.post(path, tags=["banana"], summary="Banana v4: start a call", include_in_schema=path.endswith("/"))(
+            start
+        )
+    for path in ("/check/v4", "/check/v4/"):
+        server.post(path, tags=["banana"], summary="Banana v4: check a call", include_in_schema=path.endswith("/"))(
+            check
+        )
+
+    # RunPod's endpoint API.
+    def endpoint(endpoint_id: str, request: Request) -> str:
+        if not state.authorized(_bearer(request)):
+            raise WorkerError("UNAUTHORIZED", "missing or invalid API key (Authorization: Bearer <key>)", status=401)
+        if endpoint_id not in state.model_keys:
+            raise WorkerError(
+                "UNKNOWN_ENDPOINT", f"no endpoint {endpoint_id!r}; this server serves {state.model_keys}", status=404
+            )
+        return endpoint_id
+
+    def job_of(model_key: str, job_id: str) -> Job:
+        job = state.store.get(job_id)
+        if job is None or job.model_key != model_key:
+            raise WorkerError("NOT_FOUND", f"no job {job_id!r} (unknown, or its result expired)", status=404)
+        return job
+
+    def new_job(model_key: str, body: RunRequest, request: Request, result_ttl_s: int) -> Job:
+        policy = body.policy or Policy()
+        idempotency = request.headers.get("idempotency-key")
+        return Job(
+            model_key=model_key,
+            input=body.input,
+            webhook=body.webhook,
+            execution_timeout_s=policy.execution_timeout / 1000 if policy.execution_timeout else None,
+            ttl_s=policy.ttl / 1000 if policy.ttl else settings.job_ttl_s,
+            result_ttl_s=result_ttl_s,
+            idempotency_key=f"runpod:{model_key}:{idempotency}" if idempotency else None,
+        )
+
+    runpod = {"tags": ["runpod"]}
+
+    @server.post("/v2/{endpoint_id}/run", **runpod, summary="Queue a job")
+    async def run(body: RunRequest, request: Request, model_key: str = Depends(endpoint)) -> dict:
+        job, _ = state.submit(new_job(model_key, body, request, settings.result_ttl_s))
+        return {"id": job.id, "status": job.status}
+
+    @server.post("/v2/{endpoint_id}/runsync", **runpod, summary="Run a job and wait for it")
+    async def runsync(body: RunRequest, request: Request, model_key: str = Depends(endpoint)) -> dict:
+        job, _ = state.submit(new_job(model_key, body, request, settings.runsync_result_ttl_s))
+        job = await state.wait(job.id, settings.runsync_wait_s) or job
+        return job.status_body()
+
+    @server.get("/v2/{endpoint_id}/status/{job_id}", **runpod, summary="A job's status, progress and output")
+    async def status(job_id: str, model_key: str = Depends(endpoint)) -> dict:
+        return job_of(model_key, job_id).status_body()
+
+    @server.get("/v2/{endpoint_id}/stream/{job_id}", **runpod, summary="A job's output, handed out once")
+    async def stream(job_id: str, model_key: str = Depends(endpoint)) -> dict:
+        job = job_of(model_key, job_id)
+        chunks = []
+        if job.status == "COMPLETED" and state.store.mark_streamed(job.id):
+            chunks.append({"output": job.output})
+        return {"id": job.id, "status": job.status, "stream": chunks}
+
+    @server.post("/v2/{endpoint_id}/cancel/{job_id}", **runpod, summary="Cancel a job")
+    async def cancel(job_id: str, model_key: str = Depends(endpoint)) -> dict:
+        job_of(model_key, job_id)
+        job = state.store.cancel(job_id)
+        return {"id": job_id, "status": job.status if job else "CANCELLED"}
+
+    @server.post("/v2/{endpoint_id}/retry/{job_id}", **runpod, summary="Run a failed or timed-out job again")
+    async def retry(job_id: str, model_key: str = Depends(endpoint)) -> dict:
+        job = job_of(model_key, job_id)
+        if job.status not in ("FAILED", "TIMED_OUT", "CANCELLED"):
+            raise WorkerError(
+                "NOT_RETRYABLE",
+                f"job {job_id!r} is {job.status}; only failed, timed-out or cancelled jobs can be retried",
+                status=409,
+            )
+        job = state.store.retry(job_id) or job
+        return {"id": job.id, "status": job.status}
+
+    @server.post("/v2/{endpoint_id}/purge-queue", **runpod, summary="Cancel every queued job")
+    async def purge_queue(model_key: str = Depends(endpoint)) -> dict:
+        return {"removed": state.store.purge(model_key), "status": "completed"}
+
+    @server.get("/v2/{endpoint_id}/health", **runpod, summary="Job counts and workers")
+    async def endpoint_health(model_key: str = Depends(endpoint)) -> dict:
+        return state.store.stats(model_key)
+
+    @server.exception_handler(WorkerError)
+    async def worker_error(request: Request, err: WorkerError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if err.status == 429 else None
+        return JSONResponse({"error": err.message, "$error": err.to_dict()}, status_code=err.status, headers=headers)
+
+    # Direct calls, last: `/{route}` matches any path.
+    @server.post("/{route:path}", tags=["direct"], summary="Call app.py's handler and wait for its answer")
+    async def direct(route: str, request: Request) -> JSONResponse:
+        route = "/" + route
+        key = request.headers.get("x-banana-api-key") or _bearer(request) or request.query_params.get("apiKey")
+        if not state.authorized(key):
+            error = WorkerError("UNAUTHORIZED", "missing or invalid API key (X-BANANA-API-KEY header)", status=401)
+            return JSONResponse({"$error": error.to_dict()}, status_code=401)
+        if route not in state.routes:
+            error = WorkerError("NOT_FOUND", f"no route {route}; this app serves {sorted(state.routes)}", status=404)
+            return JSONResponse({"$error": error.to_dict()}, status_code=404)
+        try:
+            payload = await request.json()
+        except ValueError:
+            error = WorkerError("INVALID_JSON", "the body is not JSON", status=422)
+            return JSONResponse({"$error": error.to_dict()}, status_code=422)
+        request_id = request.headers.get("x-banana-request-id")
+        job = Job(
+            model_key=state.model_keys[0],
+            route=route,
+            input=payload,
+            result_ttl_s=settings.runsync_result_ttl_s,
+            idempotency_key=f"direct:{request_id}" if request_id else None,
+        )
+        try:
+            job, _ = state.submit(job)
+        except WorkerError as err:  # a full queue: 503, which Banana's v6 client retries with backoff
+            return JSONResponse({"$error": err.to_dict()}, status_code=503, headers={"Retry-After": "1"})
+        if state.routes[route]:
+            return JSONResponse({"started": True})
+        job = await state.wait(job.id, settings.direct_wait_s) or job
+        return _direct_answer(job, settings.direct_wait_s)
+
+    return server
+
+
+def _direct_answer(job: Job, waited: float) -> JSONResponse:
+    """A direct call's answer: the handler's own status and body, or an error saying what became of the job."""
+    if job.final and job.output is not None:
+        return JSONResponse(job.output, status_code=job.http_status or 200)
+    if job.final:
+        status = {"CANCELLED": 409, "TIMED_OUT": 504}.get(job.status, 500)
+        return JSONResponse({"$error": job.error}, status_code=status)
+    error = WorkerError(
+        "STILL_RUNNING",
+        f"job {job.id} is still {job.status} after {waited:g} s; it goes on, but this call stops waiting",
+        status=504,
+    )
+    return JSONResponse({"$error": error.to_dict(), "id": job.id}, status_code=504)
+
+
+def _banana(body: Banana | None, message: str, job: Job | None = None, finished: bool = False) -> dict:
+    """A Banana v4 answer. Failures carry "error" in `message`: the client raises on it instead of polling on."""
+    answer = {
+        "id": (body.id if body else None) or str(uuid.uuid4()),
+        "message": message,
+        "created": int(time.time()),
+        "apiVersion": "v4",
+        "callID": job.id if job else None,
+        "finished": finished,
+        "modelOutputs": [job.output] if finished and job else None,
+    }
+    if job is not None:
+        answer["status"] = job.status
+        if job.progress and not job.final:
+            answer["progress"] = job.progress
+    return answer
+
+
+def run_worker_thread(target: Callable[[threading.Event], None]) -> tuple[threading.Thread, threading.Event]:
+    """Start `target(stop)` in a daemon thread; answers the thread and its stop event."""
+    stop = threading.Event()
+    thread = threading.Thread(target=target, args=(stop,), name="worker", daemon=True)
+    thread.start()
+    return thread, stop

@@ -1,0 +1,273 @@
+"""The job stores and the worker loop, each test run against SQLite and against a real redis-server."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from pydantic import SecretStr
+
+from sdworker.config import Settings
+from sdworker.errors import WorkerError
+from sdworker.generate import step_hook
+from sdworker.jobs import Job, JobStore
+from sdworker.jobs.redis_store import RedisStore
+from sdworker.jobs.sqlite_store import SQLiteStore
+from sdworker.jobs.worker import Worker
+
+
+def open_kind(kind: str, tmp_path: Path, redis_url: str, **overrides: Any) -> JobStore:
+    if kind == "sqlite":
+        return SQLiteStore(Settings(data_dir=tmp_path / "data", **overrides))
+    return RedisStore(Settings(redis_url=redis_url, **overrides))
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def kind(request: pytest.FixtureRequest, redis_url: str) -> str:
+    if request.param == "redis":
+        redis.Redis.from_url(redis_url).flushdb()
+    return request.param
+
+
+@pytest.fixture
+def store(kind: str, tmp_path: Path, redis_url: str) -> Iterator[JobStore]:
+    opened = open_kind(kind, tmp_path, redis_url, max_queue=3, lease_s=0.5, webhook_retry_delay_s=0.1)
+    yield opened
+    opened.close()
+
+
+def steps_runner(steps: int = 3, delay: float = 0.0, fail: bool = False):
+    """A stand-in for app.py's handler that goes through `steps` denoising steps like generate() does."""
+
+    def run(route: str, payload: Any) -> tuple[int, Any]:
+        on_step = step_hook.get()
+        try:
+            for step in range(1, steps + 1):
+                time.sleep(delay)
+                if on_step:
+                    on_step(step, steps)
+        except WorkerError as err:
+            return err.status, {"$error": err.to_dict()}
+        if fail:
+            return 422, {"$error": {"code": "INVALID_INPUTS", "message": "width is over 2048", "field": "width"}}
+        return 200, {"echo": payload, "route": route}
+
+    return run
+
+
+def test_a_submitted_job_is_claimed_run_and_kept(store: JobStore) -> None:
+    job, created = store.submit(Job(model_key="m", input={"prompt": "a"}))
+    assert created and store.get(job.id).status == "IN_QUEUE"
+    worker = Worker(store, steps_runner(), store.settings, "m")
+    claimed = store.claim("m", worker.id, timeout=1)
+    assert claimed.id == job.id and store.get(job.id).status == "IN_PROGRESS"
+    worker.run_job(claimed)
+    done = store.get(job.id)
+    assert done.status == "COMPLETED" and done.output == {"echo": {"prompt": "a"}, "route": "/"}
+    assert done.progress == {"step": 3, "total": 3}
+    body = done.status_body()
+    assert body["output"]["echo"] == {"prompt": "a"} and body["delayTime"] >= 0 and body["executionTime"] >= 0
+
+
+def test_jobs_of_another_model_key_are_not_claimed(store: JobStore) -> None:
+    store.submit(Job(model_key="other", input={}))
+    assert store.claim("m", "w1", timeout=0.2) is None
+
+
+def test_a_failed_handler_fails_the_job_with_its_error(store: JobStore) -> None:
+    job, _ = store.submit(Job(model_key="m", input={}))
+    worker = Worker(store, steps_runner(fail=True), store.settings, "m")
+    worker.run_job(store.claim("m", worker.id, 1))
+    failed = store.get(job.id)
+    assert failed.status == "FAILED" and failed.http_status == 422
+    assert failed.status_body()["error"] == "INVALID_INPUTS: width is over 2048 (field width)"
+
+
+def test_the_same_idempotency_key_gives_the_same_job(store: JobStore) -> None:
+    first, created = store.submit(Job(model_key="m", input={"n": 1}, idempotency_key="abc"))
+    again, created_again = store.submit(Job(model_key="m", input={"n": 1}, idempotency_key="abc"))
+    assert created and not created_again and again.id == first.id
+    assert store.stats("m")["jobs"]["inQueue"] == 1
+
+
+def test_past_the_queue_bound_a_submit_is_refused_and_nothing_is_lost(store: JobStore) -> None:
+    ids = [store.submit(Job(model_key="m", input={"n": n}))[0].id for n in range(3)]
+    with pytest.raises(WorkerError) as refused:
+        store.submit(Job(model_key="m", input={"n": 3}))
+    assert refused.value.code == "QUEUE_FULL" and refused.value.status == 429 and "3 jobs" in refused.value.message
+    assert [store.get(job_id).status for job_id in ids] == ["IN_QUEUE"] * 3
+
+
+def test_cancelling_a_queued_job_ends_it_at_once_and_it_never_runs(store: JobStore) -> None:
+    job, _ = store.submit(Job(model_key="m", input={}))
+    assert store.cancel(job.id).status == "CANCELLED"
+    assert store.get(job.id).status == "CANCELLED"
+    assert store.claim("m", "w1", timeout=0.3) is None
+
+
+def test_cancelling_a_running_job_stops_it_at_the_next_step(store: JobStore) -> None:
+    job, _ = store.submit(Job(model_key="m", input={}))
+    worker = Worker(store, steps_runner(steps=200, delay=0.01), store.settings, "m")
+    claimed = store.claim("m", worker.id, 1)
+    runner = threading.Thread(target=worker.run_job, args=(claimed,))
+    runner.start()
+    while (store.get(job.id).progress or {}).get("step", 0) < 3:
+        time.sleep(0.01)
+    store.cancel(job.id)
+    runner.join(5)
+    assert not runner.is_alive()
+    ended = store.get(job.id)
+    assert ended.status == "CANCELLED" and ended.progress["step"] < 100
+
+
+def test_a_job_past_its_execution_timeout_times_out(store: JobStore) -> None:
+    job, _ = store.submit(Job(model_key="m", input={}, execution_timeout_s=0.1))
+    worker = Worker(store, steps_runner(steps=100, delay=0.01), store.settings, "m")
+    worker.run_job(store.claim("m", worker.id, 1))
+    ended = store.get(job.id)
+    assert ended.status == "TIMED_OUT" and "execution timeout of 0.1 s" in ended.error["message"]
+
+
+def test_a_job_queued_past_its_ttl_times_out_without_running(store: JobStore) -> None:
+    job, _ = store.submit(Job(model_key="m", input={}, ttl_s=0.05))
+    time.sleep(0.1)
+    assert store.claim("m", "w1", timeout=0.3) is None
+    assert store.get(job.id).status == "TIMED_OUT"
+
+
+def test_results_are_removed_after_their_ttl(store: JobStore) -> None:
+    job, _ = store.submit(Job(model_key="m", input={}, result_ttl_s=1))
+    worker = Worker(store, steps_runner(), store.settings, "m")
+    worker.run_job(store.claim("m", worker.id, 1))
+    assert store.get(job.id).status == "COMPLETED"
+    time.sleep(2.1)
+    store.stats("m")  # SQLite sweeps expired rows on its next write; Redis expires the key itself
+    assert store.get(job.id) is None
+
+
+def test_a_failed_job_can_be_retried_under_the_same_id(store: JobStore) -> None:
+    job, _ = store.submit(Job(model_key="m", input={}))
+    Worker(store, steps_runner(fail=True), store.settings, "m").run_job(store.claim("m", "w1", 1))
+    assert store.retry(job.id).status == "IN_QUEUE"
+    worker = Worker(store, steps_runner(), store.settings, "m")
+    worker.run_job(store.claim("m", worker.id, 1))
+    again = store.get(job.id)
+    assert again.status == "COMPLETED" and again.retries == 1 and store.stats("m")["jobs"]["retried"] == 1
+
+
+def test_purge_cancels_queued_jobs_only(store: JobStore) -> None:
+    running, _ = store.submit(Job(model_key="m", input={}))
+    store.claim("m", "w1", 1)
+    queued = [store.submit(Job(model_key="m", input={}))[0] for _ in range(2)]
+    assert store.purge("m") == 2
+    assert [store.get(job.id).status for job in queued] == ["CANCELLED", "CANCELLED"]
+    assert store.get(running.id).status == "IN_PROGRESS"
+
+
+def test_a_completed_job_streams_its_output_once(store: JobStore) -> None:
+    job, _ = store.submit(Job(model_key="m", input={}))
+    assert store.mark_streamed(job.id) and not store.mark_streamed(job.id)
+
+
+def test_health_counts_jobs_and_workers(store: JobStore) -> None:
+    store.submit(Job(model_key="m", input={}))
+    store.set_worker_state("m", "w1", "idle")
+    stats = store.stats("m")
+    assert stats["jobs"]["inQueue"] == 1 and stats["workers"] == {"idle": 1, "running": 0}
+
+
+def test_a_long_poll_wakes_when_the_job_ends(store: JobStore) -> None:
+    job, _ = store.submit(Job(model_key="m", input={}))
+    worker = Worker(store, steps_runner(), store.settings, "m")
+    threading.Timer(0.3, lambda: worker.run_job(store.claim("m", worker.id, 1))).start()
+    started = time.monotonic()
+    assert store.wait(job.id, timeout=10).status == "COMPLETED"
+    assert time.monotonic() - started < 2
+
+
+def test_a_webhook_gets_the_status_body_signed(store: JobStore) -> None:
+    received: list[tuple[dict, bytes]] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append((dict(self.headers), self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    settings = store.settings.model_copy(update={"webhook_secret": SecretStr("s3cret")})
+    job, _ = store.submit(Job(model_key="m", input={"p": 1}, webhook=f"http://127.0.0.1:{server.server_port}/hook"))
+    worker = Worker(store, steps_runner(), settings, "m")
+    worker.run_job(store.claim("m", worker.id, 1))
+    deadline = time.monotonic() + 5
+    while not received and time.monotonic() < deadline:
+        time.sleep(0.02)
+    server.shutdown()
+    headers, data = received[0]
+    assert json.loads(data)["status"] == "COMPLETED" and json.loads(data)["id"] == job.id
+    expected = hmac.new(b"s3cret", headers["X-Webhook-Timestamp"].encode() + b"." + data, hashlib.sha256)
+    assert headers["X-Webhook-Signature"] == "sha256=" + expected.hexdigest()
+
+
+def test_a_dead_webhook_never_blocks_the_worker(store: JobStore) -> None:
+    first, _ = store.submit(Job(model_key="m", input={}, webhook="http://127.0.0.1:9/nobody-listens"))
+    second, _ = store.submit(Job(model_key="m", input={}))
+    worker = Worker(store, steps_runner(), store.settings, "m")
+    started = time.monotonic()
+    worker.run_job(store.claim("m", worker.id, 1))
+    worker.run_job(store.claim("m", worker.id, 1))
+    assert time.monotonic() - started < 2
+    assert store.get(first.id).status == store.get(second.id).status == "COMPLETED"
+
+
+def test_sqlite_reruns_a_job_left_running_by_a_dead_process(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, max_attempts=2)
+    store = SQLiteStore(settings)
+    job, _ = store.submit(Job(model_key="m", input={}))
+    store.claim("m", "dead", 1)
+    store.close()  # the process "dies" with the job IN_PROGRESS
+    store = SQLiteStore(settings)
+    assert store.get(job.id).status == "IN_QUEUE"
+    store.claim("m", "dead-again", 1)
+    store.close()
+    store = SQLiteStore(settings)
+    lost = store.get(job.id)
+    assert lost.status == "FAILED" and lost.error["code"] == "WORKER_LOST"
+    store.close()
+
+
+def test_sqlite_refuses_a_second_process_on_the_same_data_dir(tmp_path: Path) -> None:
+    store = SQLiteStore(Settings(data_dir=tmp_path))
+    with pytest.raises(WorkerError) as refused:
+        SQLiteStore(Settings(data_dir=tmp_path))
+    assert refused.value.field == "DATA_DIR" and "REDIS_URL" in refused.value.message
+    store.close()
+
+
+def test_redis_hands_a_silent_workers_job_to_another_after_the_lease(redis_url: str) -> None:
+    redis.Redis.from_url(redis_url).flushdb()
+    store = RedisStore(Settings(redis_url=redis_url, lease_s=0.5))
+    job, _ = store.submit(Job(model_key="m", input={}))
+    assert store.claim("m", "dies", 1).id == job.id
+    assert store.claim("m", "lives", timeout=0.2) is None  # within the lease nobody else takes it
+    time.sleep(0.6)
+    taken = store.claim("m", "lives", timeout=1)
+    assert taken.id == job.id and taken.worker_id == "lives" and taken.attempts == 2
+    dead = job.model_copy(update={"worker_id": "dies", "status": "COMPLETED", "output": {"late": True}})
+    assert not store.finish(dead)  # the first worker, back from the dead, cannot overwrite it
+    worker = Worker(store, steps_runner(), store.settings, "m")
+    worker.run_job(taken.model_copy(update={"worker_id": "lives"}))
+    assert store.get(job.id).output["route"] == "/"

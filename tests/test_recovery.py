@@ -1,0 +1,169 @@
+"""Jobs that are not lost: a restarted server, a worker killed mid-job, and the start-up guards."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+from conftest import ROOT, free_port, start_process
+
+KEY = "recovery-key"
+FAST = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 3}
+SLOW = {"prompt": "slow", "num_inference_steps": 300}  # about 5 s on a CPU
+
+
+def env_for(model_dir: Path, data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key not in ("API_KEYS", "REDIS_URL")}
+    return {
+        **env,
+        "MODEL_ID": "tiny-sd",
+        "MODEL_DIR": str(model_dir),
+        "DATA_DIR": str(data_dir),
+        "HOST": "127.0.0.1",
+        "API_KEYS": KEY,
+        "MAX_STEPS": "1000",
+        **extra,
+    }
+
+
+def rp(url: str, method: str, path: str, **kwargs) -> dict:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    return requests.request(method, f"{url}/v2/tiny-sd/{path}", headers=headers, timeout=30, **kwargs).json()
+
+
+def wait_for(check, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(0.05)
+    pytest.fail("timed out waiting")
+
+
+def serve(env: dict[str, str], *mode: str) -> tuple[str, subprocess.Popen]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = start_process([sys.executable, "app.py", *mode], f"{url}/health", {**env, "PORT": str(port)})
+    return url, process
+
+
+def test_jobs_and_results_survive_a_killed_server(baked: dict[str, Path], tmp_path: Path) -> None:
+    env = env_for(baked["tiny-sd"], tmp_path / "data")
+    url, process = serve(env)
+    try:
+        done = rp(url, "POST", "runsync", json={"input": FAST})
+        assert done["status"] == "COMPLETED"
+        slow = rp(url, "POST", "run", json={"input": SLOW})["id"]
+        queued = rp(url, "POST", "run", json={"input": FAST})["id"]
+        wait_for(lambda: rp(url, "GET", f"status/{slow}").get("progress"))
+    finally:
+        process.send_signal(signal.SIGKILL)  # no clean shutdown: the job is IN_PROGRESS on disk
+        process.wait(10)
+
+    url, process = serve(env)
+    try:
+        kept = rp(url, "GET", f"status/{done['id']}")
+        assert kept["status"] == "COMPLETED" and kept["output"]["images"][0]["seed"] == 3
+        rerun = wait_for(lambda: (body := rp(url, "GET", f"status/{slow}"))["status"] == "COMPLETED" and body)
+        assert rerun["output"]["$meta"]["num_inference_steps"] == 300
+        assert wait_for(lambda: rp(url, "GET", f"status/{queued}")["status"] == "COMPLETED")
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_a_killed_workers_job_completes_once_on_another_worker(
+    baked: dict[str, Path], tmp_path: Path, redis_url: str
+) -> None:
+    redis.Redis.from_url(redis_url).flushdb()
+    env = env_for(baked["tiny-sd"], tmp_path / "data", REDIS_URL=redis_url, LEASE_S="2")
+    url, gateway = serve(env, "--mode", "gateway")
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "app.py", "--mode", "worker"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        for _ in range(2)
+    ]
+    try:
+        wait_for(lambda: rp(url, "GET", "health")["workers"]["idle"] == 2)
+        job_id = rp(url, "POST", "run", json={"input": SLOW})["id"]
+        first = wait_for(lambda: (body := rp(url, "GET", f"status/{job_id}")).get("progress") and body)
+        pid = int(first["workerId"].split("-")[-2])
+        victim = next(worker for worker in workers if worker.pid == pid)
+        victim.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        done = wait_for(lambda: (body := rp(url, "GET", f"status/{job_id}"))["status"] == "COMPLETED" and body)
+        took = time.monotonic() - killed_at
+        assert done["workerId"] != first["workerId"] and done["output"]["$meta"]["num_inference_steps"] == 300
+        assert rp(url, "GET", "health")["jobs"]["completed"] == 1  # once, not twice
+        assert took < 60, f"the job took {took:.1f} s to finish elsewhere"
+    finally:
+        for process in [gateway, *workers]:
+            process.kill()
+            process.wait(10)
+
+
+def test_a_fresh_server_makes_an_api_key_once_and_keeps_it(baked: dict[str, Path], tmp_path: Path) -> None:
+    env = env_for(baked["tiny-sd"], tmp_path / "data")
+    del env["API_KEYS"]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env["PORT"] = str(port)
+    process = start_process([sys.executable, "app.py"], f"{url}/health", env)
+    try:
+        assert requests.post(url, json=FAST, timeout=30).status_code == 401
+        key = (tmp_path / "data" / "api_key").read_text().strip()
+        assert (tmp_path / "data" / "api_key").stat().st_mode & 0o777 == 0o600
+        assert requests.post(url, json=FAST, headers={"X-BANANA-API-KEY": key}, timeout=60).status_code == 200
+    finally:
+        process.terminate()
+        first_output = process.communicate(timeout=10)[0]
+    assert key in first_output
+    process = start_process([sys.executable, "app.py"], f"{url}/health", env)
+    try:
+        assert requests.post(url, json=FAST, headers={"X-BANANA-API-KEY": key}, timeout=60).status_code == 200
+    finally:
+        process.terminate()
+        assert key not in process.communicate(timeout=10)[0]  # printed once, at its making
+
+
+def test_gateway_and_worker_modes_without_redis_say_so(tmp_path: Path) -> None:
+    for mode in ("gateway", "worker"):
+        result = subprocess.run(
+            [sys.executable, "app.py", "--mode", mode],
+            cwd=ROOT,
+            env=env_for(tmp_path, tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 2 and "set REDIS_URL" in result.stderr
+
+
+def test_a_second_server_on_the_same_data_dir_says_so(baked: dict[str, Path], tmp_path: Path) -> None:
+    env = env_for(baked["tiny-sd"], tmp_path / "data")
+    _, process = serve(env)
+    try:
+        result = subprocess.run(
+            [sys.executable, "app.py"],
+            cwd=ROOT,
+            env={**env, "PORT": str(free_port())},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 1 and "another process already serves the jobs" in result.stderr
+    finally:
+        process.terminate()
+        process.wait(10)

@@ -1,0 +1,277 @@
+"""The job server over HTTP, driven by the unmodified clients people already have: banana_dev 6.3.0 (run, start
+and check of `banana_dev.package`, over start/check v4) and runpod 1.12.0 (`Endpoint`). Every test runs against
+the SQLite store and against Redis.
+
+Both clients read their base URL once, at import, from an environment variable (BANANA_URL,
+RUNPOD_ENDPOINT_BASE_URL) into a module global; the tests set that global, which is all the variable does. One
+test drives both clients in a fresh process with the variables themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+import runpod
+from banana_dev import generics
+from banana_dev import package as banana
+from conftest import decode, free_port, start_process
+
+KEY = "server-test-key"
+FAST = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 7}
+SLOW = {"prompt": "slow", "num_inference_steps": 800}  # about 13 s on a CPU: long enough to watch and cancel
+MAX_QUEUE = 4
+
+
+@pytest.fixture(scope="module", params=["sqlite", "redis"])
+def server(
+    request: pytest.FixtureRequest, baked: dict[str, Path], tmp_path_factory: pytest.TempPathFactory, redis_url: str
+) -> Iterator[str]:
+    """`python app.py` (HTTP and the worker in one process) on tiny-sd, with its jobs in SQLite or in Redis."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "MODEL_ID": "tiny-sd",
+        "MODEL_DIR": str(baked["tiny-sd"]),
+        "DATA_DIR": str(tmp_path_factory.mktemp("data")),
+        "API_KEYS": f"other-key,{KEY}",
+        "PORT": str(port),
+        "HOST": "127.0.0.1",
+        "MAX_STEPS": "5000",
+        "MAX_QUEUE": str(MAX_QUEUE),
+        "BANANA_WAIT_S": "5",
+    }
+    if request.param == "redis":
+        redis.Redis.from_url(redis_url).flushdb()
+        env["REDIS_URL"] = redis_url
+    url = f"http://127.0.0.1:{port}"
+    process = start_process([sys.executable, "app.py"], f"{url}/health", env)
+    deadline = time.monotonic() + 60
+    while requests.get(f"{url}/health", timeout=5).status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    yield url
+    process.terminate()
+    process.wait(10)
+
+
+@pytest.fixture
+def clients(server: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Point both clients at the server, as BANANA_URL and RUNPOD_ENDPOINT_BASE_URL do at import."""
+    monkeypatch.setattr(generics, "endpoint", server + "/")
+    monkeypatch.setattr(runpod, "endpoint_url_base", server + "/v2")
+    monkeypatch.setattr(runpod, "api_key", KEY)
+    return server
+
+
+def rp(server: str, method: str, path: str, key: str = KEY, **kwargs) -> requests.Response:
+    headers = {"Authorization": f"Bearer {key}", **kwargs.pop("headers", {})}
+    return requests.request(method, f"{server}/v2/tiny-sd/{path}", headers=headers, timeout=30, **kwargs)
+
+
+def wait_for(check, timeout: float = 30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(0.05)
+    pytest.fail("timed out waiting")
+
+
+def running(server: str, job_id: str) -> dict:
+    """The status body once the job has made a denoising step."""
+    return wait_for(lambda: (body := rp(server, "GET", f"status/{job_id}").json()).get("progress") and body)
+
+
+# Banana start/check v4.
+def test_banana_run_gets_the_outputs(clients: str) -> None:
+    out = banana.run(KEY, "tiny-sd", FAST)
+    assert out["message"] == "success"
+    assert decode(out["modelOutputs"][0]["image_base64"]).size == (64, 64)
+
+
+def test_banana_start_then_check_with_long_poll(clients: str) -> None:
+    call_id = banana.start(KEY, "tiny-sd", FAST)
+    assert call_id.startswith("call_")
+    out = banana.check(KEY, call_id)
+    assert out["message"] == "success" and out["modelOutputs"][0]["images"][0]["seed"] == 7
+
+
+def test_banana_run_polls_a_job_longer_than_the_start_wait(clients: str) -> None:
+    out = banana.run(KEY, "tiny-sd", {**SLOW, "num_inference_steps": 400})  # ~6 s; start waits 5 s
+    assert out["message"] == "success" and out["modelOutputs"][0]["$meta"]["num_inference_steps"] == 400
+
+
+def test_banana_run_raises_on_a_failed_job_instead_of_polling_forever(clients: str) -> None:
+    with pytest.raises(Exception, match=r"error: job failed: INVALID_INPUTS.*field width"):
+        banana.run(KEY, "tiny-sd", {**FAST, "width": 9})
+
+
+def test_banana_check_raises_on_a_cancelled_job(clients: str) -> None:
+    call_id = banana.start(KEY, "tiny-sd", SLOW)
+    wait_for(lambda: rp(clients, "GET", f"status/{call_id}").json().get("progress"))
+    rp(clients, "POST", f"cancel/{call_id}")
+    with pytest.raises(Exception, match="error: job cancelled"):
+        banana.check(KEY, call_id)
+
+
+def test_banana_wrong_key_or_model_key_is_an_error_message(clients: str) -> None:
+    with pytest.raises(Exception, match="error: invalid apiKey"):
+        banana.start("wrong", "tiny-sd", FAST)
+    with pytest.raises(Exception, match="unknown modelKey 'sdxl'"):
+        banana.start(KEY, "sdxl", FAST)
+    with pytest.raises(Exception, match="no job with callID"):
+        banana.check(KEY, "call_nope")
+
+
+def test_a_retried_banana_start_returns_the_same_call(server: str) -> None:
+    body = {"id": str(uuid.uuid4()), "apiKey": KEY, "modelKey": "tiny-sd", "modelInputs": FAST, "startOnly": True}
+    first = requests.post(f"{server}/start/v4/", json=body, timeout=30).json()
+    again = requests.post(f"{server}/start/v4", json=body, timeout=30).json()
+    assert first["message"] == "" and first["finished"] is False and again["callID"] == first["callID"]
+
+
+def test_check_shows_progress_while_running(server: str) -> None:
+    body = {"apiKey": KEY, "modelKey": "tiny-sd", "modelInputs": SLOW, "startOnly": True}
+    call_id = requests.post(f"{server}/start/v4/", json=body, timeout=30).json()["callID"]
+    check = {"apiKey": KEY, "callID": call_id, "longPoll": False}
+    seen = wait_for(
+        lambda: (out := requests.post(f"{server}/check/v4/", json=check, timeout=30).json()).get("progress") and out
+    )
+    assert seen["message"] == "running" and seen["progress"]["total"] >= 800 and 0 < seen["progress"]["step"] < 800
+    rp(server, "POST", f"cancel/{call_id}")
+
+
+# RunPod's endpoint API.
+def test_runpod_endpoint_runs_and_returns_the_output(clients: str) -> None:
+    job = runpod.Endpoint("tiny-sd").run(FAST)
+    output = job.output(timeout=60)
+    assert job.status() == "COMPLETED" and decode(output["images"][0]["base64"]).size == (64, 64)
+
+
+def test_runpod_run_sync_and_health(clients: str) -> None:
+    endpoint = runpod.Endpoint("tiny-sd")
+    assert endpoint.run_sync({"input": FAST}, timeout=60)["images"][0]["seed"] == 7
+    health = endpoint.health()
+    assert health["jobs"]["completed"] >= 1 and health["workers"]["idle"] + health["workers"]["running"] == 1
+
+
+def test_runpod_stream_yields_the_output_once(clients: str) -> None:
+    chunks = list(runpod.Endpoint("tiny-sd").run(FAST).stream())
+    assert len(chunks) == 1 and chunks[0]["images"][0]["seed"] == 7
+
+
+def test_runpod_cancel_stops_a_running_job_at_the_next_step(clients: str) -> None:
+    job = runpod.Endpoint("tiny-sd").run(SLOW)
+    step = running(clients, job.job_id)["progress"]["step"]
+    assert job.cancel()["status"] == "CANCELLED"
+    time.sleep(0.5)
+    ended = rp(clients, "GET", f"status/{job.job_id}").json()
+    assert ended["status"] == "CANCELLED" and "output" not in ended
+    # The worker is free again at once: the next job completes in well under the cancelled one's 13 s.
+    started = time.monotonic()
+    assert runpod.Endpoint("tiny-sd").run_sync(FAST, timeout=60)["images"]
+    assert time.monotonic() - started < 5 and step < 800
+
+
+def test_runpod_failed_job_has_the_error_and_can_be_retried(clients: str) -> None:
+    job_id = rp(clients, "POST", "run", json={"input": {**FAST, "width": 9}}).json()["id"]
+    failed = wait_for(lambda: (body := rp(clients, "GET", f"status/{job_id}").json())["status"] == "FAILED" and body)
+    assert "INVALID_INPUTS" in failed["error"] and "width" in failed["error"]
+    assert rp(clients, "POST", f"retry/{job_id}").json() == {"id": job_id, "status": "IN_QUEUE"}
+    again = wait_for(lambda: (body := rp(clients, "GET", f"status/{job_id}").json())["status"] == "FAILED" and body)
+    assert again["retries"] == 1
+    completed = rp(clients, "POST", "runsync", json={"input": FAST}).json()
+    refused = rp(clients, "POST", f"retry/{completed['id']}")
+    assert refused.status_code == 409 and "only failed" in refused.json()["error"]
+
+
+def test_runpod_execution_timeout_policy_times_the_job_out(server: str) -> None:
+    body = rp(server, "POST", "runsync", json={"input": SLOW, "policy": {"executionTimeout": 1000}}).json()
+    assert body["status"] == "TIMED_OUT" and "execution timeout of 1 s" in body["error"]
+
+
+def test_runpod_idempotency_key_returns_the_same_job(server: str) -> None:
+    headers = {"Idempotency-Key": str(uuid.uuid4())}
+    first = rp(server, "POST", "run", json={"input": FAST}, headers=headers).json()
+    again = rp(server, "POST", "run", json={"input": FAST}, headers=headers).json()
+    assert again["id"] == first["id"]
+
+
+def test_runpod_wrong_key_is_401_and_raises_in_the_client(clients: str) -> None:
+    assert rp(clients, "GET", "health", key="wrong").status_code == 401
+    with pytest.raises(RuntimeError, match="Unauthorized"):
+        runpod.Endpoint("tiny-sd", api_key="wrong").health()
+
+
+def test_runpod_unknown_endpoint_or_job_is_404(server: str) -> None:
+    response = requests.get(f"{server}/v2/nope/health", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    assert response.status_code == 404 and "no endpoint 'nope'" in response.json()["error"]
+    assert rp(server, "GET", "status/nope").status_code == 404
+
+
+def test_runpod_bad_body_names_the_field(server: str) -> None:
+    response = rp(server, "POST", "run", json={"inputs": FAST})
+    assert response.status_code == 400 and response.json()["$error"]["field"] == "input"
+
+
+# Backpressure.
+def test_past_the_queue_bound_each_protocol_refuses_cleanly(clients: str) -> None:
+    wait_for(lambda: (jobs := rp(clients, "GET", "health").json()["jobs"])["inQueue"] + jobs["inProgress"] == 0)
+    ids = [rp(clients, "POST", "run", json={"input": SLOW}).json()["id"] for _ in range(MAX_QUEUE)]
+    try:
+        refused = rp(clients, "POST", "run", json={"input": FAST}, headers={})
+        assert refused.status_code == 429 and "full" in refused.json()["error"]
+        with pytest.raises(Exception, match="error: QUEUE_FULL"):
+            banana.start(KEY, "tiny-sd", FAST)
+        direct = requests.post(clients, json=FAST, headers={"X-BANANA-API-KEY": KEY}, timeout=30)
+        assert direct.status_code == 503 and direct.headers["Retry-After"] == "1"
+    finally:
+        assert rp(clients, "POST", "purge-queue").json()["removed"] == MAX_QUEUE - 1
+        for job_id in ids:
+            rp(clients, "POST", f"cancel/{job_id}")
+    assert all(rp(clients, "GET", f"status/{job_id}").json()["status"] == "CANCELLED" for job_id in ids)
+    assert runpod.Endpoint("tiny-sd").run_sync(FAST, timeout=60)["images"]
+
+
+# Direct calls and the rest.
+def test_direct_call_needs_a_key(server: str) -> None:
+    assert requests.post(server, json=FAST, timeout=30).status_code == 401
+    answer = requests.post(server, json=FAST, headers={"X-BANANA-API-KEY": KEY}, timeout=30)
+    assert answer.status_code == 200 and answer.json()["images"][0]["seed"] == 7
+
+
+def test_banana_server_mode_with_the_key_in_the_url(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(generics, "is_direct", True)
+    monkeypatch.setattr(generics, "direct_call_endpoint", f"{server}/?apiKey={KEY}")
+    out = banana.run("ignored", "ignored", FAST)
+    assert out["apiVersion"] == "DIRECT" and out["modelOutputs"][0]["images"][0]["seed"] == 7
+
+
+def test_health_docs_and_openapi(server: str) -> None:
+    assert requests.get(f"{server}/health", timeout=10).json()["status"] == "ready"
+    assert requests.get(f"{server}/docs", timeout=10).status_code == 200
+    paths = requests.get(f"{server}/openapi.json", timeout=10).json()["paths"]
+    assert {"/start/v4/", "/check/v4/", "/v2/{endpoint_id}/run", "/health"} <= set(paths)
+
+
+def test_clients_configured_by_their_environment_variables(server: str) -> None:
+    script = f"""
+import runpod
+from banana_dev import package as banana
+out = banana.run("{KEY}", "tiny-sd", {FAST})
+assert out["message"] == "success", out
+runpod.api_key = "{KEY}"
+assert runpod.Endpoint("tiny-sd").run_sync({FAST}, timeout=60)["images"]
+print("both clients ok")
+"""
+    env = {**os.environ, "BANANA_URL": server + "/", "RUNPOD_ENDPOINT_BASE_URL": server + "/v2"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "both clients ok" in result.stdout, result.stdout + result.stderr

@@ -1,0 +1,156 @@
+"""The smoke tests users run against a deployment, run here against `python app.py` on tiny-sd: test.py (Banana
+start/check, a direct call, RunPod run/status) and postman_collection.json under newman."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import ROOT, free_port, start_process
+from PIL import Image
+
+KEY = "smoke-test-key"
+NEWMAN = ROOT / "node_modules" / ".bin" / "newman"
+STEPS = ("banana", "direct", "runpod")
+
+
+@dataclass
+class Server:
+    """A running `python app.py`: its URL and what it has printed so far (for failure messages)."""
+
+    url: str
+    output: list[str] = field(default_factory=list)
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "".join(self.output[-lines:])
+
+
+@pytest.fixture(scope="module")
+def server(baked: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """`python app.py` serving tiny-sd on a free port, with one API key and its own DATA_DIR; ready to answer."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "MODEL_ID": "tiny-sd",
+        "MODEL_DIR": str(baked["tiny-sd"]),
+        "DATA_DIR": str(tmp_path_factory.mktemp("smoke-data")),
+        "API_KEYS": KEY,
+        "PORT": str(port),
+        "HOST": "127.0.0.1",
+    }
+    env.pop("REDIS_URL", None)
+    server = Server(f"http://127.0.0.1:{port}")
+    process = start_process([sys.executable, "app.py"], f"{server.url}/health", env)
+    # Keep reading the server's output, so a full pipe never blocks it.
+    threading.Thread(target=lambda: server.output.extend(iter(process.stdout.readline, "")), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 120
+        while requests.get(f"{server.url}/health", timeout=5).status_code != 200:
+            if time.monotonic() > deadline or process.poll() is not None:
+                pytest.fail(f"the server did not get ready:\n{server.log_tail()}")
+            time.sleep(0.1)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+def smoke(url: str, out: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run test.py as a user would."""
+    command = [sys.executable, "test.py", "--url", url, "--out", str(out), "--steps", "3", "--seed", "7", *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("model_key", [None, "tiny-sd"], ids=["model-key-from-health", "model-key-given"])
+def test_smoke_script_passes_through_every_api(server: Server, tmp_path: Path, model_key: str | None) -> None:
+    extra = ["--model-key", model_key] if model_key else []
+    result = smoke(server.url, tmp_path / "out", "--api-key", KEY, *extra)
+
+    assert result.returncode == 0, f"{result.stdout}{result.stderr}\nserver:\n{server.log_tail()}"
+    assert result.stderr == ""
+    assert "PASS: 3 APIs answered; 3 image(s) saved" in result.stdout
+    for step in STEPS:
+        assert re.search(rf"^{step}: round trip \d+ ms", result.stdout, re.MULTILINE), result.stdout
+        with Image.open(tmp_path / "out" / f"{step}-0-seed-7.png") as image:
+            assert (image.format, image.size) == ("PNG", (64, 64))
+    assert result.stdout.count("worker timings: ") == 3 and "inference" in result.stdout
+    if model_key is None:
+        assert "model keys ['tiny-sd']" in result.stdout
+
+
+def assert_one_line_failure(result: subprocess.CompletedProcess[str], *wanted: str) -> str:
+    """test.py failed as it should: exit 1, one `FAIL: ...` line on stderr naming the reason, no traceback."""
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("FAIL: "), result.stderr
+    for text in wanted:
+        assert text in lines[0]
+    assert "PASS" not in result.stdout
+    return lines[0]
+
+
+def test_smoke_script_fails_on_a_wrong_api_key(server: Server, tmp_path: Path) -> None:
+    result = smoke(server.url, tmp_path / "out", "--api-key", "not-the-key")
+
+    assert_one_line_failure(result, "the server refused the API key")
+    assert not (tmp_path / "out").exists()
+
+
+def test_smoke_script_fails_on_a_wrong_api_key_for_runpod_too(server: Server, tmp_path: Path) -> None:
+    result = smoke(server.url, tmp_path / "out", "--api-key", "not-the-key", "--model-key", "tiny-sd")
+
+    assert_one_line_failure(result, "the server refused the API key")
+
+
+def test_smoke_script_reports_the_workers_error(server: Server, tmp_path: Path) -> None:
+    result = smoke(server.url, tmp_path / "out", "--api-key", KEY, "--steps", "100000")
+
+    assert_one_line_failure(result, "INVALID_INPUTS", "num_inference_steps")
+
+
+def test_smoke_script_fails_on_an_unknown_model_key(server: Server, tmp_path: Path) -> None:
+    result = smoke(server.url, tmp_path / "out", "--api-key", KEY, "--model-key", "no-such-model")
+
+    assert_one_line_failure(result, "no-such-model", "tiny-sd")
+
+
+def test_smoke_script_fails_against_a_dead_url(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    result = smoke(url, tmp_path / "out", "--api-key", KEY, timeout=60)
+
+    assert_one_line_failure(result, f"cannot reach {url}")
+
+
+def test_postman_collection_passes_under_newman(server: Server, tmp_path: Path) -> None:
+    if not NEWMAN.exists():
+        pytest.fail(f"{NEWMAN.relative_to(ROOT)} is missing: run `npm ci` in the repository root (make test does)")
+    report = tmp_path / "newman.json"
+    command = [str(NEWMAN), "run", "postman_collection.json", "--env-var", f"baseUrl={server.url}"]
+    command += ["--env-var", f"apiKey={KEY}", "--env-var", "modelKey=tiny-sd", "--disable-unicode", "--color", "off"]
+    command += ["--reporters", "cli,json", "--reporter-json-export", str(report)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    assert result.returncode == 0, f"{result.stdout}{result.stderr}\nserver:\n{server.log_tail()}"
+    run = json.loads(report.read_text())["run"]
+    assert run["failures"] == []
+    collection = json.loads((ROOT / "postman_collection.json").read_text())
+    executed = {execution["item"]["name"] for execution in run["executions"]}
+    assert executed == {item["name"] for item in collection["item"]}
+    assertions = [a for execution in run["executions"] for a in execution.get("assertions", [])]
+    passed = {a["assertion"] for a in assertions if not a.get("error")}
+    assert {"success with the image in modelOutputs[0]", "COMPLETED with the image in output"} <= passed
+    assert {"401 UNAUTHORIZED", "422 naming the bad field"} <= passed
