@@ -271,3 +271,54 @@ def test_redis_hands_a_silent_workers_job_to_another_after_the_lease(redis_url: 
     worker = Worker(store, steps_runner(), store.settings, "m")
     worker.run_job(taken.model_copy(update={"worker_id": "lives"}))
     assert store.get(job.id).output["route"] == "/"
+
+
+def test_concurrent_starts_with_one_idempotency_key_make_one_job(store: JobStore) -> None:
+    ids: list[str] = []
+
+    def start() -> None:
+        ids.append(store.submit(Job(model_key="m", input={}, idempotency_key="same"))[0].id)
+
+    threads = [threading.Thread(target=start) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(ids)) == 1 and store.stats("m")["jobs"]["inQueue"] == 1
+
+
+def test_the_worker_outlives_a_redis_that_lost_its_data(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    store = RedisStore(Settings(redis_url=redis_url, lease_s=0.5))
+    worker = Worker(store, steps_runner(), store.settings, "m")
+    stop = threading.Event()
+    loop = threading.Thread(target=worker.run_forever, args=(stop,))
+    loop.start()
+    try:
+        first, _ = store.submit(Job(model_key="m", input={}))
+        assert store.wait(first.id, 10).status == "COMPLETED"
+        client.flushdb()  # as after a restart without persistence: the stream and its group are gone
+        second, _ = store.submit(Job(model_key="m", input={}))
+        assert store.wait(second.id, 20).status == "COMPLETED"
+    finally:
+        stop.set()
+        loop.join(10)
+        store.close()
+
+
+def test_an_old_entry_of_a_retried_job_does_not_take_it_from_its_worker(redis_url: str) -> None:
+    redis.Redis.from_url(redis_url).flushdb()
+    store = RedisStore(Settings(redis_url=redis_url, lease_s=0.5))
+    job, _ = store.submit(Job(model_key="m", input={}))
+    store.claim("m", "w1", 1)
+    store.cancel(job.id)
+    store.retry(job.id)
+    running = store.claim("m", "w2", 1)
+    assert running.worker_id == "w2"
+    for _ in range(4):  # w2 keeps its lease; w1 is silent past it, still holding the first entry
+        time.sleep(0.2)
+        assert store.heartbeat(running)
+    assert store.claim("m", "w3", timeout=0.2) is None
+    assert store.heartbeat(store.get(job.id)) and store.get(job.id).worker_id == "w2"
+    store.close()

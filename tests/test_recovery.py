@@ -167,3 +167,21 @@ def test_a_second_server_on_the_same_data_dir_says_so(baked: dict[str, Path], tm
     finally:
         process.terminate()
         process.wait(10)
+
+
+def test_a_gateway_without_api_keys_says_so(tmp_path: Path, redis_url: str) -> None:
+    env = {**env_for(tmp_path, tmp_path), "REDIS_URL": redis_url}
+    del env["API_KEYS"]
+    result = subprocess.run(
+        [sys.executable, "app.py", "--mode", "gateway"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2 and "needs API_KEYS" in result.stderr
+
+
+def test_an_empty_key_file_is_refused_never_an_open_server(baked: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "api_key").write_text("\n")
+    env = env_for(baked["tiny-sd"], tmp_path / "data", PORT=str(free_port()))
+    del env["API_KEYS"]
+    result = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "api_key is empty" in result.stderr

@@ -76,7 +76,7 @@ def rp(server: str, method: str, path: str, key: str = KEY, **kwargs) -> request
     return requests.request(method, f"{server}/v2/tiny-sd/{path}", headers=headers, timeout=30, **kwargs)
 
 
-def wait_for(check, timeout: float = 30):
+def wait_for(check, timeout: float = 60):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if value := check():
@@ -100,7 +100,7 @@ def test_banana_run_gets_the_outputs(clients: str) -> None:
 def test_banana_start_then_check_with_long_poll(clients: str) -> None:
     call_id = banana.start(KEY, "tiny-sd", FAST)
     assert call_id.startswith("call_")
-    out = banana.check(KEY, call_id)
+    out = wait_for(lambda: (out := banana.check(KEY, call_id))["message"] != "running" and out)  # each check waits 5 s
     assert out["message"] == "success" and out["modelOutputs"][0]["images"][0]["seed"] == 7
 
 
@@ -175,10 +175,10 @@ def test_runpod_cancel_stops_a_running_job_at_the_next_step(clients: str) -> Non
     time.sleep(0.5)
     ended = rp(clients, "GET", f"status/{job.job_id}").json()
     assert ended["status"] == "CANCELLED" and "output" not in ended
-    # The worker is free again at once: the next job completes in well under the cancelled one's 13 s.
+    # The worker is free again at once: the next job completes well before the cancelled one would have (13 s).
     started = time.monotonic()
     assert runpod.Endpoint("tiny-sd").run_sync(FAST, timeout=60)["images"]
-    assert time.monotonic() - started < 5 and step < 800
+    assert time.monotonic() - started < 10 and step < 800
 
 
 def test_runpod_failed_job_has_the_error_and_can_be_retried(clients: str) -> None:
@@ -275,3 +275,22 @@ print("both clients ok")
     env = {**os.environ, "BANANA_URL": server + "/", "RUNPOD_ENDPOINT_BASE_URL": server + "/v2"}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "both clients ok" in result.stdout, result.stdout + result.stderr
+
+
+def test_a_body_over_the_limit_is_413_even_when_chunked(server: str) -> None:
+    big = b'{"input": {"prompt": "' + b"x" * (21 * 1024 * 1024) + b'"}}'
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    declared = requests.post(f"{server}/v2/tiny-sd/run", data=big, headers=headers, timeout=60)
+    chunked = requests.post(
+        f"{server}/v2/tiny-sd/run",
+        data=iter([big[i : i + 65536] for i in range(0, len(big), 65536)]),
+        headers=headers,
+        timeout=60,
+    )
+    assert declared.status_code == chunked.status_code == 413
+    assert "MAX_BODY_BYTES" in declared.json()["error"] and "MAX_BODY_BYTES" in chunked.json()["detail"]
+
+
+def test_a_body_that_is_not_json_says_so(server: str) -> None:
+    response = rp(server, "POST", "run", data=b"{not json", headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"] == "the body is not valid JSON"

@@ -23,6 +23,26 @@ from . import Job, JobStore, end, expired_in_queue, queue_full, requeue_or_fail,
 GROUP = "workers"
 DONE_CHANNEL = "sdw:done"
 
+# KEYS: job hash, stream, idempotency key ("" for none). ARGV: job JSON, status, TTL (s), queue bound, job id.
+SUBMIT = """
+if KEYS[3] ~= "" then
+  local existing = redis.call("GET", KEYS[3])
+  if existing and redis.call("EXISTS", "sdw:job:" .. existing) == 1 then
+    return {"EXISTS", existing}
+  end
+end
+if redis.call("XLEN", KEYS[2]) >= tonumber(ARGV[4]) then
+  return {"FULL", ""}
+end
+local entry = redis.call("XADD", KEYS[2], "*", "id", ARGV[5])
+redis.call("HSET", KEYS[1], "data", ARGV[1], "status", ARGV[2], "entry", entry)
+redis.call("EXPIRE", KEYS[1], ARGV[3])
+if KEYS[3] ~= "" then
+  redis.call("SET", KEYS[3], ARGV[5], "EX", ARGV[3])
+end
+return {"OK", entry}
+"""
+
 
 def _job_key(job_id: str) -> str:
     return f"sdw:job:{job_id}"
@@ -38,12 +58,20 @@ class RedisStore(JobStore):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         assert settings.redis_url is not None
-        self._redis = redis.Redis.from_url(settings.redis_url.get_secret_value(), decode_responses=True)
+        self._redis = redis.Redis.from_url(
+            settings.redis_url.get_secret_value(),
+            decode_responses=True,
+            socket_timeout=15,  # above the longest blocking read (5 s): a hung Redis is an error, not a hang
+            socket_connect_timeout=5,
+            health_check_interval=30,
+        )
         self._redis.ping()
         self._groups: set[str] = set()
+        self._submit_script: redis.commands.core.Script | None = None
         self._claimed_at: dict[str, float] = {}  # job id -> when this process last refreshed its claim
         self._entries: dict[str, str] = {}  # job id -> stream entry, for jobs this process runs
         self._listener: threading.Thread | None = None
+        self._listener_lock = threading.Lock()
         self._closed = threading.Event()
 
     # Helpers.
@@ -109,27 +137,46 @@ class RedisStore(JobStore):
     # The interface.
     def submit(self, job: Job) -> tuple[Job, bool]:
         queue = self._queue(job.model_key)
-        if job.idempotency_key:
-            idem = f"sdw:idem:{job.idempotency_key}"
-            if not self._redis.set(idem, job.id, nx=True, ex=self._ttl(job)):
-                existing = self.get(self._redis.get(idem) or "")
-                if existing is not None:
-                    return existing, False
-                self._redis.set(idem, job.id, ex=self._ttl(job))
-        if self._redis.xlen(queue) >= self.settings.max_queue:
-            if job.idempotency_key:
-                self._redis.delete(f"sdw:idem:{job.idempotency_key}")
-            raise queue_full(job.model_key, self.settings.max_queue)
-        self._save(job)
-        entry = self._redis.xadd(queue, {"id": job.id})
-        self._redis.hset(_job_key(job.id), "entry", entry)
-        return job, True
+        idem = f"sdw:idem:{job.idempotency_key}" if job.idempotency_key else ""
+        while True:
+            outcome, value = self._submit(
+                keys=[_job_key(job.id), queue, idem],
+                args=[job.model_dump_json(), job.status, self._ttl(job), self.settings.max_queue, job.id],
+            )
+            if outcome == "FULL":
+                raise queue_full(job.model_key, self.settings.max_queue)
+            if outcome == "OK":
+                return job, True
+            existing = self.get(value)  # a job with this idempotency key exists
+            if existing is not None:
+                return existing, False
+
+    def _submit(self, keys: list[str], args: list) -> list:
+        """One atomic step: the idempotency check, the queue bound, the job hash and its stream entry."""
+        if self._submit_script is None:
+            self._submit_script = self._redis.register_script(SUBMIT)
+        try:
+            return self._submit_script(keys=keys, args=args)
+        except redis.ResponseError as err:
+            if "NOGROUP" not in str(err):
+                raise
+            self._groups.discard(keys[1])
+            self._queue(keys[1].removeprefix("sdw:queue:"))
+            return self._submit_script(keys=keys, args=args)
 
     def get(self, job_id: str) -> Job | None:
         data = self._redis.hget(_job_key(job_id), "data")
         return Job.model_validate_json(data) if data else None
 
     def claim(self, model_key: str, worker_id: str, timeout: float) -> Job | None:
+        try:
+            return self._claim(model_key, worker_id, timeout)
+        except redis.ResponseError as err:
+            if "NOGROUP" in str(err):  # Redis lost its data (a restart without persistence): make the group again
+                self._groups.discard(_queue_key(model_key))
+            raise
+
+    def _claim(self, model_key: str, worker_id: str, timeout: float) -> Job | None:
         queue = self._queue(model_key)
         deadline = time.monotonic() + timeout
         while True:
@@ -165,6 +212,11 @@ class RedisStore(JobStore):
         def runnable(job: Job) -> bool:
             return not job.final and not (lost and job.attempts >= self.settings.max_attempts)
 
+        if lost and self._redis.hget(_job_key(job_id), "entry") != entry:
+            # An entry left over from an earlier run of a retried job: the job has a newer one; drop this.
+            self._redis.xack(queue, GROUP, entry)
+            self._redis.xdel(queue, entry)
+            return None
         job = self.get(job_id)
         if job is not None and not job.final and not lost and expired_in_queue(job):
             self._ended(job, entry)
@@ -231,6 +283,11 @@ class RedisStore(JobStore):
         return bool(pending) and pending[0]["consumer"] == job.worker_id
 
     def cancel(self, job_id: str) -> Job | None:
+        return self._cancel(job_id)[0]
+
+    def _cancel(self, job_id: str) -> tuple[Job | None, bool]:
+        """Cancel the job if it has not ended: (the job, whether this call cancelled it)."""
+
         def cancelled(job: Job) -> Job:
             end(job, "CANCELLED", "CANCELLED", "the job was cancelled")
             return job
@@ -241,7 +298,7 @@ class RedisStore(JobStore):
             if entry and job.started_at is None:  # still queued: off the stream at once
                 self._redis.xdel(_queue_key(job.model_key), entry)
             self._ended(job, None)
-        return job
+        return job, changed
 
     def retry(self, job_id: str) -> Job | None:
         job, changed = self._update_if(
@@ -260,9 +317,8 @@ class RedisStore(JobStore):
         removed = 0
         for entry, fields in self._redis.xrange(queue):
             if entry not in pending:
-                job = self.cancel(fields.get("id", ""))
+                removed += self._cancel(fields.get("id", ""))[1]
                 self._redis.xdel(queue, entry)
-                removed += job is not None
         return removed
 
     def stats(self, model_key: str) -> dict[str, int]:
@@ -271,12 +327,15 @@ class RedisStore(JobStore):
         in_progress = self._redis.xpending(queue, GROUP)["pending"]
         counts["IN_PROGRESS"] = in_progress
         counts["IN_QUEUE"] = max(0, self._redis.xlen(queue) - in_progress)
-        now = time.time()
-        states = [
-            state["state"]
-            for state in map(json.loads, self._redis.hgetall(f"sdw:workers:{model_key}").values())
-            if now - state["seen"] < max(self.settings.lease_s, 10)
-        ]
+        now, states, gone = time.time(), [], []
+        for worker_id, state in self._redis.hgetall(f"sdw:workers:{model_key}").items():
+            seen = json.loads(state)
+            if now - seen["seen"] < max(self.settings.lease_s, 10):
+                states.append(seen["state"])
+            elif now - seen["seen"] > 3600:  # a worker gone for an hour is forgotten
+                gone.append(worker_id)
+        if gone:
+            self._redis.hdel(f"sdw:workers:{model_key}", *gone)
         return stats_body(counts, counts.get("retried", 0), states)
 
     def set_worker_state(self, model_key: str, worker_id: str, state: str | None) -> None:
@@ -291,23 +350,24 @@ class RedisStore(JobStore):
         return super().wait(job_id, timeout)
 
     def _listen(self) -> None:
-        """Wake local waiters whenever any process ends a job."""
-        if self._listener is not None:
-            return
+        """Wake local waiters whenever any process ends a job (one listener per store, started on first use)."""
+        with self._listener_lock:
+            if self._listener is None:
+                self._listener = threading.Thread(target=self._listen_loop, name="redis-done-listener", daemon=True)
+                self._listener.start()
+
+    def _listen_loop(self) -> None:
         pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(DONE_CHANNEL)
-
-        def listen() -> None:
-            while not self._closed.is_set():
-                try:
-                    if pubsub.get_message(timeout=1.0) is not None:
-                        self._notify()
-                except (redis.RedisError, ValueError):  # Redis restarting; ValueError once closed
-                    self._closed.wait(1)
-            pubsub.close()
-
-        self._listener = threading.Thread(target=listen, name="redis-done-listener", daemon=True)
-        self._listener.start()
+        while not self._closed.is_set():
+            try:
+                if not pubsub.subscribed:
+                    pubsub.subscribe(DONE_CHANNEL)
+                    self._notify()  # an end may have been missed while unsubscribed: let waiters look again
+                if pubsub.get_message(timeout=1.0) is not None:
+                    self._notify()
+            except (redis.RedisError, ValueError):  # Redis restarting; ValueError once closed
+                self._closed.wait(1)
+        pubsub.close()
 
     def close(self) -> None:
         self._closed.set()

@@ -25,6 +25,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     idempotency_key TEXT UNIQUE,
     created_at REAL NOT NULL,
     expires_at REAL,
+    retries INTEGER NOT NULL DEFAULT 0,
     data TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (model_key, status, created_at);
@@ -62,9 +63,19 @@ class SQLiteStore(JobStore):
     def _save(self, job: Job) -> None:
         expires = job.finished_at + job.result_ttl_s if job.final and job.finished_at else None
         self._db.execute(
-            "INSERT OR REPLACE INTO jobs (id, model_key, status, idempotency_key, created_at, expires_at, data)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (job.id, job.model_key, job.status, job.idempotency_key, job.created_at, expires, job.model_dump_json()),
+            "INSERT OR REPLACE INTO jobs"
+            " (id, model_key, status, idempotency_key, created_at, expires_at, retries, data)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                job.id,
+                job.model_key,
+                job.status,
+                job.idempotency_key,
+                job.created_at,
+                expires,
+                job.retries,
+                job.model_dump_json(),
+            ),
         )
 
     def _load(self, where: str, args: tuple[Any, ...]) -> Job | None:
@@ -181,20 +192,21 @@ class SQLiteStore(JobStore):
 
     def purge(self, model_key: str) -> int:
         with self._mutex:
-            ids = [
-                row[0]
-                for row in self._db.execute(
-                    "SELECT id FROM jobs WHERE model_key = ? AND status = 'IN_QUEUE'", (model_key,)
-                ).fetchall()
-            ]
-        return sum(1 for job_id in ids if self.cancel(job_id) is not None)
+            queued = self._db.execute(
+                "SELECT data FROM jobs WHERE model_key = ? AND status = 'IN_QUEUE'", (model_key,)
+            ).fetchall()
+            for (data,) in queued:
+                job = Job.model_validate_json(data)
+                end(job, "CANCELLED", "CANCELLED", "the job was cancelled")
+                self._save(job)
+        self._notify()
+        return len(queued)
 
     def stats(self, model_key: str) -> dict[str, int]:
         with self._mutex:
             self._expire()
             rows = self._db.execute(
-                "SELECT status, count(*), sum(json_extract(data, '$.retries')) FROM jobs WHERE model_key = ?"
-                " GROUP BY status",
+                "SELECT status, count(*), sum(retries) FROM jobs WHERE model_key = ? GROUP BY status",
                 (model_key,),
             ).fetchall()
             states = [state for (key, _), state in self._workers.items() if key == model_key]

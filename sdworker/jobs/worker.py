@@ -6,17 +6,18 @@ progress, keeps the job's lease and stops the run when the job was cancelled or 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import os
+import queue
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -46,13 +47,19 @@ class Worker:
     def run_forever(self, stop: threading.Event) -> None:
         """Claim and run jobs until `stop` is set."""
         log.info("worker %s takes jobs for model key %r", self.id, self.model_key)
-        try:
-            while not stop.is_set():
+        backoff = 0.0
+        while not stop.is_set():
+            try:
                 self.store.set_worker_state(self.model_key, self.id, "idle")
                 job = self.store.claim(self.model_key, self.id, timeout=1.0)
                 if job is not None:
                     self.run_job(job)
-        finally:
+                backoff = 0.0
+            except Exception as err:  # the store is down (Redis restarting, a full disk): wait and try again
+                backoff = min(max(backoff * 2, 0.5), 30.0)
+                log.error("worker: job store error, retrying in %.1f s: %s: %s", backoff, type(err).__name__, err)
+                stop.wait(backoff)
+        with contextlib.suppress(Exception):
             self.store.set_worker_state(self.model_key, self.id, None)
 
     def run_job(self, job: Job) -> None:
@@ -100,21 +107,46 @@ class Worker:
         while not done.wait(self.settings.lease_s / 3):
             try:
                 self.store.heartbeat(job)
-            except Exception:
-                log.exception("job %s: heartbeat failed", job.id)
+                self.store.set_worker_state(self.model_key, self.id, "running")
+            except Exception as err:
+                log.error("job %s: heartbeat failed: %s: %s", job.id, type(err).__name__, err)
 
 
 class WebhookSender:
-    """POSTs a job's status body to its webhook, signed, with a timeout and retries, off the worker's thread."""
+    """POSTs a job's status body to its webhook, signed, with a timeout and retries, off the worker's thread.
+
+    Deliveries wait in a bounded queue served by daemon threads: a dead target delays only other webhooks,
+    never a job, and never holds up shutdown. Past the bound, new deliveries are dropped with a log line.
+    """
+
+    THREADS = 4
+    BACKLOG = 1000
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="webhook")
+        self._queue: queue.Queue[tuple[str, dict]] = queue.Queue(self.BACKLOG)
+        self._threads: list[threading.Thread] = []
 
     def send(self, url: str, body: dict) -> None:
         """Queue one delivery; it never blocks the caller."""
-        future = self._pool.submit(self._deliver, url, body)
-        future.add_done_callback(lambda done: done.exception() and log.error("webhook: %r", done.exception()))
+        if not self._threads:
+            self._threads = [
+                threading.Thread(target=self._serve, name=f"webhook-{n}", daemon=True) for n in range(self.THREADS)
+            ]
+            for thread in self._threads:
+                thread.start()
+        try:
+            self._queue.put_nowait((url, body))
+        except queue.Full:
+            log.error("webhook for job %s dropped: %d deliveries are waiting", body.get("id"), self.BACKLOG)
+
+    def _serve(self) -> None:
+        while True:
+            url, body = self._queue.get()
+            try:
+                self.deliver(url, body)
+            except Exception:
+                log.exception("webhook delivery failed")
 
     def sign(self, data: bytes, timestamp: str) -> str | None:
         """`sha256=<hex>`: HMAC-SHA256 of `<timestamp>.<body>` with WEBHOOK_SECRET, or None when unset."""
@@ -123,9 +155,10 @@ class WebhookSender:
         key = self.settings.webhook_secret.get_secret_value().encode()
         return "sha256=" + hmac.new(key, timestamp.encode() + b"." + data, hashlib.sha256).hexdigest()
 
-    def _deliver(self, url: str, body: dict) -> bool:
+    def deliver(self, url: str, body: dict) -> bool:
+        """POST `body` to `url`, with retries; True once a 2xx answer came."""
         data = json.dumps(body).encode()
-        target = urlsplit(url).netloc  # logs name the host only: a URL's path or query may hold a token
+        target = urlsplit(url).hostname  # logs name the host only: the URL may hold credentials or a token
         for attempt in range(1 + self.settings.webhook_retries):
             if attempt:
                 time.sleep(self.settings.webhook_retry_delay_s)

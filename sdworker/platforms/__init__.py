@@ -35,6 +35,9 @@ def run(app: Any, argv: list[str] | None = None) -> None:
         return serve(app, settings)
     if settings.mode in ("gateway", "worker") and settings.redis_url is None:
         parser.exit(2, f"error: --mode {settings.mode} shares jobs through Redis: set REDIS_URL\n")
+    if settings.mode == "gateway" and settings.api_keys is None:
+        # A key made per gateway would work on one gateway only, behind a load balancer at random.
+        parser.exit(2, "error: --mode gateway needs API_KEYS, the same on every gateway\n")
 
     from ..errors import WorkerError
     from ..jobs import open_store
@@ -74,13 +77,20 @@ def run(app: Any, argv: list[str] | None = None) -> None:
 
     from .server import create_server
 
+    worker_thread = threading.Thread(target=load_then_work, args=(stop,), name="worker", daemon=True)
     if settings.mode == "serve":
-        threading.Thread(target=load_then_work, args=(stop,), name="worker", daemon=True).start()
+        worker_thread.start()
     log.info(
         "mode %s; model keys %s; listening on %s:%s", settings.mode, settings.model_keys(), settings.host, settings.port
     )
-    ready = loaded.is_set if settings.mode == "serve" else (lambda: True)
-    server = create_server(settings, store, runner.routes, ready)
+
+    def ready() -> bool:
+        return settings.mode == "gateway" or (loaded.is_set() and worker_thread.is_alive())
+
+    try:
+        server = create_server(settings, store, runner.routes, ready)
+    except WorkerError as err:
+        parser.exit(1, f"error: {err.message}\n")
     # No access log: a direct call may carry its key in the query string (BANANA_SERVER=...?apiKey=...).
     uvicorn.run(server, host=settings.host, port=settings.port, access_log=False, log_level="warning")
     stop.set()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import secrets
 import sys
 import threading
@@ -22,7 +23,7 @@ from functools import partial
 from typing import Any
 
 import anyio
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -35,19 +36,29 @@ log = logging.getLogger("sdworker")
 
 
 def api_keys(settings: Settings) -> list[str]:
-    """The accepted API keys: API_KEYS, else the one kept in DATA_DIR, else a new one, made and printed once."""
+    """The accepted API keys: API_KEYS, else the one kept in DATA_DIR, else a new one, made and printed once.
+    Never an empty key: an empty key would let in callers that send none."""
     if settings.api_keys is not None:
         keys = [key.strip() for key in settings.api_keys.get_secret_value().split(",") if key.strip()]
         if keys:
             return keys
     path = settings.data_dir / "api_key"
     if path.exists():
+        key = path.read_text().strip()
+        if not key:
+            raise WorkerError(
+                "NO_API_KEY", f"{path} is empty: delete it to make a new key, or set API_KEYS", "API_KEYS"
+            )
         log.info("API_KEYS is not set: using the key kept in %s", path)
-        return [path.read_text().strip()]
+        return [key]
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     key = "sdw_" + secrets.token_urlsafe(32)
-    path.touch(mode=0o600)
-    path.write_text(key + "\n")
+    staged = path.with_suffix(".new")
+    staged.unlink(missing_ok=True)
+    descriptor = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(key + "\n")
+    os.replace(staged, path)  # all or nothing: a crash never leaves an empty key file
     # Printed this once only (to the console, not the log), so a fresh server is never open by accident.
     print(f"API_KEYS is not set: made an API key and kept it in {path}. Your key:\n  {key}", file=sys.stderr)
     return [key]
@@ -104,10 +115,42 @@ class State:
         """The job once final, or as it stands after `timeout` s, without holding the event loop."""
         return await anyio.to_thread.run_sync(partial(self.store.wait, job_id, timeout), limiter=self.waiters)
 
-    def submit(self, job: Job) -> tuple[Job, bool]:
+    async def call(self, method: Callable[..., Any], *args: Any) -> Any:
+        """A store method, run off the event loop: a slow or unreachable store never stalls other requests."""
+        return await anyio.to_thread.run_sync(partial(method, *args))
+
+    async def submit(self, job: Job) -> tuple[Job, bool]:
         self.sequence_number += 1
         self.last_request = time.time()
-        return self.store.submit(job)
+        return await self.call(self.store.submit, job)
+
+
+class BodyLimit:
+    """Refuses bodies over MAX_BODY_BYTES with 413, whether or not the client declared a Content-Length."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = f"the body is over MAX_BODY_BYTES ({self.limit} bytes)"
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            error = WorkerError("PAYLOAD_TOO_LARGE", message, status=413)
+            response = JSONResponse({"error": message, "$error": error.to_dict()}, status_code=413)
+            return await response(scope, receive, send)
+        received = 0
+
+        async def counted() -> dict:
+            nonlocal received
+            chunk = await receive()
+            received += len(chunk.get("body", b""))
+            if received > self.limit:
+                raise HTTPException(413, detail=message)
+            return chunk
+
+        return await self.app(scope, counted, send)
 
 
 def _bearer(request: Request) -> str | None:
@@ -128,17 +171,13 @@ def create_server(
     )
     server.state.jobs = state
 
-    @server.middleware("http")
-    async def limit_body(request: Request, call_next: Callable) -> Any:
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_body_bytes:
-            error = WorkerError("PAYLOAD_TOO_LARGE", f"the body is over MAX_BODY_BYTES ({settings.max_body_bytes})")
-            return JSONResponse({"$error": error.to_dict(), "error": error.message}, status_code=413)
-        return await call_next(request)
+    server.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
     @server.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         problem = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid body"}
+        if problem.get("type") == "json_invalid":
+            problem = {"loc": (), "msg": "the body is not valid JSON"}
         field = ".".join(str(part) for part in problem["loc"] if part != "body")
         message = f"{field}: {problem['msg']}" if field else problem["msg"]
         if request.url.path.startswith(("/start/", "/check/")):
@@ -162,7 +201,7 @@ def create_server(
     @server.get("/__status__", tags=["potassium"], summary="Potassium's status")
     @server.get("/_k/status", tags=["potassium"], summary="Potassium's status")
     async def potassium_status() -> dict:
-        running = state.store.stats(state.model_keys[0])["jobs"]["inProgress"]
+        running = (await state.call(state.store.stats, state.model_keys[0]))["jobs"]["inProgress"]
         return {
             "gpu_available": state.ready() and running == 0,
             "sequence_number": state.sequence_number,
@@ -198,7 +237,7 @@ def create_server(
                 result_ttl_s=settings.result_ttl_s,
                 idempotency_key=f"banana:{body.id}" if body.id else None,
             )
-            job, _ = state.submit(job)
+            job, _ = await state.submit(job)
         except WorkerError as err:
             return _banana(body, f"error: {err.code}: {err.message}")
         if not body.start_only and not job.final:
@@ -208,7 +247,7 @@ def create_server(
     async def check(body: Banana) -> dict:
         if not state.authorized(body.api_key):
             return _banana(body, "error: invalid apiKey")
-        job = state.store.get(body.call_id or "")
+        job = await state.call(state.store.get, body.call_id or "")
         if job is None:
             return _banana(body, f"error: no job with callID {body.call_id!r} (unknown, or its result expired)")
         if body.long_poll and not job.final:
@@ -234,8 +273,8 @@ def create_server(
             )
         return endpoint_id
 
-    def job_of(model_key: str, job_id: str) -> Job:
-        job = state.store.get(job_id)
+    async def job_of(model_key: str, job_id: str) -> Job:
+        job = await state.call(state.store.get, job_id)
         if job is None or job.model_key != model_key:
             raise WorkerError("NOT_FOUND", f"no job {job_id!r} (unknown, or its result expired)", status=404)
         return job
@@ -257,52 +296,52 @@ def create_server(
 
     @server.post("/v2/{endpoint_id}/run", **runpod, summary="Queue a job")
     async def run(body: RunRequest, request: Request, model_key: str = Depends(endpoint)) -> dict:
-        job, _ = state.submit(new_job(model_key, body, request, settings.result_ttl_s))
+        job, _ = await state.submit(new_job(model_key, body, request, settings.result_ttl_s))
         return {"id": job.id, "status": job.status}
 
     @server.post("/v2/{endpoint_id}/runsync", **runpod, summary="Run a job and wait for it")
     async def runsync(body: RunRequest, request: Request, model_key: str = Depends(endpoint)) -> dict:
-        job, _ = state.submit(new_job(model_key, body, request, settings.runsync_result_ttl_s))
+        job, _ = await state.submit(new_job(model_key, body, request, settings.runsync_result_ttl_s))
         job = await state.wait(job.id, settings.runsync_wait_s) or job
         return job.status_body()
 
     @server.get("/v2/{endpoint_id}/status/{job_id}", **runpod, summary="A job's status, progress and output")
     async def status(job_id: str, model_key: str = Depends(endpoint)) -> dict:
-        return job_of(model_key, job_id).status_body()
+        return (await job_of(model_key, job_id)).status_body()
 
     @server.get("/v2/{endpoint_id}/stream/{job_id}", **runpod, summary="A job's output, handed out once")
     async def stream(job_id: str, model_key: str = Depends(endpoint)) -> dict:
-        job = job_of(model_key, job_id)
+        job = await job_of(model_key, job_id)
         chunks = []
-        if job.status == "COMPLETED" and state.store.mark_streamed(job.id):
+        if job.status == "COMPLETED" and await state.call(state.store.mark_streamed, job.id):
             chunks.append({"output": job.output})
         return {"id": job.id, "status": job.status, "stream": chunks}
 
     @server.post("/v2/{endpoint_id}/cancel/{job_id}", **runpod, summary="Cancel a job")
     async def cancel(job_id: str, model_key: str = Depends(endpoint)) -> dict:
-        job_of(model_key, job_id)
-        job = state.store.cancel(job_id)
+        await job_of(model_key, job_id)
+        job = await state.call(state.store.cancel, job_id)
         return {"id": job_id, "status": job.status if job else "CANCELLED"}
 
     @server.post("/v2/{endpoint_id}/retry/{job_id}", **runpod, summary="Run a failed or timed-out job again")
     async def retry(job_id: str, model_key: str = Depends(endpoint)) -> dict:
-        job = job_of(model_key, job_id)
+        job = await job_of(model_key, job_id)
         if job.status not in ("FAILED", "TIMED_OUT", "CANCELLED"):
             raise WorkerError(
                 "NOT_RETRYABLE",
                 f"job {job_id!r} is {job.status}; only failed, timed-out or cancelled jobs can be retried",
                 status=409,
             )
-        job = state.store.retry(job_id) or job
+        job = await state.call(state.store.retry, job_id) or job
         return {"id": job.id, "status": job.status}
 
     @server.post("/v2/{endpoint_id}/purge-queue", **runpod, summary="Cancel every queued job")
     async def purge_queue(model_key: str = Depends(endpoint)) -> dict:
-        return {"removed": state.store.purge(model_key), "status": "completed"}
+        return {"removed": await state.call(state.store.purge, model_key), "status": "completed"}
 
     @server.get("/v2/{endpoint_id}/health", **runpod, summary="Job counts and workers")
     async def endpoint_health(model_key: str = Depends(endpoint)) -> dict:
-        return state.store.stats(model_key)
+        return await state.call(state.store.stats, model_key)
 
     @server.exception_handler(WorkerError)
     async def worker_error(request: Request, err: WorkerError) -> JSONResponse:
@@ -334,7 +373,7 @@ def create_server(
             idempotency_key=f"direct:{request_id}" if request_id else None,
         )
         try:
-            job, _ = state.submit(job)
+            job, _ = await state.submit(job)
         except WorkerError as err:  # a full queue: 503, which Banana's v6 client retries with backoff
             return JSONResponse({"$error": err.to_dict()}, status_code=503, headers={"Retry-After": "1"})
         if state.routes[route]:
@@ -347,7 +386,7 @@ def create_server(
 
 def _direct_answer(job: Job, waited: float) -> JSONResponse:
     """A direct call's answer: the handler's own status and body, or an error saying what became of the job."""
-    if job.final and job.output is not None:
+    if job.status == "COMPLETED" or (job.final and job.output is not None):
         return JSONResponse(job.output, status_code=job.http_status or 200)
     if job.final:
         status = {"CANCELLED": 409, "TIMED_OUT": 504}.get(job.status, 500)
