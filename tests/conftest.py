@@ -8,7 +8,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -54,6 +54,16 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_for(check: Callable[[], object], timeout: float = 60) -> object:
+    """Poll `check` until it answers something truthy, and answer that; fail the test after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout} s waiting")
 
 
 def start_process(args: list[str], url: str, env: dict[str, str], timeout: float = 120) -> subprocess.Popen:

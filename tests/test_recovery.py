@@ -9,10 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import redis
 import requests
-from conftest import ROOT, free_port, start_process
+from conftest import ROOT, free_port, start_process, wait_for
 
 KEY = "recovery-key"
 FAST = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 3}
@@ -36,15 +35,6 @@ def env_for(model_dir: Path, data_dir: Path, **extra: str) -> dict[str, str]:
 def rp(url: str, method: str, path: str, **kwargs) -> dict:
     headers = {"Authorization": f"Bearer {KEY}"}
     return requests.request(method, f"{url}/v2/tiny-sd/{path}", headers=headers, timeout=30, **kwargs).json()
-
-
-def wait_for(check, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.05)
-    pytest.fail("timed out waiting")
 
 
 def serve(env: dict[str, str], *mode: str) -> tuple[str, subprocess.Popen]:

@@ -23,7 +23,7 @@ import requests
 import runpod
 from banana_dev import generics
 from banana_dev import package as banana
-from conftest import decode, free_port, start_process
+from conftest import decode, free_port, start_process, wait_for
 
 KEY = "server-test-key"
 FAST = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 7}
@@ -74,15 +74,6 @@ def clients(server: str, monkeypatch: pytest.MonkeyPatch) -> str:
 def rp(server: str, method: str, path: str, key: str = KEY, **kwargs) -> requests.Response:
     headers = {"Authorization": f"Bearer {key}", **kwargs.pop("headers", {})}
     return requests.request(method, f"{server}/v2/tiny-sd/{path}", headers=headers, timeout=30, **kwargs)
-
-
-def wait_for(check, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.05)
-    pytest.fail("timed out waiting")
 
 
 def running(server: str, job_id: str) -> dict:
