@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_FILE = "build_args.env"
@@ -15,7 +15,9 @@ ENV_FILE = "build_args.env"
 class Settings(BaseSettings):
     """The worker's settings. Each field is read from the environment variable of the same name, upper case."""
 
-    model_config = SettingsConfigDict(env_file=ENV_FILE, extra="ignore", env_ignore_empty=True, protected_namespaces=())
+    model_config = SettingsConfigDict(
+        env_file=ENV_FILE, extra="ignore", env_ignore_empty=True, protected_namespaces=(), populate_by_name=True
+    )
 
     # What to bake and where it lives.
     model_id: str = Field(
@@ -44,8 +46,10 @@ class Settings(BaseSettings):
     image_fetch_timeout: float = Field(15.0, gt=0)
 
     # The job server (python app.py): who may call, which model, where jobs live.
-    mode: Literal["serve", "gateway", "worker", "potassium"] = Field(
-        "serve", description="serve: HTTP and a worker in one process; gateway: HTTP only; worker: model only."
+    mode: Literal["serve", "gateway", "worker", "potassium", "runpod"] = Field(
+        "serve",
+        description="serve: HTTP and a worker in one process; gateway: HTTP only; worker: model only; "
+        "potassium: Potassium's server; runpod: a RunPod serverless worker.",
     )
     api_keys: SecretStr | None = Field(None, description="Accepted API keys, comma-separated; one is made if unset.")
     model_key: str | None = Field(None, description="Model key(s) this deployment answers to; default from MODEL_ID.")
@@ -68,6 +72,30 @@ class Settings(BaseSettings):
     webhook_retries: int = Field(2, ge=0, description="Further tries after a failed webhook delivery.")
     webhook_retry_delay_s: float = Field(10.0, ge=0)
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
+
+    # RunPod serverless (--mode runpod).
+    runpod_stream: bool = Field(False, description="Stream step chunks and latent previews, then the answer.")
+    runpod_preview_every: int = Field(5, ge=0, description="A preview every N steps when streaming; 0: none.")
+    runpod_concurrency: int = Field(
+        2, ge=1, le=4, description="Jobs in flight: one denoises while another encodes and uploads (GPU one at a time)."
+    )
+
+    # Images to S3 (any S3-compatible store). RunPod's BUCKET_* names and the AWS standard ones are accepted too.
+    output_type: Literal["base64", "s3"] = Field("base64", description="Default delivery of images.")
+    s3_bucket: str | None = Field(None, validation_alias=AliasChoices("S3_BUCKET", "BUCKET_NAME"))
+    s3_endpoint_url: str | None = Field(
+        None, validation_alias=AliasChoices("S3_ENDPOINT_URL", "BUCKET_ENDPOINT_URL", "AWS_ENDPOINT_URL")
+    )
+    s3_access_key_id: str | None = Field(
+        None, validation_alias=AliasChoices("S3_ACCESS_KEY_ID", "BUCKET_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID")
+    )
+    s3_secret_access_key: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("S3_SECRET_ACCESS_KEY", "BUCKET_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY"),
+    )
+    s3_region: str | None = Field(None, validation_alias=AliasChoices("S3_REGION", "AWS_REGION", "AWS_DEFAULT_REGION"))
+    s3_prefix: str = Field("outputs/", description="Key prefix for uploaded images.")
+    s3_url_expires_s: int = Field(3600, ge=1, le=604800, description="Lifetime of presigned URLs (SigV4: 7 days).")
 
     def model_keys(self) -> list[str]:
         """The model keys jobs may name: MODEL_KEY (comma-separated), else one derived from MODEL_ID."""

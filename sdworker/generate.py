@@ -30,6 +30,10 @@ step_hook: ContextVar[StepCallback | None] = ContextVar("step_hook", default=Non
 """The step callback of the job being run, set by whatever runs app.py's handler (progress and cancellation),
 so that the handler itself needs no parameter for it."""
 
+LatentsCallback = Callable[[int, int, torch.Tensor], None]
+preview_hook: ContextVar[LatentsCallback | None] = ContextVar("preview_hook", default=None)
+"""Like `step_hook`, but also given the step's latents (for previews); set only by platforms that stream."""
+
 
 @dataclass
 class Generation:
@@ -68,6 +72,7 @@ def generate(model: LoadedModel, request: GenerateInput, on_step: StepCallback |
     """Make the images `request` asks for. Raises WorkerError for bad input and for failures in the pipeline."""
     settings, task, timings = model.settings, request.task, {}
     on_step = on_step or step_hook.get()
+    on_latents = preview_hook.get()
     started = time.perf_counter()
     init = decode_image(request.image, "image", settings) if request.image else None
     mask = decode_image(request.mask_image, "mask_image", settings) if request.mask_image else None
@@ -90,6 +95,8 @@ def generate(model: LoadedModel, request: GenerateInput, on_step: StepCallback |
     def step_end(pipeline: Any, step: int, timestep: Any, tensors: dict) -> dict:
         if on_step is not None:
             on_step(step + 1, pipeline.num_timesteps)
+        if on_latents is not None:
+            on_latents(step + 1, pipeline.num_timesteps, tensors["latents"])
         return tensors
 
     out_of_memory = False

@@ -15,7 +15,8 @@ from .errors import WorkerError
 from .generate import StepCallback, generate
 from .images import encode_image
 from .model import LoadedModel
-from .schema import check_limits, parse_request
+from .schema import OutputTarget, check_limits, parse_request
+from .storage import upload_image
 
 log = logging.getLogger("sdworker")
 
@@ -36,11 +37,22 @@ def handle(model: LoadedModel, payload: Any, on_step: StepCallback | None = None
             )
         result = generate(model, request, on_step)
         encode_started = time.perf_counter()
-        encoded = [
-            base64.b64encode(encode_image(image, request.output_format, request.output_quality)).decode("ascii")
-            for image in result.images
-        ]
+        encoded = [encode_image(image, request.output_format, request.output_quality) for image in result.images]
         timings = dict(result.timings, encode=round((time.perf_counter() - encode_started) * 1000, 1))
+        target = request.output or OutputTarget(type=model.settings.output_type)
+        uploads, upload_error = None, None
+        if target.type == "s3":
+            upload_started = time.perf_counter()
+            try:
+                uploads = [
+                    upload_image(data, request.output_format, model.settings, target.prefix, target.expires)
+                    for data in encoded
+                ]
+            except WorkerError as err:
+                if not target.fallback:
+                    raise
+                upload_error = err.to_dict()  # the caller allowed base64 instead: say why it came back that way
+            timings["upload"] = round((time.perf_counter() - upload_started) * 1000, 1)
     except WorkerError as err:
         err.field = where.get(err.field, err.field) if err.field else None
         log.info("request refused: %s %s", err.code, err.message)
@@ -54,13 +66,22 @@ def handle(model: LoadedModel, payload: Any, on_step: StepCallback | None = None
     if not model.init_reported:  # the first answer after a cold start says how long the start took
         model.init_reported = True
         timings["init"] = round(model.load_ms, 1)
+    if uploads is not None:
+        delivered: list[dict[str, Any]] = uploads
+        body: dict[str, Any] = {"image_url": uploads[0]["url"]}
+    else:
+        as_text = [base64.b64encode(data).decode("ascii") for data in encoded]
+        delivered = [{"base64": text} for text in as_text]
+        body = {"image_base64": as_text[0]}
+        if len(as_text) > 1:
+            body["images_base64"] = as_text
+        if upload_error is not None:
+            body["upload_error"] = upload_error
     images = [
-        {"base64": data, "seed": seed, "width": image.width, "height": image.height, "format": request.output_format}
-        for data, seed, image in zip(encoded, result.seeds, result.images, strict=True)
+        {**where_to, "seed": seed, "width": image.width, "height": image.height, "format": request.output_format}
+        for where_to, seed, image in zip(delivered, result.seeds, result.images, strict=True)
     ]
-    body: dict[str, Any] = {"images": images, "image_base64": encoded[0]}
-    if len(encoded) > 1:
-        body["images_base64"] = encoded
+    body = {"images": images, **body}
     if result.nsfw is not None:
         body["nsfw_content_detected"] = result.nsfw
     body["$timings"] = timings

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from typing import Any
 
 import requests
 from PIL import Image
@@ -69,3 +70,28 @@ def encode_image(image: Image.Image, output_format: str, quality: int) -> bytes:
     else:
         image.save(buffer, format=output_format.upper(), quality=quality)
     return buffer.getvalue()
+
+
+# Linear maps from the VAE's 4 latent channels to RGB, good enough for a thumbnail while denoising runs
+# (the approximations ComfyUI and A1111 use for their "cheap" previews).
+LATENT_RGB = {
+    "sd1": (
+        [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]],
+        [0.0, 0.0, 0.0],
+    ),
+    "sdxl": (
+        [[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068], [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]],
+        [0.1084, -0.0175, -0.0011],
+    ),
+}
+
+
+def latent_preview(latents: Any, family: str, quality: int = 40) -> str:
+    """A small, rough JPEG (1/8 of the image's size) of the first image's latents, as base64."""
+    import torch
+
+    factors, bias = LATENT_RGB["sdxl" if family == "sdxl" else "sd1"]
+    latent = latents[0].detach().float().cpu()  # 4 x h x w
+    rgb = torch.einsum("chw,cr->hwr", latent, torch.tensor(factors)) + torch.tensor(bias)
+    pixels = ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
+    return base64.b64encode(encode_image(Image.fromarray(pixels), "jpeg", quality)).decode("ascii")

@@ -38,9 +38,30 @@ CALL_INPUTS = {
     "PIPELINE": "pipeline",
     "SCHEDULER": "scheduler",
     "safety_checker": "safety_checker",
+    "output": "output",
 }
 # callInputs docker-diffusers-api clients send that are fixed when the image is built here; accepted, not used.
 BUILD_TIME_CALL_INPUTS = {"MODEL_PRECISION", "MODEL_REVISION", "MODEL_URL", "xformers_memory_efficient_attention"}
+
+
+class OutputTarget(BaseModel):
+    """Where the images go: back in the answer as base64, or to S3 with a presigned URL in the answer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["base64", "s3"] = "base64"
+    prefix: str | None = Field(
+        None, max_length=256, pattern=r"^[A-Za-z0-9._/-]*$", description="Key prefix under S3_PREFIX."
+    )
+    expires: int | None = Field(None, ge=1, le=604800, description="Presigned URL lifetime, s (default setting).")
+    fallback: bool = Field(False, description="If the upload fails, answer base64 instead of an error.")
+
+    @field_validator("prefix")
+    @classmethod
+    def _inside_the_prefix(cls, value: str | None) -> str | None:
+        if value and (".." in value or value.startswith("/")):
+            raise ValueError("prefix may not contain '..' or start with '/'")
+        return value
 
 
 class GenerateInput(BaseModel):
@@ -69,6 +90,7 @@ class GenerateInput(BaseModel):
     safety_checker: bool = Field(True, description="Run the model's safety checker, when it has one.")
     pipeline: str | None = Field(None, description="Task or pipeline class; default: from the inputs given.")
     model_id: str | None = Field(None, description="Must name the baked model when given.")
+    output: OutputTarget | None = Field(None, description='{"type": "s3"} uploads; default: OUTPUT_TYPE.')
 
     @field_validator("seed", mode="before")
     @classmethod

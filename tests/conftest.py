@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -105,6 +107,17 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 process.kill()
                 pytest.fail("redis-server did not start")
             time.sleep(0.05)
+    yield url
+    process.terminate()
+    process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 API: moto's server mode on a loopback port."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = start_process([sys.executable, "-m", "moto.server", "-p", str(port)], url, dict(os.environ))
     yield url
     process.terminate()
     process.wait(10)

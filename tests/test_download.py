@@ -11,7 +11,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from conftest import ROOT, free_port, start_process
+from conftest import ROOT
 
 from sdworker.config import Settings
 from sdworker.errors import WorkerError
@@ -128,17 +128,6 @@ def test_the_fp16_variant_is_baked_alone_and_loads(tmp_path: Path, baked: dict[s
     assert weights and all(".fp16." in name for name in weights)
     model = load_model(Settings(model_dir=tmp_path / "m"))
     assert model.manifest["variant"] == "fp16"
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> str:
-    """A real S3 API: moto's server mode on a loopback port."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = start_process([sys.executable, "-m", "moto.server", "-p", str(port)], url, dict(os.environ))
-    yield url
-    process.terminate()
-    process.wait(10)
 
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}

@@ -5,6 +5,8 @@
 - gateway: the HTTP job server only, no model; workers elsewhere take its jobs from Redis.
 - worker: the model and the worker loop only, no HTTP; takes jobs from Redis.
 - potassium: Potassium's own server, for platforms built on it.
+- runpod: a RunPod serverless worker (RunPod queues and scales); RunPod's own flags (--test_input,
+  --rp_serve_api, ...) pass through to its SDK.
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ import threading
 from typing import Any
 
 log = logging.getLogger("sdworker")
-MODES = ("serve", "gateway", "worker", "potassium")
+MODES = ("serve", "gateway", "worker", "potassium", "runpod")
 
 
 def run(app: Any, argv: list[str] | None = None) -> None:
     """Serve a Potassium app in the mode asked for."""
     parser = argparse.ArgumentParser(description="Serve app.py.")
     parser.add_argument("--mode", choices=MODES, help="default: MODE, else serve")
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)  # the rest is for RunPod's SDK in --mode runpod
 
     from ..config import Settings
 
@@ -33,6 +35,12 @@ def run(app: Any, argv: list[str] | None = None) -> None:
         from .potassium import serve
 
         return serve(app, settings)
+    if rest and settings.mode != "runpod":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if settings.mode == "runpod":
+        from .runpod import serve as serve_runpod
+
+        return serve_runpod(app, settings)
     if settings.mode in ("gateway", "worker") and settings.redis_url is None:
         parser.exit(2, f"error: --mode {settings.mode} shares jobs through Redis: set REDIS_URL\n")
     if settings.mode == "gateway" and settings.api_keys is None:

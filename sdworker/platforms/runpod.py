@@ -1,0 +1,124 @@
+"""RunPod serverless: app.py's init and handler as a `runpod.serverless` worker.
+
+RunPod's platform queues the jobs and scales the workers; this process loads the model once, then runs one job
+at a time. `python app.py --mode runpod` starts it; RunPod's own flags work as documented:
+`--test_input '{"input": {...}}'` (or a `test_input.json` in the working directory) runs one job locally and
+exits 0 or 1, and `--rp_serve_api` serves RunPod's development API.
+
+With RUNPOD_STREAM=true the handler is a generator: it yields `{"step", "total", "preview"?}` chunks while the
+model denoises (a small JPEG of the latents every RUNPOD_PREVIEW_EVERY steps; 0 for none) and then the answer,
+so `/stream` shows the image forming and `/runsync` still gets everything (`return_aggregate_stream`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+from ..config import Settings
+from ..generate import preview_hook, step_hook
+from ..images import latent_preview
+from ..jobs.worker import Runner
+from .potassium import AppRunner
+
+log = logging.getLogger("sdworker")
+PROGRESS_INTERVAL_S = 1.0  # each update is an HTTP call from a new thread in runpod's SDK: at most one a second
+
+
+def make_handler(runner: Runner, route: str = "/") -> Callable[[dict], Awaitable[dict]]:
+    """The RunPod handler: `job["input"]` through app.py's handler. Bad input and failures return `{"error"}`
+    with the worker's code and message (the job is FAILED with a readable reason); after CUDA out-of-memory the
+    worker also asks RunPod to replace it (`refresh_worker`).
+
+    It is async and runs the work in a thread, so that with RUNPOD_CONCURRENCY 2 the next job starts denoising
+    while this one encodes and uploads its images; the model's lock keeps GPU work to one job at a time."""
+    import runpod
+
+    on_runpod = bool(os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"))  # unset in local runs: no progress calls
+
+    def run(job: dict) -> dict:
+        last = 0.0
+
+        def on_step(step: int, total: int) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if on_runpod and (now - last >= PROGRESS_INTERVAL_S or step == total):
+                last = now
+                runpod.serverless.progress_update(job, {"step": step, "total": total})
+
+        token = step_hook.set(on_step)
+        try:
+            return answer(*runner(route, job.get("input")))
+        finally:
+            step_hook.reset(token)
+
+    async def handler(job: dict) -> dict:
+        return await asyncio.to_thread(run, job)
+
+    return handler
+
+
+def answer(status: int, body: Any) -> dict:
+    """The handler's `(status, body)` as RunPod wants it: the body, or `{"error": "CODE: message (field f)"}`."""
+    error = body.get("$error") if isinstance(body, dict) else None
+    if status < 400 and not error:
+        return body
+    error = error or {"code": "HANDLER_ERROR", "message": str(body)[:500], "field": None}
+    field = f" (field {error['field']})" if error.get("field") else ""
+    result: dict[str, Any] = {"error": f"{error['code']}: {error['message']}{field}", "$error": error}
+    if error["code"] == "OUT_OF_MEMORY":
+        result["refresh_worker"] = True  # RunPod replaces the worker after this job: a clean CUDA context
+    return result
+
+
+def make_stream_handler(runner: Runner, family: str, every: int, route: str = "/") -> Callable[[dict], Iterator[dict]]:
+    """A generator handler: step chunks (with a latent preview every `every` steps) while the model runs in a
+    thread of its own, then the answer."""
+
+    def handler(job: dict) -> Iterator[dict]:
+        chunks: queue.Queue[dict | None] = queue.Queue()
+        result: dict[str, dict] = {}
+
+        def on_latents(step: int, total: int, latents: Any) -> None:
+            chunk: dict[str, Any] = {"step": step, "total": total}
+            if every and (step % every == 0 or step == total):
+                chunk["preview"] = latent_preview(latents, family)
+            chunks.put(chunk)
+
+        def work() -> None:
+            token = preview_hook.set(on_latents)
+            try:
+                result["answer"] = answer(*runner(route, job.get("input")))
+            finally:
+                preview_hook.reset(token)
+                chunks.put(None)
+
+        threading.Thread(target=work, name=f"job-{job.get('id')}", daemon=True).start()
+        while (chunk := chunks.get()) is not None:
+            yield chunk
+        yield result.get("answer") or {"error": "INTERNAL_ERROR: the job ended without an answer"}
+
+    return handler
+
+
+def serve(app: Any, settings: Settings) -> None:
+    """Load the model, then hand jobs from RunPod to app.py's handler until RunPod stops the worker."""
+    import runpod
+
+    runner = AppRunner(app)
+    runner.load()
+    log.info("RunPod worker ready (model key %s)", settings.model_keys()[0])
+    if not settings.runpod_stream:
+        concurrency = settings.runpod_concurrency
+        runpod.serverless.start({"handler": make_handler(runner), "concurrency_modifier": lambda _: concurrency})
+        return
+    model = (runner.context or {}).get("model")
+    family = getattr(model, "family", "sd1")
+    handler = make_stream_handler(runner, family, settings.runpod_preview_every)
+    runpod.serverless.start({"handler": handler, "return_aggregate_stream": True})
