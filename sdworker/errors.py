@@ -24,3 +24,9 @@ class WorkerError(Exception):
     def to_dict(self) -> dict:
         """The `$error` body clients receive; never a traceback."""
         return {"code": self.code, "message": self.message, "field": self.field}
+
+
+def describe(error: dict) -> str:
+    """An `$error` body as one line: `CODE: message (field f)`, as RunPod's `error` and Banana's message show it."""
+    field = f" (field {error['field']})" if error.get("field") else ""
+    return f"{error.get('code', 'ERROR')}: {error.get('message', '')}{field}"

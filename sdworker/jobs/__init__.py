@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from ..config import Settings
-from ..errors import WorkerError
+from ..errors import WorkerError, describe
 
 Status = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"]
 FINAL: frozenset[str] = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
@@ -88,10 +88,7 @@ class Job(BaseModel):
 
     def error_message(self) -> str:
         """The error as one line: code, message and field."""
-        if not self.error:
-            return ""
-        field = f" (field {self.error['field']})" if self.error.get("field") else ""
-        return f"{self.error.get('code', 'ERROR')}: {self.error.get('message', '')}{field}"
+        return describe(self.error) if self.error else ""
 
 
 def queue_full(model_key: str, limit: int) -> WorkerError:

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from ..config import Settings
+from ..errors import describe
 from ..generate import preview_hook, step_hook
 from ..images import latent_preview
 from ..jobs.worker import Runner
@@ -70,8 +71,7 @@ def answer(status: int, body: Any) -> dict:
     if status < 400 and not error:
         return body
     error = error or {"code": "HANDLER_ERROR", "message": str(body)[:500], "field": None}
-    field = f" (field {error['field']})" if error.get("field") else ""
-    result: dict[str, Any] = {"error": f"{error['code']}: {error['message']}{field}", "$error": error}
+    result: dict[str, Any] = {"error": describe(error), "$error": error}
     if error["code"] == "OUT_OF_MEMORY":
         result["refresh_worker"] = True  # RunPod replaces the worker after this job: a clean CUDA context
     return result
