@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.jobs import KEY, free_port, wait_until  # noqa: E402
+from bench.jobs import KEY, start  # noqa: E402
 
 
 def main() -> None:
@@ -53,20 +52,11 @@ def main() -> None:
         "safety_checker": False,
     }
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     env = {key: value for key, value in os.environ.items() if key not in ("REDIS_URL", "MODE")}
     env.update(
-        MODEL_ID="tiny-sd",
-        MODEL_DIR=str(model_dir),
-        API_KEYS=KEY,
-        HOST="127.0.0.1",
-        PORT=str(port),
-        DATA_DIR=str(work / "data"),
+        MODEL_ID="tiny-sd", MODEL_DIR=str(model_dir), API_KEYS=KEY, HOST="127.0.0.1", DATA_DIR=str(work / "data")
     )
-    server = subprocess.Popen(
-        [sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    url, server = start(env)
     session = requests.Session()
 
     def bare() -> None:
@@ -95,7 +85,6 @@ def main() -> None:
 
     calls = {"bare pipeline": bare, "direct": direct, "start/check long-poll": start_check, "runpod runsync": runsync}
     try:
-        wait_until(lambda: requests.get(f"{url}/health", timeout=2).status_code == 200)
         times: dict[str, list[float]] = {name: [] for name in calls}
         for round_ in range(args.rounds + 1):
             for name, call in calls.items():

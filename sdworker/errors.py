@@ -26,6 +26,17 @@ class WorkerError(Exception):
         return {"code": self.code, "message": self.message, "field": self.field}
 
 
+def failure(status: int, body: object) -> dict | None:
+    """The `$error` of a handler's `(status, body)` answer, or None when it succeeded. A failure without an
+    `$error` body (a handler that answered otherwise) becomes HANDLER_ERROR."""
+    error = body.get("$error") if isinstance(body, dict) else None
+    if status < 400 and not error:
+        return None
+    if isinstance(error, dict):
+        return error
+    return {"code": "HANDLER_ERROR", "message": str(body)[:500], "field": None}
+
+
 def describe(error: dict) -> str:
     """An `$error` body as one line: `CODE: message (field f)`, as RunPod's `error` and Banana's message show it."""
     field = f" (field {error['field']})" if error.get("field") else ""

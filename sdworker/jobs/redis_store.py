@@ -93,11 +93,6 @@ class RedisStore(JobStore):
         pipe.hset(key, mapping={"data": job.model_dump_json(), "status": job.status})
         pipe.expire(key, self._ttl(job))
 
-    def _save(self, job: Job) -> None:
-        with self._redis.pipeline() as pipe:
-            self._write(pipe, job)
-            pipe.execute()
-
     def _ended(self, job: Job, entry: str | None) -> None:
         """Record a final job, release its stream entry and count it."""
         with self._redis.pipeline() as pipe:

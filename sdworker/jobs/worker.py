@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import requests
 
 from ..config import Settings
-from ..errors import WorkerError
+from ..errors import WorkerError, failure
 from ..generate import step_hook
 from . import Job, JobStore
 
@@ -33,7 +33,7 @@ log = logging.getLogger("sdworker")
 Runner = Callable[[str, Any], tuple[int, Any]]
 """Runs app.py's handler for a route on a JSON payload: (route, payload) -> (HTTP status, JSON body)."""
 
-STOPPED = {"CANCELLED": "CANCELLED", "TIMED_OUT": "TIMED_OUT"}  # error codes that end a job with their own status
+STOPPED = frozenset({"CANCELLED", "TIMED_OUT"})  # error codes that end a job with the status of that name
 
 
 class Worker:
@@ -88,13 +88,13 @@ class Worker:
             done.set()
             keeper.join()
 
-        error = body.get("$error") if isinstance(body, dict) else None
         job.http_status, job.output, job.finished_at = status, body, time.time()
-        if status < 400 and not error:
+        job.error = failure(status, body)
+        if job.error is None:
             job.status = "COMPLETED"
         else:
-            job.error = error if isinstance(error, dict) else {"code": "HANDLER_ERROR", "message": str(body)[:500]}
-            job.status = STOPPED.get(job.error.get("code", ""), "FAILED")  # type: ignore[assignment]
+            code = job.error.get("code")
+            job.status = code if code in STOPPED else "FAILED"  # type: ignore[assignment]
         if self.store.finish(job):
             log.info("job %s %s in %s ms", job.id, job.status, job.execution_ms)
             if job.webhook:

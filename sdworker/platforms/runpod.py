@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from ..config import Settings
-from ..errors import describe
+from ..errors import describe, failure
 from ..generate import preview_hook, step_hook
 from ..images import latent_preview
 from ..jobs.worker import Runner
@@ -67,10 +67,9 @@ def make_handler(runner: Runner, route: str = "/") -> Callable[[dict], Awaitable
 
 def answer(status: int, body: Any) -> dict:
     """The handler's `(status, body)` as RunPod wants it: the body, or `{"error": "CODE: message (field f)"}`."""
-    error = body.get("$error") if isinstance(body, dict) else None
-    if status < 400 and not error:
+    error = failure(status, body)
+    if error is None:
         return body
-    error = error or {"code": "HANDLER_ERROR", "message": str(body)[:500], "field": None}
     result: dict[str, Any] = {"error": describe(error), "$error": error}
     if error["code"] == "OUT_OF_MEMORY":
         result["refresh_worker"] = True  # RunPod replaces the worker after this job: a clean CUDA context
