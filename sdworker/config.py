@@ -35,6 +35,22 @@ class Settings(BaseSettings):
     device: str | None = Field(None, description="torch device; default cuda when available, else cpu.")
     attention: Literal["sdpa", "xformers"] = Field("sdpa", description="Attention backend on CUDA.")
 
+    # Speed options, each applied at load (bench/gpu.py measures every one; see the README's Performance section).
+    max_batch: int = Field(
+        1, ge=1, le=64, description="Jobs of the same shape run together as one batch, up to this many."
+    )
+    channels_last: bool = Field(False, description="UNet and VAE in channels-last memory format.")
+    fuse_qkv: bool = Field(False, description="Fuse the attention q/k/v projections into one matmul.")
+    torch_compile: bool = Field(
+        False, description="torch.compile the UNet and VAE decoder; compiled at start, cached in DATA_DIR."
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode when TORCH_COMPILE (max-autotune: faster, compiles for minutes)."
+    )
+    vae_tiling: bool = Field(False, description="Decode large images tile by tile (less memory, slight seams).")
+    vae_slicing: bool = Field(False, description="Decode a batch one image at a time (less memory).")
+    tf32: bool = Field(False, description="Allow TF32 for fp32 matmuls and convolutions on NVIDIA GPUs.")
+
     # Limits on what one request may ask.
     max_steps: int = Field(150, ge=1)
     max_images: int = Field(8, ge=1)
@@ -76,8 +92,13 @@ class Settings(BaseSettings):
     # RunPod serverless (--mode runpod).
     runpod_stream: bool = Field(False, description="Stream step chunks and latent previews, then the answer.")
     runpod_preview_every: int = Field(5, ge=0, description="A preview every N steps when streaming; 0: none.")
-    runpod_concurrency: int = Field(
-        2, ge=1, le=4, description="Jobs in flight: one denoises while another encodes and uploads (GPU one at a time)."
+    worker_concurrency: int | None = Field(
+        None,
+        ge=1,
+        le=128,
+        validation_alias=AliasChoices("WORKER_CONCURRENCY", "RUNPOD_CONCURRENCY"),
+        description="Jobs in flight per worker (default 2 x MAX_BATCH): a batch denoises while the one before "
+        "encodes and uploads. The GPU runs one batch at a time.",
     )
 
     # Images to S3 (any S3-compatible store). RunPod's BUCKET_* names and the AWS standard ones are accepted too.
@@ -96,6 +117,10 @@ class Settings(BaseSettings):
     s3_region: str | None = Field(None, validation_alias=AliasChoices("S3_REGION", "AWS_REGION", "AWS_DEFAULT_REGION"))
     s3_prefix: str = Field("outputs/", description="Key prefix for uploaded images.")
     s3_url_expires_s: int = Field(3600, ge=1, le=604800, description="Lifetime of presigned URLs (SigV4: 7 days).")
+
+    def jobs_in_flight(self) -> int:
+        """How many jobs one worker holds at once: WORKER_CONCURRENCY, else two batches' worth."""
+        return self.worker_concurrency or 2 * self.max_batch
 
     def model_keys(self) -> list[str]:
         """The model keys jobs may name: MODEL_KEY (comma-separated), else one derived from MODEL_ID."""

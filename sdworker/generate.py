@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import secrets
 import time
@@ -48,6 +49,7 @@ class Generation:
     height: int
     timings: dict[str, float] = field(default_factory=dict)
     mem_usage: float | None = None
+    batch: int = 1
 
 
 def _ms(since: float) -> float:
@@ -68,11 +70,38 @@ def _check_safety(model: LoadedModel, images: list[Image.Image]) -> tuple[list[I
     return [Image.fromarray((array * 255).round().astype(np.uint8)) for array in checked], [bool(f) for f in flags]
 
 
+@dataclass(eq=False)
+class _Job:
+    """One request, prepared and waiting for its turn on the model, then its outcome."""
+
+    request: GenerateInput
+    kwargs: dict[str, Any]
+    seeds: list[int]
+    scheduler: Any
+    key: Any  # requests with equal keys may run as one batch
+    on_step: StepCallback | None
+    on_latents: LatentsCallback | None
+    images: list[Image.Image] | None = None
+    nsfw: list[bool] | None = None
+    error: WorkerError | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    mem_usage: float | None = None
+    batch: int = 1
+    done: bool = False
+
+    @property
+    def size(self) -> int:
+        """Images this job makes."""
+        return len(self.seeds)
+
+
 def generate(model: LoadedModel, request: GenerateInput, on_step: StepCallback | None = None) -> Generation:
-    """Make the images `request` asks for. Raises WorkerError for bad input and for failures in the pipeline."""
-    settings, task, timings = model.settings, request.task, {}
-    on_step = on_step or step_hook.get()
-    on_latents = preview_hook.get()
+    """Make the images `request` asks for. Raises WorkerError for bad input and for failures in the pipeline.
+
+    Calls from several threads take turns on the model; with MAX_BATCH > 1, text-to-image calls waiting whose
+    shapes agree run together as one batch, each image with its own generator, so each gets the image it would
+    alone, up to float rounding (a batch's kernels may add up in another order)."""
+    settings, task = model.settings, request.task
     started = time.perf_counter()
     init = decode_image(request.image, "image", settings) if request.image else None
     mask = decode_image(request.mask_image, "mask_image", settings) if request.mask_image else None
@@ -86,74 +115,166 @@ def generate(model: LoadedModel, request: GenerateInput, on_step: StepCallback |
         kwargs["mask_image"] = mask.resize((width, height), Image.NEAREST)
     if task != "img2img":  # img2img takes its size from the image
         kwargs.update(width=width, height=height)
-    timings["decode"] = _ms(started)
-
-    seeds = _seeds(request.seed, request.num_images_per_prompt)
-    pipe = model.pipes[task]
     scheduler, scheduler_name = make_scheduler(request.scheduler, model.baked_scheduler)
-
-    def step_end(pipeline: Any, step: int, timestep: Any, tensors: dict) -> dict:
-        if on_step is not None:
-            on_step(step + 1, pipeline.num_timesteps)
-        if on_latents is not None:
-            on_latents(step + 1, pipeline.num_timesteps, tensors["latents"])
-        return tensors
-
-    out_of_memory = False
-    with model.lock:
-        pipe.scheduler = scheduler
-        cuda = model.device.startswith("cuda")
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        started = time.perf_counter()
-        try:
-            with torch.inference_mode():
-                images = pipe(
-                    prompt=request.prompt,
-                    negative_prompt=request.negative_prompt,
-                    num_inference_steps=request.num_inference_steps,
-                    guidance_scale=request.guidance_scale,
-                    num_images_per_prompt=len(seeds),
-                    generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-                    callback_on_step_end=step_end,
-                    **kwargs,
-                ).images
-        except WorkerError:
-            raise
-        except torch.OutOfMemoryError:
-            out_of_memory = True
-        except Exception as err:
-            log.exception("generation failed")
-            raise WorkerError("PIPELINE_ERROR", f"generation failed: {err}"[:500], status=500) from None
-        if out_of_memory:  # outside the except block, so the traceback no longer pins the tensors
-            gc.collect()
-            if cuda:
-                torch.cuda.empty_cache()
-            raise WorkerError(
-                "OUT_OF_MEMORY",
-                f"out of GPU memory at {width}x{height} x {len(seeds)}; ask for fewer or smaller images",
-                "num_images_per_prompt",
-                status=500,
-            )
-        timings["inference"] = _ms(started)
-        nsfw = None
-        if request.safety_checker and model.safety_checker is not None:
-            started = time.perf_counter()
-            with torch.inference_mode():
-                images, nsfw = _check_safety(model, images)
-            timings["safety"] = _ms(started)
-        mem_usage = None
-        if cuda:
-            total = torch.cuda.get_device_properties(torch.device(model.device)).total_memory
-            mem_usage = round(torch.cuda.max_memory_allocated() / total, 4)
+    job = _Job(
+        request=request,
+        kwargs=kwargs,
+        seeds=_seeds(request.seed, request.num_images_per_prompt),
+        scheduler=scheduler,
+        key=_batch_key(request, kwargs, scheduler),
+        on_step=on_step or step_hook.get(),
+        on_latents=preview_hook.get(),
+        timings={"decode": _ms(started)},
+    )
+    model.batcher.run(job, lambda batch: _run_batch(model, batch))
+    if job.error is not None:
+        raise job.error
+    if job.images is None:  # never expected: _run_batch sets images or an error for every job
+        raise WorkerError("INTERNAL_ERROR", "internal error; the worker's log has the details", status=500)
     return Generation(
-        images=images,
-        seeds=seeds,
-        nsfw=nsfw,
-        pipeline=type(pipe).__name__,
+        images=job.images,
+        seeds=job.seeds,
+        nsfw=job.nsfw,
+        pipeline=type(model.pipes[task]).__name__,
         scheduler=scheduler_name,
         width=width,
         height=height,
-        timings=timings,
-        mem_usage=mem_usage,
+        timings=job.timings,
+        mem_usage=job.mem_usage,
+        batch=job.batch,
     )
+
+
+def _batch_key(request: GenerateInput, kwargs: dict[str, Any], scheduler: Any) -> Any:
+    """What must agree for requests to share one pipeline call: only text-to-image runs batched. Whether a negative
+    prompt was given is part of it: SDXL zeroes a missing negative prompt's embedding, which "" is not."""
+    if request.task != "text2img":
+        return object()  # equal to nothing else
+    config = json.dumps(dict(scheduler.config), sort_keys=True, default=str)
+    return (
+        kwargs["width"],
+        kwargs["height"],
+        request.num_inference_steps,
+        request.guidance_scale,
+        request.negative_prompt is None,
+        type(scheduler).__name__,
+        config,
+    )
+
+
+class _AllStoppedError(Exception):
+    """Every job in the batch was cancelled or timed out: stop the pipeline."""
+
+
+STOPPED = frozenset({"CANCELLED", "TIMED_OUT"})
+
+
+def _run_batch(model: LoadedModel, batch: list[_Job]) -> None:
+    """Run `batch` as one pipeline call and set each job's images or error; never raises. If the call fails with
+    more than one job in it, each job still running is run again alone, so that one job's failure (or a batch
+    too big for the GPU) never fails the others."""
+    try:
+        _pipeline_call(model, batch)
+    except WorkerError as err:
+        if len(batch) > 1 and err.code in ("OUT_OF_MEMORY", "PIPELINE_ERROR"):
+            log.warning("a batch of %d failed (%s); running its jobs one by one", len(batch), err.code)
+            for job in batch:
+                if job.error is None or job.error.code not in STOPPED:
+                    job.error = None
+                    _run_batch(model, [job])
+            return
+        for job in batch:
+            job.error = job.error or err
+        return
+    except Exception:
+        log.exception("generation failed")
+        for job in batch:
+            job.error = job.error or WorkerError(
+                "INTERNAL_ERROR", "internal error; the worker's log has the details", status=500
+            )
+        return
+    for job in batch:
+        if job.error is None and job.request.safety_checker and model.safety_checker is not None:
+            started = time.perf_counter()
+            try:
+                with torch.inference_mode():
+                    job.images, job.nsfw = _check_safety(model, job.images or [])
+            except Exception as err:  # no image goes out unchecked when the check was asked for
+                log.exception("safety checker failed")
+                job.error = WorkerError("PIPELINE_ERROR", f"the safety checker failed: {err}"[:500], status=500)
+            job.timings["safety"] = _ms(started)
+
+
+def _pipeline_call(model: LoadedModel, batch: list[_Job]) -> None:
+    """One pipeline call for every image of `batch`; fills in each job's images, or its error."""
+    first = batch[0]
+    pipe = model.pipes[first.request.task]
+    counts = [len(job.seeds) for job in batch]
+    prompts = [job.request.prompt for job, n in zip(batch, counts, strict=True) for _ in range(n)]
+    negatives = None
+    if first.request.negative_prompt is not None:
+        negatives = [job.request.negative_prompt or "" for job, n in zip(batch, counts, strict=True) for _ in range(n)]
+
+    def step_end(pipeline: Any, step: int, timestep: Any, tensors: dict) -> dict:
+        offset = 0
+        for job, count in zip(batch, counts, strict=True):
+            if job.error is None:
+                try:
+                    if job.on_step is not None:
+                        job.on_step(step + 1, pipeline.num_timesteps)
+                    if job.on_latents is not None:
+                        job.on_latents(step + 1, pipeline.num_timesteps, tensors["latents"][offset : offset + count])
+                except WorkerError as err:  # this job was cancelled or timed out; the others go on
+                    job.error = err
+            offset += count
+        if all(job.error is not None for job in batch):
+            raise _AllStoppedError
+        return tensors
+
+    cuda = model.device.startswith("cuda")
+    out_of_memory = False
+    pipe.scheduler = first.scheduler
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            images = pipe(
+                prompt=prompts if len(batch) > 1 else first.request.prompt,
+                negative_prompt=negatives if len(batch) > 1 else first.request.negative_prompt,
+                num_inference_steps=first.request.num_inference_steps,
+                guidance_scale=first.request.guidance_scale,
+                num_images_per_prompt=1 if len(batch) > 1 else counts[0],
+                generator=[torch.Generator("cpu").manual_seed(s) for job in batch for s in job.seeds],
+                callback_on_step_end=step_end,
+                **first.kwargs,
+            ).images
+    except _AllStoppedError:
+        return
+    except WorkerError:
+        raise
+    except torch.OutOfMemoryError:
+        out_of_memory = True
+    except Exception as err:
+        log.exception("generation failed")
+        raise WorkerError("PIPELINE_ERROR", f"generation failed: {err}"[:500], status=500) from None
+    if out_of_memory:  # outside the except block, so the traceback no longer pins the tensors
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        size = f"{first.kwargs.get('width')}x{first.kwargs.get('height')}"
+        raise WorkerError(
+            "OUT_OF_MEMORY",
+            f"out of GPU memory at {size} x {sum(counts)}; ask for fewer or smaller images",
+            "num_images_per_prompt",
+            status=500,
+        )
+    inference = _ms(started)
+    mem_usage = None
+    if cuda:
+        total = torch.cuda.get_device_properties(torch.device(model.device)).total_memory
+        mem_usage = round(torch.cuda.max_memory_allocated() / total, 4)
+    offset = 0
+    for job, count in zip(batch, counts, strict=True):
+        job.images, offset = images[offset : offset + count], offset + count
+        job.timings["inference"], job.mem_usage, job.batch = inference, mem_usage, len(batch)

@@ -66,6 +66,7 @@ def handle(model: LoadedModel, payload: Any, on_step: StepCallback | None = None
     if not model.init_reported:  # the first answer after a cold start says how long the start took
         model.init_reported = True
         timings["init"] = round(model.load_ms, 1)
+        timings["load_bytes"] = model.load_bytes
     if uploads is not None:
         delivered: list[dict[str, Any]] = uploads
         body: dict[str, Any] = {"image_url": uploads[0]["url"]}
@@ -104,5 +105,6 @@ def handle(model: LoadedModel, payload: Any, on_step: StepCallback | None = None
         "seed": result.seeds[0],
         "safety_checker": result.nsfw is not None,
         "output_format": request.output_format,
+        "batch_jobs": result.batch,
     }
     return 200, body

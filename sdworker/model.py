@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .batching import Batcher
 from .config import Settings
 from .errors import WorkerError
 
@@ -417,12 +418,76 @@ def load_pipeline(model_dir: Path, device: str, attention: str = "sdpa") -> Any:
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+    # device_map puts each tensor on the device as it is read from the safetensors file, in `dtype`: no copy of
+    # the weights in host memory first, and no fp32 copy when the files hold fp16.
+    mapped = device in ("cpu", "cuda")
     pipe = DiffusionPipeline.from_pretrained(
-        model_dir, dtype=dtype, variant=manifest.get("weights_variant"), use_safetensors=True, local_files_only=True
+        model_dir,
+        dtype=dtype,
+        variant=manifest.get("weights_variant"),
+        use_safetensors=True,
+        local_files_only=True,
+        device_map=device if mapped else None,
     )
     if attention == "xformers":
         pipe.enable_xformers_memory_efficient_attention()  # raises if xformers is not installed
-    return pipe.to(device)
+    return pipe if mapped else pipe.to(device)
+
+
+def weight_bytes(model_dir: Path) -> int:
+    """Bytes of the weight files `load_pipeline` reads from a baked directory."""
+    variant = (read_manifest(model_dir) or {}).get("weights_variant")
+    files = [p for p in Path(model_dir).glob("*/*.safetensors") if _variant_of(p.name) == variant]
+    return sum(p.stat().st_size for p in files)
+
+
+def apply_speed_options(pipe: Any, settings: Settings, device: str) -> None:
+    """Apply the speed settings to a freshly loaded pipeline (its components are shared by every task)."""
+    import torch
+
+    if settings.tf32 and device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if settings.fuse_qkv:
+        if settings.attention == "xformers" and device.startswith("cuda"):
+            raise WorkerError(
+                "INVALID_SETTINGS",
+                "FUSE_QKV replaces xformers' attention with SDPA's: set one or the other",
+                "FUSE_QKV",
+            )
+        pipe.fuse_qkv_projections()
+    if settings.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if settings.vae_slicing:
+        pipe.vae.enable_slicing()
+    if settings.vae_tiling:
+        pipe.vae.enable_tiling()
+    if settings.torch_compile:
+        # Inductor's caches in DATA_DIR: a restart on the same volume traces the model again but reuses the
+        # compiled kernels. Assigned, not defaulted: torch writes its own default into the environment the first
+        # time it looks, which may already have happened.
+        cache = Path(settings.data_dir, "torch-compile").resolve()
+        cache.mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+        os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+        os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+        pipe.unet.compile(mode=settings.compile_mode, fullgraph=True)
+        pipe.vae.decoder.compile(mode=settings.compile_mode, fullgraph=True)
+
+
+_SD = {"text2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline"}
+TASK_PIPELINES = {
+    "sd1": {**_SD, "inpaint": "StableDiffusionInpaintPipeline"},
+    "sd2": {**_SD, "inpaint": "StableDiffusionInpaintPipeline"},
+    "sdxl": {
+        "text2img": "StableDiffusionXLPipeline",
+        "img2img": "StableDiffusionXLImg2ImgPipeline",
+        "inpaint": "StableDiffusionXLInpaintPipeline",
+    },
+}
+"""Each family's pipeline class per task, all sharing the loaded weights. Named rather than found through
+diffusers' AutoPipeline classes, whose import pulls in every pipeline family (half a second of cold start)."""
 
 
 def detect_family(pipe: Any) -> str:
@@ -445,8 +510,9 @@ class LoadedModel:
     safety_checker: Any
     feature_extractor: Any
     load_ms: float
+    load_bytes: int = 0
     init_reported: bool = False
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    batcher: Batcher = field(default_factory=lambda: Batcher(1, 1))
 
     @property
     def default_size(self) -> int:
@@ -461,8 +527,8 @@ class LoadedModel:
 
 def load_model(settings: Settings) -> LoadedModel:
     """Load the model baked in `settings.model_dir` once, ready to serve every task."""
+    import diffusers
     import torch
-    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
 
     started = time.perf_counter()
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -470,12 +536,11 @@ def load_model(settings: Settings) -> LoadedModel:
         log.warning("no GPU: running on %s in fp32, which is slow; fine for tests and the tiny recipes", device)
     attention = settings.attention if device.startswith("cuda") else "sdpa"
     base = load_pipeline(settings.model_dir, device, attention)
+    apply_speed_options(base, settings, device)
     # The safety checker runs on its own after generation, so each request can turn it on or off.
     checker, extractor = getattr(base, "safety_checker", None), getattr(base, "feature_extractor", None)
     pipes = {
-        "text2img": AutoPipelineForText2Image.from_pipe(base),
-        "img2img": AutoPipelineForImage2Image.from_pipe(base),
-        "inpaint": AutoPipelineForInpainting.from_pipe(base),
+        task: getattr(diffusers, name).from_pipe(base) for task, name in TASK_PIPELINES[detect_family(base)].items()
     }
     for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
@@ -490,8 +555,17 @@ def load_model(settings: Settings) -> LoadedModel:
         baked_scheduler=base.scheduler,
         safety_checker=checker,
         feature_extractor=extractor,
-        load_ms=(time.perf_counter() - started) * 1000,
+        load_ms=0.0,
+        load_bytes=weight_bytes(settings.model_dir),
+        # A batch holds MAX_BATCH jobs, and as many images as MAX_BATCH or one request's MAX_IMAGES, whichever is more.
+        batcher=Batcher(settings.max_batch, max(settings.max_batch, settings.max_images)),
     )
+    if settings.torch_compile:  # compile now, at the model's own size, rather than in the first request
+        warm_started = time.perf_counter()
+        with torch.inference_mode():
+            pipes["text2img"](prompt="warm-up", num_inference_steps=2, output_type="pil")
+        log.info("torch.compile warm-up took %.0f ms", (time.perf_counter() - warm_started) * 1000)
+    model.load_ms = (time.perf_counter() - started) * 1000
     log.info(
         "loaded %s (%s) on %s in %s with %s attention in %.0f ms",
         model.manifest.get("model_id"),

@@ -322,3 +322,37 @@ def test_an_old_entry_of_a_retried_job_does_not_take_it_from_its_worker(redis_ur
     assert store.claim("m", "w3", timeout=0.2) is None
     assert store.heartbeat(store.get(job.id)) and store.get(job.id).worker_id == "w2"
     store.close()
+
+
+def test_the_next_job_denoises_while_the_last_one_encodes_and_no_more_are_hoarded(store: JobStore) -> None:
+    """MAX_BATCH=1: a job is claimed once the one before has finished denoising, not sooner and not later."""
+    denoising, most, lock = [0], [0], threading.Lock()
+
+    def run(route: str, payload: Any) -> tuple[int, Any]:
+        with lock:
+            denoising[0] += 1
+            most[0] = max(most[0], denoising[0])
+        on_step = step_hook.get()
+        for step in range(1, 3):
+            time.sleep(0.05)
+            on_step(step, 3)
+        time.sleep(0.05)
+        with lock:
+            denoising[0] -= 1
+        on_step(3, 3)  # the last step: from here the worker may claim the next job
+        time.sleep(0.5)  # decoding, encoding and upload, off the GPU
+        return 200, {"echo": payload}
+
+    worker = Worker(store, run, store.settings, "m")
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run_forever, args=(stop,))
+    ids = [store.submit(Job(model_key="m", input={"n": n}))[0].id for n in range(3)]
+    thread.start()
+    try:
+        jobs = [store.wait(job_id, 30) for job_id in ids]
+    finally:
+        stop.set()
+        thread.join(10)
+    assert [job.status for job in jobs] == ["COMPLETED"] * 3
+    assert jobs[1].started_at < jobs[0].finished_at and jobs[2].started_at < jobs[1].finished_at
+    assert most[0] == 1  # with MAX_BATCH=1 the worker never held a second job while one was denoising

@@ -1,7 +1,8 @@
 """The worker loop: claim a job, run app.py's handler on it, record the result, call the webhook.
 
-The loop knows jobs and the handler's `(status, body)` answer, nothing of HTTP. Each denoising step reports
-progress, keeps the job's lease and stops the run when the job was cancelled or ran past its execution timeout.
+The loop knows jobs and the handler's `(status, body)` answer, nothing of HTTP. While a job runs, a side thread
+keeps its lease and writes its progress; each denoising step stops the run once the job was cancelled or ran
+past its execution timeout.
 """
 
 from __future__ import annotations
@@ -33,52 +34,89 @@ log = logging.getLogger("sdworker")
 Runner = Callable[[str, Any], tuple[int, Any]]
 """Runs app.py's handler for a route on a JSON payload: (route, payload) -> (HTTP status, JSON body)."""
 
+PROGRESS_EVERY_S = 0.25
+"""How often a running job's progress is written and its cancellation checked: the latency of a cancel."""
+
 STOPPED = frozenset({"CANCELLED", "TIMED_OUT"})  # error codes that end a job with the status of that name
 
 
 class Worker:
-    """Runs the jobs of one model key, one at a time, from a job store."""
+    """Runs the jobs of one model key from a job store, several in flight.
+
+    `jobs_in_flight()` threads each claim and run jobs. A thread claims only while fewer than MAX_BATCH of this
+    worker's jobs are still denoising, so the GPU is never left waiting for a claim, jobs of the same shape that
+    arrive together denoise as one batch, and a job finished denoising encodes and uploads while the next
+    batch runs. Jobs beyond that stay in the queue, free for any other worker.
+    """
 
     def __init__(self, store: JobStore, run: Runner, settings: Settings, model_key: str) -> None:
         self.store, self.run, self.settings, self.model_key = store, run, settings, model_key
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.webhooks = WebhookSender(settings)
+        self._denoising = threading.BoundedSemaphore(settings.max_batch)
+        self._running = 0
+        self._count = threading.Lock()
 
     def run_forever(self, stop: threading.Event) -> None:
         """Claim and run jobs until `stop` is set."""
         log.info("worker %s takes jobs for model key %r", self.id, self.model_key)
+        others = [
+            threading.Thread(target=self._loop, args=(stop,), name=f"worker-{n}", daemon=True)
+            for n in range(1, self.settings.jobs_in_flight())
+        ]
+        for thread in others:
+            thread.start()
+        self._loop(stop)
+        for thread in others:
+            thread.join()
+        with contextlib.suppress(Exception):
+            self.store.set_worker_state(self.model_key, self.id, None)
+
+    def _state(self) -> str:
+        return "running" if self._running else "idle"
+
+    def _loop(self, stop: threading.Event) -> None:
         backoff = 0.0
         while not stop.is_set():
+            if not self._denoising.acquire(timeout=1.0):
+                continue
+            release = _once(self._denoising.release)
             try:
-                self.store.set_worker_state(self.model_key, self.id, "idle")
+                self.store.set_worker_state(self.model_key, self.id, self._state())
                 job = self.store.claim(self.model_key, self.id, timeout=1.0)
                 if job is not None:
-                    self.run_job(job)
+                    self.run_job(job, release)
                 backoff = 0.0
             except Exception as err:  # the store is down (Redis restarting, a full disk): wait and try again
                 backoff = min(max(backoff * 2, 0.5), 30.0)
                 log.error("worker: job store error, retrying in %.1f s: %s: %s", backoff, type(err).__name__, err)
                 stop.wait(backoff)
-        with contextlib.suppress(Exception):
-            self.store.set_worker_state(self.model_key, self.id, None)
+            finally:
+                release()
 
-    def run_job(self, job: Job) -> None:
-        """Run one claimed job to its end and record it."""
-        self.store.set_worker_state(self.model_key, self.id, "running")
+    def run_job(self, job: Job, denoised: Callable[[], None] | None = None) -> None:
+        """Run one claimed job to its end and record it; `denoised` is called after its last denoising step."""
         timeout = job.execution_timeout_s or self.settings.execution_timeout_s
 
-        def on_step(step: int, total: int) -> None:
+        lost = threading.Event()  # set by the lease keeper once the job is no longer this worker's
+
+        def on_step(step: int, total: int) -> None:  # in the denoising loop: no I/O here, only flags
+            if step >= total and denoised is not None:
+                denoised()
             if time.time() - (job.started_at or time.time()) > timeout:
                 raise WorkerError("TIMED_OUT", f"the job ran past its execution timeout of {timeout:g} s", status=408)
             job.progress = {"step": step, "total": total}
-            if not self.store.heartbeat(job, job.progress):
+            if lost.is_set():
                 raise WorkerError("CANCELLED", "the job was cancelled", status=409)
 
         done = threading.Event()
-        keeper = threading.Thread(target=self._keep_lease, args=(job, done), daemon=True)
+        keeper = threading.Thread(target=self._keep_lease, args=(job, done, lost), daemon=True)
         keeper.start()
         token = step_hook.set(on_step)
+        with self._count:
+            self._running += 1
         try:
+            self.store.set_worker_state(self.model_key, self.id, "running")
             status, body = self.run(job.route, job.input)
         except Exception:  # the runner should answer errors itself; a worker never dies of one job
             log.exception("job %s: the handler raised", job.id)
@@ -87,6 +125,8 @@ class Worker:
             step_hook.reset(token)
             done.set()
             keeper.join()
+            with self._count:
+                self._running -= 1
 
         job.http_status, job.output, job.finished_at = status, body, time.time()
         job.error = failure(status, body)
@@ -102,12 +142,19 @@ class Worker:
         else:
             log.info("job %s ended elsewhere (cancelled or taken over); this run's result is dropped", job.id)
 
-    def _keep_lease(self, job: Job, done: threading.Event) -> None:
-        """Heartbeats between steps too, for handlers that spend long outside the denoising loop."""
-        while not done.wait(self.settings.lease_s / 3):
+    def _keep_lease(self, job: Job, done: threading.Event, lost: threading.Event) -> None:
+        """Every PROGRESS_EVERY_S while the job runs: keep its lease, record its progress, and set `lost` when
+        it was cancelled or taken over. Off the denoising loop, so a step never waits for the store."""
+        every, beats, written = min(PROGRESS_EVERY_S, self.settings.lease_s / 3), 0, None
+        while not done.wait(every):
             try:
-                self.store.heartbeat(job)
-                self.store.set_worker_state(self.model_key, self.id, "running")
+                progress = job.progress if job.progress != written else None  # write only what changed
+                if not self.store.heartbeat(job, progress):
+                    lost.set()
+                written = job.progress
+                beats += 1
+                if beats % 10 == 0:
+                    self.store.set_worker_state(self.model_key, self.id, self._state())
             except Exception as err:
                 log.error("job %s: heartbeat failed: %s: %s", job.id, type(err).__name__, err)
 
@@ -174,3 +221,17 @@ class WebhookSender:
             except requests.RequestException as err:
                 log.warning("webhook to %s failed: %s (try %d)", target, type(err).__name__, attempt + 1)
         return False
+
+
+def _once(action: Callable[[], None]) -> Callable[[], None]:
+    """`action`, made safe to call any number of times: it runs the first time only."""
+    lock, done = threading.Lock(), [False]
+
+    def call() -> None:
+        with lock:
+            if done[0]:
+                return
+            done[0] = True
+        action()
+
+    return call

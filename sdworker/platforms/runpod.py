@@ -1,7 +1,8 @@
 """RunPod serverless: app.py's init and handler as a `runpod.serverless` worker.
 
-RunPod's platform queues the jobs and scales the workers; this process loads the model once, then runs one job
-at a time. `python app.py --mode runpod` starts it; RunPod's own flags work as documented:
+RunPod's platform queues the jobs and scales the workers; this process loads the model once, then takes
+WORKER_CONCURRENCY jobs at a time (default 2 x MAX_BATCH; the GPU runs one batch at a time), or one at a time
+when streaming. `python app.py --mode runpod` starts it; RunPod's own flags work as documented:
 `--test_input '{"input": {...}}'` (or a `test_input.json` in the working directory) runs one job locally and
 exits 0 or 1, and `--rp_serve_api` serves RunPod's development API.
 
@@ -37,8 +38,8 @@ def make_handler(runner: Runner, route: str = "/") -> Callable[[dict], Awaitable
     with the worker's code and message (the job is FAILED with a readable reason); after CUDA out-of-memory the
     worker also asks RunPod to replace it (`refresh_worker`).
 
-    It is async and runs the work in a thread, so that with RUNPOD_CONCURRENCY 2 the next job starts denoising
-    while this one encodes and uploads its images; the model's lock keeps GPU work to one job at a time."""
+    It is async and runs the work in a thread, so that with WORKER_CONCURRENCY 2 the next job starts denoising
+    while this one encodes and uploads its images; the GPU runs one batch at a time (see MAX_BATCH)."""
     import runpod
 
     on_runpod = bool(os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"))  # unset in local runs: no progress calls
@@ -114,7 +115,7 @@ def serve(app: Any, settings: Settings) -> None:
     runner.load()
     log.info("RunPod worker ready (model key %s)", settings.model_keys()[0])
     if not settings.runpod_stream:
-        concurrency = settings.runpod_concurrency
+        concurrency = settings.jobs_in_flight()
         runpod.serverless.start({"handler": make_handler(runner), "concurrency_modifier": lambda _: concurrency})
         return
     model = (runner.context or {}).get("model")
