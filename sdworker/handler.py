@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import threading
 import time
 from typing import Any
 
@@ -19,6 +20,7 @@ from .schema import OutputTarget, check_limits, parse_request
 from .storage import upload_image
 
 log = logging.getLogger("sdworker")
+_first_answer = threading.Lock()
 
 
 def handle(model: LoadedModel, payload: Any, on_step: StepCallback | None = None) -> tuple[int, dict]:
@@ -63,8 +65,9 @@ def handle(model: LoadedModel, payload: Any, on_step: StepCallback | None = None
         return error.status, {"$error": error.to_dict()}
 
     timings["total"] = round((time.perf_counter() - started) * 1000, 1)
-    if not model.init_reported:  # the first answer after a cold start says how long the start took
-        model.init_reported = True
+    with _first_answer:  # the first answer after a cold start, and only it, says how long the start took
+        first, model.init_reported = not model.init_reported, True
+    if first:
         timings["init"] = round(model.load_ms, 1)
         timings["load_bytes"] = model.load_bytes
     if uploads is not None:
