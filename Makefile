@@ -19,7 +19,7 @@ node_modules/.installed: package.json package-lock.json
 	$(NPM) ci --no-audit --no-fund
 	touch $@
 
-.PHONY: run test lint redis-server
+.PHONY: run test lint redis-server image image-test
 run: $(VENV)/.run  ## bake MODEL_ID (skipped when already baked), then serve on HOST:PORT
 	$(PY) download.py
 	$(PY) app.py
@@ -45,3 +45,11 @@ redis-server:
 
 test: lint node_modules/.installed redis-server  ## lint, then the whole test suite
 	$(PY) -m pytest
+
+# The Docker image. Both start a Docker engine when none answers (as root) and build on a stand-in base made
+# from Debian's mirror when BASE_IMAGE cannot be pulled (see docker/image.py).
+image: $(VENV)/.run  ## build the image of MODEL_ID (else build_args.env's), HF_TOKEN as a build secret
+	$(PY) docker/image.py build
+
+image-test: $(VENV)/.run  ## build the tiny-sd image and check the running container; figures to bench/results/
+	$(PY) docker/image.py test --out bench/results/image-cpu.json

@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             f"baked {manifest['model_id']} (revision {manifest['revision'] or 'default'}, "
             f"weights variant {manifest['weights_variant'] or 'none'}) from {manifest['source']} "
             f"into {result.model_dir}: "
-            f"{manifest['files']} files, {manifest['bytes'] / 2**20:.1f} MiB in {result.seconds:.1f} s"
+            f"{manifest['files']} files, {manifest['bytes'] / 2**20:.1f} MiB in {result.seconds:.1f} s; "
+            f"HF_TOKEN {'given' if token else 'not set'}"
         )
     return 0
 

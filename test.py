@@ -6,7 +6,8 @@
 It calls the worker three ways, as the clients in the wild do:
   1. Banana v4: POST /start/v4/ (startOnly), then POST /check/v4/ with longPoll until the call is done;
   2. a direct call: POST / with the key in X-BANANA-API-KEY;
-  3. RunPod v2: POST /v2/{model-key}/run, then GET /v2/{model-key}/status/{id} until the job is final.
+  3. RunPod v2: POST /v2/{model-key}/runsync, then GET /v2/{model-key}/status/{id} while the job is still
+     running when runsync answers (it waits RUNSYNC_WAIT_S, 90 s by default).
 The model key is --model-key, else the first one GET /health lists.
 
 Exits 0 when every call answered with valid images, 1 with a one-line reason on stderr otherwise.
@@ -166,14 +167,14 @@ def direct(client: Client, inputs: dict[str, Any]) -> StepResult:
 
 
 def runpod(client: Client, model_key: str, inputs: dict[str, Any]) -> StepResult:
-    """RunPod v2: queue the job with /run, then poll /status until it is COMPLETED (or fails)."""
+    """RunPod v2: /runsync, then poll /status while the job is not yet final (COMPLETED or a failure)."""
     started = time.monotonic()
     deadline = started + client.timeout
     headers = {"Authorization": f"Bearer {client.api_key}"}
     base = f"/v2/{model_key}"
-    status, answer = client.call("POST", f"{base}/run", deadline, json={"input": inputs}, headers=headers)
+    status, answer = client.call("POST", f"{base}/runsync", deadline, json={"input": inputs}, headers=headers)
     if status != 200 or not isinstance(answer, dict) or not answer.get("id"):
-        raise SmokeError(f"POST {base}/run: {describe_error(status, answer)}")
+        raise SmokeError(f"POST {base}/runsync: {describe_error(status, answer)}")
     job_id, polls = answer["id"], 0
     while answer.get("status") in RUNPOD_PENDING:
         if time.monotonic() >= deadline:
@@ -221,7 +222,8 @@ def save_images(step: StepResult, out: Path) -> None:
 def report(step: StepResult) -> None:
     """Print one step: round trip, the worker's own timings, and where its images went."""
     timings = step.output.get("$timings") or {}
-    worker = ", ".join(f"{name} {value} ms" for name, value in timings.items()) or "none reported"
+    worker = ", ".join(f"{name} {value}{'' if name.endswith('bytes') else ' ms'}" for name, value in timings.items())
+    worker = worker or "none reported"
     print(f"{step.name}: round trip {step.round_trip_s * 1000:.0f} ms" + "".join(f"; {note}" for note in step.notes))
     print(f"  worker timings: {worker}")
     for path in step.saved:

@@ -1,4 +1,6 @@
-"""Every setting in one typed place: environment variables first, then `build_args.env`, then defaults."""
+"""Every setting in one typed place: environment variables first, then `build_args.env`, then secret files, then
+defaults. Secret files are Docker's and Kubernetes' (`/run/secrets/HF_TOKEN`, `/run/secrets/API_KEYS`, ...): a
+build secret or a mounted secret is read there, so it never has to be an environment variable."""
 
 from __future__ import annotations
 
@@ -9,14 +11,23 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .manifest import read_manifest
+
 ENV_FILE = "build_args.env"
+SECRETS_DIR = Path("/run/secrets")
 
 
 class Settings(BaseSettings):
     """The worker's settings. Each field is read from the environment variable of the same name, upper case."""
 
     model_config = SettingsConfigDict(
-        env_file=ENV_FILE, extra="ignore", env_ignore_empty=True, protected_namespaces=(), populate_by_name=True
+        env_file=ENV_FILE,
+        # Only where the folder exists: pydantic-settings warns about a missing one at every start.
+        secrets_dir=SECRETS_DIR if SECRETS_DIR.is_dir() else None,
+        extra="ignore",
+        env_ignore_empty=True,
+        protected_namespaces=(),
+        populate_by_name=True,
     )
 
     # What to bake and where it lives.
@@ -122,8 +133,17 @@ class Settings(BaseSettings):
         """How many jobs one worker holds at once: WORKER_CONCURRENCY, else two batches' worth."""
         return self.worker_concurrency or 2 * self.max_batch
 
+    def served_model_id(self) -> str:
+        """The model this deployment serves: the one baked in MODEL_DIR (its manifest), else MODEL_ID.
+
+        In an image the baked manifest is the truth: MODEL_ID was a build argument, and the environment at run
+        time may not name it (or may still name build_args.env's default).
+        """
+        baked = read_manifest(self.model_dir)
+        return str(baked["model_id"]) if baked and baked.get("model_id") else self.model_id
+
     def model_keys(self) -> list[str]:
-        """The model keys jobs may name: MODEL_KEY (comma-separated), else one derived from MODEL_ID."""
+        """The model keys jobs may name: MODEL_KEY (comma-separated), else one derived from the served model."""
         if self.model_key:
             return [key.strip() for key in self.model_key.split(",") if key.strip()]
-        return [re.sub(r"[^a-z0-9]+", "-", self.model_id.lower()).strip("-") or "model"]
+        return [re.sub(r"[^a-z0-9]+", "-", self.served_model_id().lower()).strip("-") or "model"]

@@ -20,10 +20,10 @@ from typing import Any
 from .batching import Batcher
 from .config import Settings
 from .errors import WorkerError
+from .manifest import MANIFEST, read_manifest
 
 log = logging.getLogger("sdworker")
 
-MANIFEST = "sdworker.json"
 TASKS = ("text2img", "img2img", "inpaint")
 # Small text files a pipeline folder needs besides its weights: configs, tokenizer vocabularies and merges.
 _SMALL_FILES = (".json", ".txt", ".model")
@@ -316,10 +316,12 @@ class BakeResult:
     seconds: float
 
 
-def read_manifest(model_dir: Path) -> dict | None:
-    """The manifest of a baked directory, or None when nothing was baked there."""
-    path = Path(model_dir) / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
+def _make_readable(root: Path) -> None:
+    """Folders 755 and files 644: mkdtemp makes the staging folder private and safetensors writes its files 600,
+    and the image bakes as root while the worker runs as another user."""
+    root.chmod(0o755)
+    for path in root.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def _dir_size(path: Path) -> tuple[int, int]:
@@ -394,6 +396,7 @@ def bake_model(
             load_pipeline(staging, device="cpu")
         if model_dir.exists():
             shutil.rmtree(model_dir)
+        _make_readable(staging)
         staging.rename(model_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -441,6 +444,21 @@ def weight_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in files)
 
 
+def _require_compiler(device: str) -> None:
+    """torch.compile builds native code at run time: Triton compiles its CUDA launcher with a C compiler, Inductor
+    its CPU kernels with a C++ one. Without one the compile fails deep in the warm-up; say so up front."""
+    gpu = device.startswith("cuda")
+    variable, names = ("CC", ("gcc", "clang")) if gpu else ("CXX", ("g++", "clang++"))
+    if not any(shutil.which(name) for name in (os.environ.get(variable), *names) if name):
+        kind = "a C compiler (gcc) for Triton" if gpu else "a C++ compiler (g++) for Inductor's CPU kernels"
+        raise WorkerError(
+            "INVALID_SETTINGS",
+            f"TORCH_COMPILE needs {kind}, and none is installed: build the image with "
+            "--build-arg COMPILE_TOOLS=1, or set TORCH_COMPILE=false",
+            "TORCH_COMPILE",
+        )
+
+
 def apply_speed_options(pipe: Any, settings: Settings, device: str) -> None:
     """Apply the speed settings to a freshly loaded pipeline (its components are shared by every task)."""
     import torch
@@ -464,6 +482,7 @@ def apply_speed_options(pipe: Any, settings: Settings, device: str) -> None:
     if settings.vae_tiling:
         pipe.vae.enable_tiling()
     if settings.torch_compile:
+        _require_compiler(device)
         # Inductor's caches in DATA_DIR: a restart on the same volume traces the model again but reuses the
         # compiled kernels. Assigned, not defaulted: torch writes its own default into the environment the first
         # time it looks, which may already have happened.

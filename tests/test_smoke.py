@@ -1,5 +1,5 @@
 """The smoke tests users run against a deployment, run here against `python app.py` on tiny-sd: test.py (Banana
-start/check, a direct call, RunPod run/status) and postman_collection.json under newman."""
+start/check, a direct call, RunPod runsync) and postman_collection.json under newman."""
 
 from __future__ import annotations
 

@@ -173,6 +173,18 @@ def test_each_speed_option_is_applied_and_keeps_the_picture_of_a_seed(baked: dic
     same_picture(generate(faster_model, request), generate(plain_model, request))
 
 
+def test_torch_compile_without_a_compiler_is_refused_at_start_naming_the_setting(
+    baked: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The image has no compiler unless built with COMPILE_TOOLS=1: the worker says so instead of failing in the
+    middle of the compile."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++, no clang++
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(WorkerError) as refused:
+        load_model(Settings(model_dir=baked["tiny-sd"], torch_compile=True, data_dir=tmp_path))
+    assert refused.value.field == "TORCH_COMPILE" and "COMPILE_TOOLS=1" in refused.value.message
+
+
 def test_torch_compile_keeps_the_picture_and_caches_its_kernels_in_the_data_dir(
     baked: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
