@@ -27,14 +27,14 @@ WORKDIR /app
 
 # 1. Dependencies, and the user the worker runs as: rebuilt only when the requirements change. xformers' kernels
 #    link the CUDA 12 runtime (see requirements-cuda.txt): its folder goes on the loader's path. TORCH_COMPILE
-#    needs a C compiler at run time (Triton builds its CUDA launcher with it): COMPILE_TOOLS=1 installs gcc,
-#    about 300 MB more; without it a worker started with TORCH_COMPILE=true refuses to start and says so.
+#    needs a C compiler at run time (Triton builds its CUDA launcher with it): COMPILE_TOOLS=1 installs gcc and
+#    g++, about 370 MB more; without them a worker started with TORCH_COMPILE=true refuses to start and says so.
 ARG COMPILE_TOOLS=0
 COPY requirements.txt requirements-cuda.txt ./
-# Debian's gcc is not pinned: the base image's release decides it, and a pinned version leaves the mirror.
+# Debian's g++ is not pinned: the base image's release decides it, and a pinned version leaves the mirror.
 # hadolint ignore=DL3008
 RUN if [ "$COMPILE_TOOLS" = 1 ]; then \
-        apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*; \
+        apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*; \
     fi \
     && pip install -r requirements-cuda.txt \
     && python -c "import nvidia.cuda_runtime as m; print(list(m.__path__)[0] + '/lib')" \
@@ -43,7 +43,7 @@ RUN if [ "$COMPILE_TOOLS" = 1 ]; then \
     && mkdir /app/data && chown worker /app/data
 
 # 2. Weights: rebuilt only when the model or the baking code changes (the files below are exactly what
-#    download.py imports; tests/test_image_files.py checks that). The token is a build secret, read from
+#    download.py needs; tests/test_image_files.py bakes with them alone). The token is a build secret, read from
 #    /run/secrets/HF_TOKEN: it is in no ENV, no layer and not in the final image. The hub's own cache goes to a
 #    folder removed in the same step. Docker's cache keeps this layer while the arguments stay the same, even
 #    when the hub branch they name has moved: any new value of REBAKE (a date, a commit) bakes again.

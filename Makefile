@@ -46,10 +46,11 @@ redis-server:
 test: lint node_modules/.installed redis-server  ## lint, then the whole test suite
 	$(PY) -m pytest
 
-# The Docker image. Both start a Docker engine when none answers (as root) and build on a stand-in base made
-# from Debian's mirror when BASE_IMAGE cannot be pulled (see docker/image.py).
+# The Docker image. Both start a Docker engine when none answers (as root). BASE_IMAGE=... builds on another base,
+# BASE_IMAGE=standin on one made from Debian's mirror; image-test uses that one by itself when the default base
+# cannot be pulled (see docker/image.py).
 image: $(VENV)/.run  ## build the image of MODEL_ID (else build_args.env's), HF_TOKEN as a build secret
-	$(PY) docker/image.py build
+	$(PY) docker/image.py build $(if $(BASE_IMAGE),--base-image $(BASE_IMAGE))
 
 image-test: $(VENV)/.run  ## build the tiny-sd image and check the running container; figures to bench/results/
 	$(PY) docker/image.py test --out bench/results/image-cpu.json

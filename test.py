@@ -240,7 +240,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=25, help="num_inference_steps")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the images")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds each of the three calls may take")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=600,
+        help="seconds each of the three calls may take (at least the server's RUNSYNC_WAIT_S, 90 s by default)",
+    )
     return parser.parse_args(argv)
 
 

@@ -446,7 +446,7 @@ def weight_bytes(model_dir: Path) -> int:
 
 def _require_compiler(device: str) -> None:
     """torch.compile builds native code at run time: Triton compiles its CUDA launcher with a C compiler, Inductor
-    its CPU kernels with a C++ one. Without one the compile fails deep in the warm-up; say so up front."""
+    its CPU kernels with a C++ one. Without one the compile fails deep in the warm-up; say so before loading."""
     gpu = device.startswith("cuda")
     variable, names = ("CC", ("gcc", "clang")) if gpu else ("CXX", ("g++", "clang++"))
     if not any(shutil.which(name) for name in (os.environ.get(variable), *names) if name):
@@ -482,7 +482,6 @@ def apply_speed_options(pipe: Any, settings: Settings, device: str) -> None:
     if settings.vae_tiling:
         pipe.vae.enable_tiling()
     if settings.torch_compile:
-        _require_compiler(device)
         # Inductor's caches in DATA_DIR: a restart on the same volume traces the model again but reuses the
         # compiled kernels. Assigned, not defaulted: torch writes its own default into the environment the first
         # time it looks, which may already have happened.
@@ -554,6 +553,8 @@ def load_model(settings: Settings) -> LoadedModel:
     if not device.startswith("cuda"):
         log.warning("no GPU: running on %s in fp32, which is slow; fine for tests and the tiny recipes", device)
     attention = settings.attention if device.startswith("cuda") else "sdpa"
+    if settings.torch_compile:
+        _require_compiler(device)
     base = load_pipeline(settings.model_dir, device, attention)
     apply_speed_options(base, settings, device)
     # The safety checker runs on its own after generation, so each request can turn it on or off.

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 
 from sdworker.config import Settings
@@ -65,11 +66,29 @@ def test_the_weights_layer_copies_everything_download_py_imports(tmp_path: Path)
     assert (tmp_path / "models").stat().st_mode & 0o777 == 0o755 and modes == {0o755, 0o644}
 
 
-def test_the_model_key_is_the_baked_models_not_build_args_envs(baked: dict[str, Path], tmp_path: Path) -> None:
+def test_the_model_key_is_the_baked_models_not_build_args_envs(
+    baked: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """In an image MODEL_ID was a build argument: at run time the environment names build_args.env's default,
     and the deployment must still answer to the model it baked."""
+    monkeypatch.delenv("MODEL_KEY", raising=False)
     default = Settings(model_id="stable-diffusion-v1-5/stable-diffusion-v1-5", model_dir=tmp_path / "nothing-baked")
     assert default.model_keys() == ["stable-diffusion-v1-5-stable-diffusion-v1-5"]
     assert Settings(model_dir=baked["tiny-sd"]).model_keys() == ["tiny-sd"]
     assert Settings(model_dir=baked["tiny-sdxl"], model_id="tiny-sd").model_keys() == ["tiny-sdxl"]
     assert Settings(model_dir=baked["tiny-sd"], model_key="a, b").model_keys() == ["a", "b"]
+
+
+def test_settings_are_read_from_secret_files_and_the_environment_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The image's build reads HF_TOKEN from the build secret's file; at run time Docker's secrets are files too."""
+    for name in ("HF_TOKEN", "API_KEYS"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "HF_TOKEN").write_text("hf_from_a_file\n")
+    (tmp_path / "API_KEYS").write_text("key-a,key-b")
+    settings = Settings(_secrets_dir=tmp_path)
+    assert settings.hf_token.get_secret_value() == "hf_from_a_file"
+    assert settings.api_keys.get_secret_value() == "key-a,key-b"
+    monkeypatch.setenv("API_KEYS", "key-env")
+    assert Settings(_secrets_dir=tmp_path).api_keys.get_secret_value() == "key-env"

@@ -178,8 +178,9 @@ def test_torch_compile_without_a_compiler_is_refused_at_start_naming_the_setting
 ) -> None:
     """The image has no compiler unless built with COMPILE_TOOLS=1: the worker says so instead of failing in the
     middle of the compile."""
-    monkeypatch.setenv("PATH", str(tmp_path))  # no g++, no clang++
-    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no gcc, g++ or clang
+    for variable in ("CC", "CXX"):
+        monkeypatch.delenv(variable, raising=False)
     with pytest.raises(WorkerError) as refused:
         load_model(Settings(model_dir=baked["tiny-sd"], torch_compile=True, data_dir=tmp_path))
     assert refused.value.field == "TORCH_COMPILE" and "COMPILE_TOOLS=1" in refused.value.message
