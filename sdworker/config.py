@@ -4,6 +4,7 @@ build secret or a mounted secret is read there, so it never has to be an environ
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Literal
@@ -70,7 +71,15 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(4000, ge=1)
     max_input_image_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_input_image_pixels: int = Field(4096 * 4096, ge=64 * 64)
-    image_fetch_timeout: float = Field(15.0, gt=0)
+    image_fetch_timeout: float = Field(15.0, gt=0, description="Seconds an image URL's whole download may take.")
+
+    # URLs a request names (images, masks, webhooks) are fetched only from public addresses (sdworker/urls.py).
+    allow_private_urls: bool = Field(
+        False, description="Let request URLs reach loopback and private addresses (self-hosted use, tests)."
+    )
+    allowed_url_hosts: str | None = Field(
+        None, description="Host names request URLs may reach whatever they resolve to, comma-separated."
+    )
 
     # The job server (python app.py): who may call, which model, where jobs live.
     mode: Literal["serve", "gateway", "worker", "potassium", "runpod"] = Field(
@@ -128,6 +137,16 @@ class Settings(BaseSettings):
     s3_region: str | None = Field(None, validation_alias=AliasChoices("S3_REGION", "AWS_REGION", "AWS_DEFAULT_REGION"))
     s3_prefix: str = Field("outputs/", description="Key prefix for uploaded images.")
     s3_url_expires_s: int = Field(3600, ge=1, le=604800, description="Lifetime of presigned URLs (SigV4: 7 days).")
+
+    def private_data_dir(self) -> Path:
+        """DATA_DIR, made if missing and readable by this user only (0700): it holds prompts, images, webhook
+        URLs, signed output URLs and the generated API key."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.data_dir.chmod(0o700)
+        except OSError as err:  # a volume this user does not own: say so rather than refuse to start
+            logging.getLogger("sdworker").warning("cannot make DATA_DIR %s private: %s", self.data_dir, err)
+        return self.data_dir
 
     def jobs_in_flight(self) -> int:
         """How many jobs one worker holds at once: WORKER_CONCURRENCY, else two batches' worth."""

@@ -8,6 +8,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,12 @@ StepCallback = Callable[[int, int], None]
 step_hook: ContextVar[StepCallback | None] = ContextVar("step_hook", default=None)
 """The step callback of the job being run, set by whatever runs app.py's handler (progress and cancellation),
 so that the handler itself needs no parameter for it."""
+
+FetchHook = Callable[[], AbstractContextManager[Callable[[], None]]]
+fetch_hook: ContextVar[FetchHook | None] = ContextVar("fetch_hook", default=None)
+"""Set by whatever runs jobs: entered around the download of a request's image URLs, before the job waits for
+the model. It yields a check that raises when the job must stop (cancelled, past its execution timeout), and
+lets the runner count a downloading job as not yet on the model, so that a slow URL never delays another job."""
 
 LatentsCallback = Callable[[int, int, torch.Tensor], None]
 preview_hook: ContextVar[LatentsCallback | None] = ContextVar("preview_hook", default=None)
@@ -103,8 +110,11 @@ def generate(model: LoadedModel, request: GenerateInput, on_step: StepCallback |
     alone, up to float rounding (a batch's kernels may add up in another order)."""
     settings, task = model.settings, request.task
     started = time.perf_counter()
-    init = decode_image(request.image, "image", settings) if request.image else None
-    mask = decode_image(request.mask_image, "mask_image", settings) if request.mask_image else None
+    urls = [value for value in (request.image, request.mask_image) if value and value.startswith("http")]
+    hook = fetch_hook.get() if urls else None
+    with hook() if hook else nullcontext(None) as check:
+        init = decode_image(request.image, "image", settings, check) if request.image else None
+        mask = decode_image(request.mask_image, "mask_image", settings, check) if request.mask_image else None
     width = request.width or (init.width // 8 * 8 if init else model.default_size)
     height = request.height or (init.height // 8 * 8 if init else model.default_size)
     check_size(width, height, settings)

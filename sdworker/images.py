@@ -5,37 +5,23 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from collections.abc import Callable
 from typing import Any
 
-import requests
 from PIL import Image
 
 from .config import Settings
 from .errors import WorkerError
+from .urls import fetch
 
 
-def _fetch(url: str, field: str, settings: Settings) -> bytes:
-    limit = settings.max_input_image_bytes
-    try:
-        with requests.get(url, stream=True, timeout=settings.image_fetch_timeout) as response:
-            if response.status_code != 200:
-                raise WorkerError("IMAGE_FETCH_FAILED", f"{field}: {url} answered HTTP {response.status_code}", field)
-            data = bytearray()
-            for chunk in response.iter_content(64 * 1024):
-                data += chunk
-                if len(data) > limit:
-                    raise WorkerError("INVALID_IMAGE", f"{field}: {url} is larger than the {limit} byte limit", field)
-            return bytes(data)
-    except requests.RequestException as err:
-        raise WorkerError(
-            "IMAGE_FETCH_FAILED", f"{field}: cannot fetch {url}: {err.__class__.__name__}", field
-        ) from None
+def decode_image(value: str, field: str, settings: Settings, check: Callable[[], None] | None = None) -> Image.Image:
+    """An RGB image from base64 (with or without a `data:` prefix) or an http(s) URL, within the size limits.
 
-
-def decode_image(value: str, field: str, settings: Settings) -> Image.Image:
-    """An RGB image from base64 (with or without a `data:` prefix) or an http(s) URL, within the size limits."""
+    A URL goes through the guard (public addresses only, IMAGE_FETCH_TIMEOUT for the whole download); `check`
+    may end the download early (see `urls.fetch`)."""
     if value.startswith(("http://", "https://")):
-        data = _fetch(value, field, settings)
+        data = fetch(value, field, settings, settings.max_input_image_bytes, "IMAGE_FETCH_FAILED", check)
     else:
         if value.startswith("data:"):
             value = value.partition(",")[2]

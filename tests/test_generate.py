@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import http.server
 import threading
 from pathlib import Path
@@ -148,16 +149,18 @@ def image_server(tmp_path: Path):
 
 
 def test_img2img_fetches_an_http_image(sd: LoadedModel, image_server: str) -> None:
-    body = ok(sd, {**FAST, "image": f"{image_server}/input.png"})
+    local = dataclasses.replace(sd, settings=sd.settings.model_copy(update={"allowed_url_hosts": "127.0.0.1"}))
+    body = ok(local, {**FAST, "image": f"{image_server}/input.png"})
     assert decode(body["image_base64"]).size == (72, 64)
 
 
 def test_an_image_url_that_fails_is_a_clear_error(sd: LoadedModel, image_server: str) -> None:
-    status, body = handle(sd, {"modelInputs": {**FAST, "image": f"{image_server}/missing.png"}})
+    local = dataclasses.replace(sd, settings=sd.settings.model_copy(update={"allowed_url_hosts": "127.0.0.1"}))
+    status, body = handle(local, {"modelInputs": {**FAST, "image": f"{image_server}/missing.png"}})
     assert status == 422
     assert body["$error"]["code"] == "IMAGE_FETCH_FAILED"
     assert body["$error"]["field"] == "modelInputs.image"
-    assert "404" in body["$error"]["message"]
+    assert "404" not in body["$error"]["message"] and image_server not in body["$error"]["message"]
 
 
 @pytest.mark.parametrize("model_name", ["sd", "sdxl"])

@@ -40,7 +40,9 @@ def kind(request: pytest.FixtureRequest, redis_url: str) -> str:
 
 @pytest.fixture
 def store(kind: str, tmp_path: Path, redis_url: str) -> Iterator[JobStore]:
-    opened = open_kind(kind, tmp_path, redis_url, max_queue=3, lease_s=0.5, webhook_retry_delay_s=0.1)
+    opened = open_kind(
+        kind, tmp_path, redis_url, max_queue=3, lease_s=0.5, webhook_retry_delay_s=0.1, allow_private_urls=True
+    )
     yield opened
     opened.close()
 

@@ -115,6 +115,9 @@ def test_a_fresh_server_makes_an_api_key_once_and_keeps_it(baked: dict[str, Path
         assert requests.post(url, json=FAST, timeout=30).status_code == 401
         key = (tmp_path / "data" / "api_key").read_text().strip()
         assert (tmp_path / "data" / "api_key").stat().st_mode & 0o777 == 0o600
+        # Prompts, images, webhook URLs and the key: readable by the server's user only.
+        assert (tmp_path / "data").stat().st_mode & 0o777 == 0o700
+        assert (tmp_path / "data" / "jobs.sqlite3").stat().st_mode & 0o777 == 0o600
         assert requests.post(url, json=FAST, headers={"X-BANANA-API-KEY": key}, timeout=60).status_code == 200
     finally:
         process.terminate()

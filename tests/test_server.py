@@ -208,6 +208,13 @@ def test_runpod_unknown_endpoint_or_job_is_404(server: str) -> None:
     assert rp(server, "GET", "status/nope").status_code == 404
 
 
+def test_a_webhook_to_a_private_address_is_refused_when_the_job_is_submitted(server: str) -> None:
+    for url in ("http://169.254.169.254/latest", "http://127.0.0.1:9/hook", "http://2130706433/hook"):
+        response = rp(server, "POST", "run", json={"input": FAST, "webhook": url})
+        assert response.status_code == 422, response.text
+        assert response.json()["$error"]["field"] == "webhook" and "169.254" not in response.text
+
+
 def test_runpod_bad_body_names_the_field(server: str) -> None:
     response = rp(server, "POST", "run", json={"inputs": FAST})
     assert response.status_code == 400 and response.json()["$error"]["field"] == "input"

@@ -8,6 +8,7 @@ A lock file keeps a second process off the same DATA_DIR; many processes share j
 from __future__ import annotations
 
 import fcntl
+import os
 import sqlite3
 import threading
 import time
@@ -38,8 +39,11 @@ class SQLiteStore(JobStore):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(settings.data_dir / "jobs.lock", "w")  # noqa: SIM115 (held for the store's life)
+        folder = settings.private_data_dir()
+        for name in ("jobs.lock", "jobs.sqlite3"):  # 0600 from the start; SQLite gives its -wal and -shm the same
+            os.close(os.open(folder / name, os.O_WRONLY | os.O_CREAT, 0o600))
+            (folder / name).chmod(0o600)
+        self._lock_file = open(folder / "jobs.lock", "w")  # noqa: SIM115 (held for the store's life)
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

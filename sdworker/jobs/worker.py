@@ -18,15 +18,17 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
 import requests
 
+from .. import urls
 from ..config import Settings
 from ..errors import WorkerError, failure
-from ..generate import step_hook
+from ..generate import fetch_hook, step_hook
 from . import Job, JobStore
 
 log = logging.getLogger("sdworker")
@@ -46,7 +48,8 @@ class Worker:
     `jobs_in_flight()` threads each claim and run jobs. A thread claims only while fewer than MAX_BATCH of this
     worker's jobs are still denoising, so the GPU is never left waiting for a claim, jobs of the same shape that
     arrive together denoise as one batch, and a job finished denoising encodes and uploads while the next
-    batch runs. Jobs beyond that stay in the queue, free for any other worker.
+    batch runs. Jobs beyond that stay in the queue, free for any other worker. A job downloading its image URLs
+    does not count as denoising: it takes its place again once the download is done.
     """
 
     def __init__(self, store: JobStore, run: Runner, settings: Settings, model_key: str) -> None:
@@ -78,41 +81,55 @@ class Worker:
     def _loop(self, stop: threading.Event) -> None:
         backoff = 0.0
         while not stop.is_set():
-            if not self._denoising.acquire(timeout=1.0):
+            slot = _Slot(self._denoising)
+            if not slot.take(timeout=1.0):
                 continue
-            release = _once(self._denoising.release)
             try:
                 self.store.set_worker_state(self.model_key, self.id, self._state())
                 job = self.store.claim(self.model_key, self.id, timeout=1.0)
                 if job is not None:
-                    self.run_job(job, release)
+                    self.run_job(job, slot)
                 backoff = 0.0
             except Exception as err:  # the store is down (Redis restarting, a full disk): wait and try again
                 backoff = min(max(backoff * 2, 0.5), 30.0)
                 log.error("worker: job store error, retrying in %.1f s: %s: %s", backoff, type(err).__name__, err)
                 stop.wait(backoff)
             finally:
-                release()
+                slot.give()
 
-    def run_job(self, job: Job, denoised: Callable[[], None] | None = None) -> None:
-        """Run one claimed job to its end and record it; `denoised` is called after its last denoising step."""
+    def run_job(self, job: Job, slot: _Slot | None = None) -> None:
+        """Run one claimed job to its end and record it. `slot`, its place among the jobs denoising, is given up
+        while it downloads its image URLs and after its last denoising step."""
         timeout = job.execution_timeout_s or self.settings.execution_timeout_s
 
         lost = threading.Event()  # set by the lease keeper once the job is no longer this worker's
 
-        def on_step(step: int, total: int) -> None:  # in the denoising loop: no I/O here, only flags
-            if step >= total and denoised is not None:
-                denoised()
+        def check() -> None:
             if time.time() - (job.started_at or time.time()) > timeout:
                 raise WorkerError("TIMED_OUT", f"the job ran past its execution timeout of {timeout:g} s", status=408)
-            job.progress = {"step": step, "total": total}
             if lost.is_set():
                 raise WorkerError("CANCELLED", "the job was cancelled", status=409)
+
+        def on_step(step: int, total: int) -> None:  # in the denoising loop: no I/O here, only flags
+            if step >= total and slot is not None:
+                slot.give()
+            check()
+            job.progress = {"step": step, "total": total}
+
+        @contextmanager
+        def fetching() -> Iterator[Callable[[], None]]:
+            if slot is not None:
+                slot.give()
+            try:
+                yield check
+            finally:
+                if slot is not None:
+                    slot.take()
 
         done = threading.Event()
         keeper = threading.Thread(target=self._keep_lease, args=(job, done, lost), daemon=True)
         keeper.start()
-        token = step_hook.set(on_step)
+        token, fetch_token = step_hook.set(on_step), fetch_hook.set(fetching)
         with self._count:
             self._running += 1
         try:
@@ -123,6 +140,7 @@ class Worker:
             status, body = 500, {"$error": WorkerError("INTERNAL_ERROR", "internal error").to_dict()}
         finally:
             step_hook.reset(token)
+            fetch_hook.reset(fetch_token)
             done.set()
             keeper.join()
             with self._count:
@@ -203,9 +221,10 @@ class WebhookSender:
         return "sha256=" + hmac.new(key, timestamp.encode() + b"." + data, hashlib.sha256).hexdigest()
 
     def deliver(self, url: str, body: dict) -> bool:
-        """POST `body` to `url`, with retries; True once a 2xx answer came."""
+        """POST `body` to `url` through the URL guard (no redirects), with retries; True once a 2xx answer came."""
         data = json.dumps(body).encode()
         target = urlsplit(url).hostname  # logs name the host only: the URL may hold credentials or a token
+        guarded = urls.session(self.settings)
         for attempt in range(1 + self.settings.webhook_retries):
             if attempt:
                 time.sleep(self.settings.webhook_retry_delay_s)
@@ -214,7 +233,9 @@ class WebhookSender:
             if signature := self.sign(data, timestamp):
                 headers["X-Webhook-Signature"] = signature
             try:
-                response = requests.post(url, data=data, headers=headers, timeout=self.settings.webhook_timeout_s)
+                response = guarded.post(
+                    url, data=data, headers=headers, timeout=self.settings.webhook_timeout_s, allow_redirects=False
+                )
                 if response.status_code < 300:
                     return True
                 log.warning("webhook to %s answered %s (try %d)", target, response.status_code, attempt + 1)
@@ -223,15 +244,28 @@ class WebhookSender:
         return False
 
 
-def _once(action: Callable[[], None]) -> Callable[[], None]:
-    """`action`, made safe to call any number of times: it runs the first time only."""
-    lock, done = threading.Lock(), [False]
+class _Slot:
+    """One job's place among the MAX_BATCH a worker lets denoise at once: taken and given up any number of times,
+    held at most once."""
 
-    def call() -> None:
-        with lock:
-            if done[0]:
+    def __init__(self, places: threading.BoundedSemaphore) -> None:
+        self.places, self.held, self.lock = places, False, threading.Lock()
+
+    def take(self, timeout: float | None = None) -> bool:
+        """Take the place (waiting up to `timeout` s, forever when None); True once held."""
+        with self.lock:
+            if self.held:
+                return True
+        if not self.places.acquire(timeout=timeout if timeout is not None else -1):
+            return False
+        with self.lock:
+            self.held = True
+        return True
+
+    def give(self) -> None:
+        """Give the place up, if held."""
+        with self.lock:
+            if not self.held:
                 return
-            done[0] = True
-        action()
-
-    return call
+            self.held = False
+        self.places.release()

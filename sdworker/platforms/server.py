@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..config import Settings
 from ..errors import WorkerError
 from ..jobs import Job, JobStore
+from ..urls import check_url
 
 log = logging.getLogger("sdworker")
 
@@ -51,7 +52,7 @@ def api_keys(settings: Settings) -> list[str]:
             )
         log.info("API_KEYS is not set: using the key kept in %s", path)
         return [key]
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.private_data_dir()
     key = "sdw_" + secrets.token_urlsafe(32)
     staged = path.with_suffix(".new")
     staged.unlink(missing_ok=True)
@@ -279,7 +280,9 @@ def create_server(
             raise WorkerError("NOT_FOUND", f"no job {job_id!r} (unknown, or its result expired)", status=404)
         return job
 
-    def new_job(model_key: str, body: RunRequest, request: Request, result_ttl_s: int) -> Job:
+    async def new_job(model_key: str, body: RunRequest, request: Request, result_ttl_s: int) -> Job:
+        if body.webhook:  # refused now with a 4xx, and checked again when it is sent
+            await anyio.to_thread.run_sync(check_url, body.webhook, "webhook", settings)
         policy = body.policy or Policy()
         idempotency = request.headers.get("idempotency-key")
         return Job(
@@ -296,12 +299,12 @@ def create_server(
 
     @server.post("/v2/{endpoint_id}/run", **runpod, summary="Queue a job")
     async def run(body: RunRequest, request: Request, model_key: str = Depends(endpoint)) -> dict:
-        job, _ = await state.submit(new_job(model_key, body, request, settings.result_ttl_s))
+        job, _ = await state.submit(await new_job(model_key, body, request, settings.result_ttl_s))
         return {"id": job.id, "status": job.status}
 
     @server.post("/v2/{endpoint_id}/runsync", **runpod, summary="Run a job and wait for it")
     async def runsync(body: RunRequest, request: Request, model_key: str = Depends(endpoint)) -> dict:
-        job, _ = await state.submit(new_job(model_key, body, request, settings.runsync_result_ttl_s))
+        job, _ = await state.submit(await new_job(model_key, body, request, settings.runsync_result_ttl_s))
         job = await state.wait(job.id, settings.runsync_wait_s) or job
         return job.status_body()
 
