@@ -370,7 +370,7 @@ def first_image(url: str, key: str) -> tuple[float, float]:
 
 def check_serving(docker: Docker, tag: str) -> dict[str, Any]:
     """Run the server as a user would: the cold start, the APIs, xformers, and a clean `docker stop`."""
-    port, key = free_port(), secrets.token_urlsafe(16)
+    port, key = free_port(), "sdw_" + secrets.token_hex(16)
     url = f"http://127.0.0.1:{port}"
     launched = time.time()
     with container(docker, "-e", f"API_KEYS={key}", "-e", f"PORT={port}", tag) as name:
@@ -391,7 +391,7 @@ def check_serving(docker: Docker, tag: str) -> dict[str, Any]:
         if keys != ["tiny-sd"]:
             raise CheckError(f"/health lists model keys {keys}, not the baked model's tiny-sd")
         with tempfile.TemporaryDirectory() as out:
-            client = [sys.executable, str(ROOT / "test.py"), "--url", url, "--api-key", key]
+            client = [sys.executable, str(ROOT / "test.py"), "--url", url, f"--api-key={key}"]
             smoke = subprocess.run(
                 [*client, "--steps", "4", "--timeout", "120", "--out", out], capture_output=True, text=True, timeout=600
             )
