@@ -88,6 +88,9 @@ class Settings(BaseSettings):
         "potassium: Potassium's server; runpod: a RunPod serverless worker.",
     )
     api_keys: SecretStr | None = Field(None, description="Accepted API keys, comma-separated; one is made if unset.")
+    admin_api_keys: SecretStr | None = Field(
+        None, description="Keys that also see and manage every key's jobs, comma-separated (accepted keys too)."
+    )
     model_key: str | None = Field(None, description="Model key(s) this deployment answers to; default from MODEL_ID.")
     data_dir: Path = Field(Path("data"), description="The SQLite job store and the generated API key.")
     redis_url: SecretStr | None = Field(None, description="redis://... to queue jobs in Redis for many workers.")

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -69,12 +70,20 @@ def wait_for(check: Callable[[], object], timeout: float = 60) -> object:
 
 
 def start_process(args: list[str], url: str, env: dict[str, str], timeout: float = 120) -> subprocess.Popen:
-    """Start a server process and wait until `url` answers; fail with its output if it dies first."""
+    """Start a server process and wait until `url` answers; fail with its output if it dies first.
+
+    What it prints is read all along into `process.output` (a list of lines): a pipe nobody reads fills up after
+    64 KiB and then blocks the server in the middle of a log line."""
     process = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process.output = []  # type: ignore[attr-defined]
+    process.reader = threading.Thread(  # type: ignore[attr-defined]
+        target=lambda: process.output.extend(iter(process.stdout.readline, "")), daemon=True
+    )
+    process.reader.start()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            pytest.fail(f"{args} exited with {process.returncode}:\n{process.stdout.read()}")
+            pytest.fail(f"{args} exited with {process.returncode}:\n{output_of(process)}")
         try:
             requests.get(url, timeout=1)
             return process
@@ -82,6 +91,13 @@ def start_process(args: list[str], url: str, env: dict[str, str], timeout: float
             time.sleep(0.2)
     process.kill()
     pytest.fail(f"{args} did not answer at {url} within {timeout} s")
+
+
+def output_of(process: subprocess.Popen, timeout: float = 10) -> str:
+    """Everything a process from `start_process` printed, once it has exited."""
+    process.wait(timeout)
+    process.reader.join(timeout)  # type: ignore[attr-defined]
+    return "".join(process.output)  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import redis
 import requests
-from conftest import ROOT, free_port, start_process, wait_for
+from conftest import ROOT, free_port, output_of, start_process, wait_for
 
 KEY = "recovery-key"
 FAST = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 3}
@@ -121,14 +121,14 @@ def test_a_fresh_server_makes_an_api_key_once_and_keeps_it(baked: dict[str, Path
         assert requests.post(url, json=FAST, headers={"X-BANANA-API-KEY": key}, timeout=60).status_code == 200
     finally:
         process.terminate()
-        first_output = process.communicate(timeout=10)[0]
+        first_output = output_of(process)
     assert key in first_output
     process = start_process([sys.executable, "app.py"], f"{url}/health", env)
     try:
         assert requests.post(url, json=FAST, headers={"X-BANANA-API-KEY": key}, timeout=60).status_code == 200
     finally:
         process.terminate()
-        assert key not in process.communicate(timeout=10)[0]  # printed once, at its making
+        assert key not in output_of(process)  # printed once, at its making
 
 
 def test_gateway_and_worker_modes_without_redis_say_so(tmp_path: Path) -> None:

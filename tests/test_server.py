@@ -26,6 +26,8 @@ from banana_dev import package as banana
 from conftest import decode, free_port, start_process, wait_for
 
 KEY = "server-test-key"
+OTHER = "other-key"  # a second accepted key: a second customer of the same endpoint
+ADMIN = "admin-key"
 FAST = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 7}
 SLOW = {"prompt": "slow", "num_inference_steps": 800}  # about 13 s on a CPU: long enough to watch and cancel
 MAX_QUEUE = 4
@@ -42,7 +44,8 @@ def server(
         "MODEL_ID": "tiny-sd",
         "MODEL_DIR": str(baked["tiny-sd"]),
         "DATA_DIR": str(tmp_path_factory.mktemp("data")),
-        "API_KEYS": f"other-key,{KEY}",
+        "API_KEYS": f"{OTHER},{KEY}",
+        "ADMIN_API_KEYS": ADMIN,
         "PORT": str(port),
         "HOST": "127.0.0.1",
         "MAX_STEPS": "5000",
@@ -196,6 +199,51 @@ def test_runpod_idempotency_key_returns_the_same_job(server: str) -> None:
     assert again["id"] == first["id"]
 
 
+# One key's jobs are its own.
+def test_another_key_cannot_see_or_touch_a_keys_job(server: str) -> None:
+    job_id = rp(server, "POST", "runsync", json={"input": FAST}).json()["id"]
+    for method, path in (("GET", "status"), ("GET", "stream"), ("POST", "cancel"), ("POST", "retry")):
+        response = rp(server, method, f"{path}/{job_id}", key=OTHER)
+        assert response.status_code == 404 and response.json()["$error"]["code"] == "NOT_FOUND", (path, response.text)
+    check = {"apiKey": OTHER, "callID": job_id, "longPoll": False}
+    assert "no job" in requests.post(f"{server}/check/v4/", json=check, timeout=30).json()["message"]
+    # Its own key and an admin key see it, output and all; the stream is still there to be taken once.
+    assert rp(server, "GET", f"status/{job_id}", key=ADMIN).json()["status"] == "COMPLETED"
+    assert len(rp(server, "GET", f"stream/{job_id}").json()["stream"]) == 1
+
+
+def test_idempotency_keys_are_each_keys_own(server: str) -> None:
+    headers = {"Idempotency-Key": str(uuid.uuid4())}
+    mine = rp(server, "POST", "run", json={"input": FAST}, headers=headers).json()["id"]
+    theirs = rp(server, "POST", "run", json={"input": FAST}, headers=headers, key=OTHER).json()["id"]
+    assert theirs != mine and rp(server, "GET", f"status/{theirs}", key=OTHER).status_code == 200
+    body = {"id": str(uuid.uuid4()), "apiKey": KEY, "modelKey": "tiny-sd", "modelInputs": FAST, "startOnly": True}
+    first = requests.post(f"{server}/start/v4/", json=body, timeout=30).json()["callID"]
+    second = requests.post(f"{server}/start/v4/", json={**body, "apiKey": OTHER}, timeout=30).json()["callID"]
+    assert first != second
+    for job_id, key in ((mine, KEY), (theirs, OTHER), (first, KEY), (second, OTHER)):
+        wait_for(
+            lambda job_id=job_id, key=key: (
+                rp(server, "GET", f"status/{job_id}", key=key).json()["status"] == "COMPLETED"
+            )
+        )
+
+
+def test_purge_queue_cancels_only_the_callers_queued_jobs(server: str) -> None:
+    busy = rp(server, "POST", "run", json={"input": SLOW}).json()["id"]  # holds the worker
+    running(server, busy)
+    mine = rp(server, "POST", "run", json={"input": FAST}).json()["id"]
+    theirs = rp(server, "POST", "run", json={"input": FAST}, key=OTHER).json()["id"]
+    try:
+        assert rp(server, "POST", "purge-queue", key=OTHER).json()["removed"] == 1
+        assert rp(server, "GET", f"status/{theirs}", key=OTHER).json()["status"] == "CANCELLED"
+        assert rp(server, "GET", f"status/{mine}").json()["status"] == "IN_QUEUE"
+        assert rp(server, "POST", "purge-queue", key=ADMIN).json()["removed"] == 1
+        assert rp(server, "GET", f"status/{mine}").json()["status"] == "CANCELLED"
+    finally:
+        rp(server, "POST", f"cancel/{busy}")
+
+
 def test_runpod_wrong_key_is_401_and_raises_in_the_client(clients: str) -> None:
     assert rp(clients, "GET", "health", key="wrong").status_code == 401
     with pytest.raises(RuntimeError, match="Unauthorized"):
@@ -224,6 +272,7 @@ def test_runpod_bad_body_names_the_field(server: str) -> None:
 def test_past_the_queue_bound_each_protocol_refuses_cleanly(clients: str) -> None:
     wait_for(lambda: (jobs := rp(clients, "GET", "health").json()["jobs"])["inQueue"] + jobs["inProgress"] == 0)
     ids = [rp(clients, "POST", "run", json={"input": SLOW}).json()["id"] for _ in range(MAX_QUEUE)]
+    running(clients, ids[0])  # a job cancelled just before may still hold the worker for a step or two
     try:
         refused = rp(clients, "POST", "run", json={"input": FAST}, headers={})
         assert refused.status_code == 429 and "full" in refused.json()["error"]

@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -51,8 +50,7 @@ def server(baked: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> 
     env.pop("REDIS_URL", None)
     server = Server(f"http://127.0.0.1:{port}")
     process = start_process([sys.executable, "app.py"], f"{server.url}/health", env)
-    # Keep reading the server's output, so a full pipe never blocks it.
-    threading.Thread(target=lambda: server.output.extend(iter(process.stdout.readline, "")), daemon=True).start()
+    server.output = process.output  # read all along by start_process
     try:
         deadline = time.monotonic() + 120
         while requests.get(f"{server.url}/health", timeout=5).status_code != 200:

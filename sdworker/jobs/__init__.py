@@ -40,6 +40,7 @@ class Job(BaseModel):
     ttl_s: float | None = None
     result_ttl_s: int = 1800
     idempotency_key: str | None = None
+    owner: str | None = None  # who made it: a digest of the API key (never the key); None for jobs of no key
     attempts: int = 0
     streamed: bool = False
     retries: int = 0
@@ -150,8 +151,8 @@ class JobStore(ABC):
         """Queue a failed, timed-out or cancelled job again under the same id."""
 
     @abstractmethod
-    def purge(self, model_key: str) -> int:
-        """Cancel every queued job for `model_key`; answers how many."""
+    def purge(self, model_key: str, owner: str | None = None) -> int:
+        """Cancel every queued job for `model_key` (only `owner`'s when given); answers how many."""
 
     @abstractmethod
     def stats(self, model_key: str) -> dict[str, int]:

@@ -306,14 +306,17 @@ class RedisStore(JobStore):
         self._notify()
         return job
 
-    def purge(self, model_key: str) -> int:
+    def purge(self, model_key: str, owner: str | None = None) -> int:
         queue = self._queue(model_key)
         pending = {item["message_id"] for item in self._redis.xpending_range(queue, GROUP, "-", "+", 10_000)}
         removed = 0
         for entry, fields in self._redis.xrange(queue):
-            if entry not in pending:
-                removed += self._cancel(fields.get("id", ""))[1]
-                self._redis.xdel(queue, entry)
+            if entry in pending:
+                continue
+            if owner is not None and getattr(self.get(fields.get("id", "")), "owner", None) != owner:
+                continue
+            removed += self._cancel(fields.get("id", ""))[1]
+            self._redis.xdel(queue, entry)
         return removed
 
     def stats(self, model_key: str) -> dict[str, int]:

@@ -194,17 +194,20 @@ class SQLiteStore(JobStore):
         self._notify()
         return job
 
-    def purge(self, model_key: str) -> int:
+    def purge(self, model_key: str, owner: str | None = None) -> int:
+        removed = 0
         with self._mutex:
             queued = self._db.execute(
                 "SELECT data FROM jobs WHERE model_key = ? AND status = 'IN_QUEUE'", (model_key,)
             ).fetchall()
             for (data,) in queued:
                 job = Job.model_validate_json(data)
-                end(job, "CANCELLED", "CANCELLED", "the job was cancelled")
-                self._save(job)
+                if owner is None or job.owner == owner:
+                    end(job, "CANCELLED", "CANCELLED", "the job was cancelled")
+                    self._save(job)
+                    removed += 1
         self._notify()
-        return len(queued)
+        return removed
 
     def stats(self, model_key: str) -> dict[str, int]:
         with self._mutex:

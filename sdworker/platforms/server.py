@@ -6,10 +6,13 @@
 - `POST /_k/warmup`, `GET /__status__`, `GET /_k/status`: Potassium's own routes; `GET /health`: readiness.
 
 Every way in makes the same job in the same store; the worker loop runs it. The server holds no model.
+A job belongs to the API key that made it: another key is told it does not exist (404, or Banana's "no job"),
+purges only its own queued jobs and has its own idempotency keys; ADMIN_API_KEYS see and manage all.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import os
@@ -19,6 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -96,21 +100,51 @@ class RunRequest(BaseModel):
     policy: Policy | None = None
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: `owner` is a digest of their API key (jobs record it, never the key); an admin key
+    (ADMIN_API_KEYS) sees and manages every key's jobs."""
+
+    owner: str
+    admin: bool = False
+
+    def sees(self, job: Job) -> bool:
+        """A job belongs to the key that made it: any other key is told it does not exist."""
+        return self.admin or job.owner == self.owner
+
+    def scoped(self, prefix: str, key: str | None) -> str | None:
+        """A client's idempotency key, made this caller's own: another key's same value is another job."""
+        return f"{prefix}:{self.owner}:{key}" if key else None
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A RunPod route's endpoint (the model key) and its caller."""
+
+    model_key: str
+    caller: Caller
+
+
 class State:
     """What the routes share: settings, store, keys, and the worker's readiness and Potassium-style counters."""
 
     def __init__(self, settings: Settings, store: JobStore, routes: dict[str, bool], ready: Callable[[], bool]):
         self.settings, self.store, self.routes, self.ready = settings, store, routes, ready
-        self.keys = [key.encode() for key in api_keys(settings)]
+        admins = settings.admin_api_keys.get_secret_value().split(",") if settings.admin_api_keys else []
+        self.admins = [key.strip().encode() for key in admins if key.strip()]
+        self.keys = [key.encode() for key in api_keys(settings)] + self.admins
         self.model_keys = settings.model_keys()
         self.waiters = anyio.CapacityLimiter(256)  # threads parked in long-polls and synchronous calls
         self.sequence_number = 0
         self.last_request = time.time()
 
-    def authorized(self, key: str | None) -> bool:
-        """Constant-time comparison against every accepted key."""
+    def caller(self, key: str | None) -> Caller | None:
+        """The caller of an accepted key, else None; constant-time comparison against every key."""
         given = (key or "").encode()
-        return any([hmac.compare_digest(given, accepted) for accepted in self.keys])
+        if not any([hmac.compare_digest(given, accepted) for accepted in self.keys]):
+            return None
+        admin = any([hmac.compare_digest(given, accepted) for accepted in self.admins])
+        return Caller(hashlib.sha256(b"sdworker-owner:" + given).hexdigest()[:32], admin)
 
     async def wait(self, job_id: str, timeout: float) -> Job | None:
         """The job once final, or as it stands after `timeout` s, without holding the event loop."""
@@ -226,7 +260,7 @@ def create_server(
         return _banana(body, "" if started else "running", job)
 
     async def start(body: Banana) -> dict:
-        if not state.authorized(body.api_key):
+        if (caller := state.caller(body.api_key)) is None:
             return _banana(body, "error: invalid apiKey")
         if not isinstance(body.model_inputs, dict):
             return _banana(body, "error: invalid request: modelInputs must be a JSON object")
@@ -236,7 +270,8 @@ def create_server(
                 model_key=model_key_of(body.model_key),
                 input=body.model_inputs,
                 result_ttl_s=settings.result_ttl_s,
-                idempotency_key=f"banana:{body.id}" if body.id else None,
+                idempotency_key=caller.scoped("banana", body.id),
+                owner=caller.owner,
             )
             job, _ = await state.submit(job)
         except WorkerError as err:
@@ -246,10 +281,10 @@ def create_server(
         return banana_view(body, job, started=True)
 
     async def check(body: Banana) -> dict:
-        if not state.authorized(body.api_key):
+        if (caller := state.caller(body.api_key)) is None:
             return _banana(body, "error: invalid apiKey")
         job = await state.call(state.store.get, body.call_id or "")
-        if job is None:
+        if job is None or not caller.sees(job):
             return _banana(body, f"error: no job with callID {body.call_id!r} (unknown, or its result expired)")
         if body.long_poll and not job.final:
             job = await state.wait(job.id, settings.banana_wait_s) or job
@@ -265,70 +300,71 @@ def create_server(
         )
 
     # RunPod's endpoint API.
-    def endpoint(endpoint_id: str, request: Request) -> str:
-        if not state.authorized(_bearer(request)):
+    def endpoint(endpoint_id: str, request: Request) -> Endpoint:
+        if (caller := state.caller(_bearer(request))) is None:
             raise WorkerError("UNAUTHORIZED", "missing or invalid API key (Authorization: Bearer <key>)", status=401)
         if endpoint_id not in state.model_keys:
             raise WorkerError(
                 "UNKNOWN_ENDPOINT", f"no endpoint {endpoint_id!r}; this server serves {state.model_keys}", status=404
             )
-        return endpoint_id
+        return Endpoint(endpoint_id, caller)
 
-    async def job_of(model_key: str, job_id: str) -> Job:
+    async def job_of(ep: Endpoint, job_id: str) -> Job:
         job = await state.call(state.store.get, job_id)
-        if job is None or job.model_key != model_key:
+        if job is None or job.model_key != ep.model_key or not ep.caller.sees(job):
             raise WorkerError("NOT_FOUND", f"no job {job_id!r} (unknown, or its result expired)", status=404)
         return job
 
-    async def new_job(model_key: str, body: RunRequest, request: Request, result_ttl_s: int) -> Job:
+    async def new_job(ep: Endpoint, body: RunRequest, request: Request, result_ttl_s: int) -> Job:
         if body.webhook:  # refused now with a 4xx, and checked again when it is sent
             await anyio.to_thread.run_sync(check_url, body.webhook, "webhook", settings)
         policy = body.policy or Policy()
         idempotency = request.headers.get("idempotency-key")
         return Job(
-            model_key=model_key,
+            model_key=ep.model_key,
             input=body.input,
             webhook=body.webhook,
             execution_timeout_s=policy.execution_timeout / 1000 if policy.execution_timeout else None,
             ttl_s=policy.ttl / 1000 if policy.ttl else settings.job_ttl_s,
             result_ttl_s=result_ttl_s,
-            idempotency_key=f"runpod:{model_key}:{idempotency}" if idempotency else None,
+            idempotency_key=ep.caller.scoped(f"runpod:{ep.model_key}", idempotency),
+            owner=ep.caller.owner,
         )
 
     runpod = {"tags": ["runpod"]}
 
     @server.post("/v2/{endpoint_id}/run", **runpod, summary="Queue a job")
-    async def run(body: RunRequest, request: Request, model_key: str = Depends(endpoint)) -> dict:
-        job, _ = await state.submit(await new_job(model_key, body, request, settings.result_ttl_s))
+    async def run(body: RunRequest, request: Request, ep: Endpoint = Depends(endpoint)) -> dict:
+        job, _ = await state.submit(await new_job(ep, body, request, settings.result_ttl_s))
         return {"id": job.id, "status": job.status}
 
     @server.post("/v2/{endpoint_id}/runsync", **runpod, summary="Run a job and wait for it")
-    async def runsync(body: RunRequest, request: Request, model_key: str = Depends(endpoint)) -> dict:
-        job, _ = await state.submit(await new_job(model_key, body, request, settings.runsync_result_ttl_s))
+    async def runsync(body: RunRequest, request: Request, ep: Endpoint = Depends(endpoint)) -> dict:
+        job, _ = await state.submit(await new_job(ep, body, request, settings.runsync_result_ttl_s))
         job = await state.wait(job.id, settings.runsync_wait_s) or job
         return job.status_body()
 
     @server.get("/v2/{endpoint_id}/status/{job_id}", **runpod, summary="A job's status, progress and output")
-    async def status(job_id: str, model_key: str = Depends(endpoint)) -> dict:
-        return (await job_of(model_key, job_id)).status_body()
+    async def status(job_id: str, ep: Endpoint = Depends(endpoint)) -> dict:
+        return (await job_of(ep, job_id)).status_body()
 
     @server.get("/v2/{endpoint_id}/stream/{job_id}", **runpod, summary="A job's output, handed out once")
-    async def stream(job_id: str, model_key: str = Depends(endpoint)) -> dict:
-        job = await job_of(model_key, job_id)
+    async def stream(job_id: str, ep: Endpoint = Depends(endpoint)) -> dict:
+        job = await job_of(ep, job_id)
         chunks = []
         if job.status == "COMPLETED" and await state.call(state.store.mark_streamed, job.id):
             chunks.append({"output": job.output})
         return {"id": job.id, "status": job.status, "stream": chunks}
 
     @server.post("/v2/{endpoint_id}/cancel/{job_id}", **runpod, summary="Cancel a job")
-    async def cancel(job_id: str, model_key: str = Depends(endpoint)) -> dict:
-        await job_of(model_key, job_id)
+    async def cancel(job_id: str, ep: Endpoint = Depends(endpoint)) -> dict:
+        await job_of(ep, job_id)
         job = await state.call(state.store.cancel, job_id)
         return {"id": job_id, "status": job.status if job else "CANCELLED"}
 
     @server.post("/v2/{endpoint_id}/retry/{job_id}", **runpod, summary="Run a failed or timed-out job again")
-    async def retry(job_id: str, model_key: str = Depends(endpoint)) -> dict:
-        job = await job_of(model_key, job_id)
+    async def retry(job_id: str, ep: Endpoint = Depends(endpoint)) -> dict:
+        job = await job_of(ep, job_id)
         if job.status not in ("FAILED", "TIMED_OUT", "CANCELLED"):
             raise WorkerError(
                 "NOT_RETRYABLE",
@@ -339,12 +375,13 @@ def create_server(
         return {"id": job.id, "status": job.status}
 
     @server.post("/v2/{endpoint_id}/purge-queue", **runpod, summary="Cancel every queued job")
-    async def purge_queue(model_key: str = Depends(endpoint)) -> dict:
-        return {"removed": await state.call(state.store.purge, model_key), "status": "completed"}
+    async def purge_queue(ep: Endpoint = Depends(endpoint)) -> dict:
+        owner = None if ep.caller.admin else ep.caller.owner  # a key purges its own jobs; an admin key, all
+        return {"removed": await state.call(state.store.purge, ep.model_key, owner), "status": "completed"}
 
     @server.get("/v2/{endpoint_id}/health", **runpod, summary="Job counts and workers")
-    async def endpoint_health(model_key: str = Depends(endpoint)) -> dict:
-        return await state.call(state.store.stats, model_key)
+    async def endpoint_health(ep: Endpoint = Depends(endpoint)) -> dict:
+        return await state.call(state.store.stats, ep.model_key)
 
     @server.exception_handler(WorkerError)
     async def worker_error(request: Request, err: WorkerError) -> JSONResponse:
@@ -356,7 +393,7 @@ def create_server(
     async def direct(route: str, request: Request) -> JSONResponse:
         route = "/" + route
         key = request.headers.get("x-banana-api-key") or _bearer(request) or request.query_params.get("apiKey")
-        if not state.authorized(key):
+        if (caller := state.caller(key)) is None:
             error = WorkerError("UNAUTHORIZED", "missing or invalid API key (X-BANANA-API-KEY header)", status=401)
             return JSONResponse({"$error": error.to_dict()}, status_code=401)
         if route not in state.routes:
@@ -373,7 +410,8 @@ def create_server(
             route=route,
             input=payload,
             result_ttl_s=settings.runsync_result_ttl_s,
-            idempotency_key=f"direct:{request_id}" if request_id else None,
+            idempotency_key=caller.scoped("direct", request_id),
+            owner=caller.owner,
         )
         try:
             job, _ = await state.submit(job)
