@@ -335,9 +335,27 @@ def test_a_body_over_the_limit_is_413_even_when_chunked(server: str) -> None:
         timeout=60,
     )
     assert declared.status_code == chunked.status_code == 413
-    assert "MAX_BODY_BYTES" in declared.json()["error"] and "MAX_BODY_BYTES" in chunked.json()["detail"]
+    for answer in (declared, chunked):
+        assert answer.json()["$error"]["code"] == "PAYLOAD_TOO_LARGE" and "MAX_BODY_BYTES" in answer.json()["error"]
 
 
-def test_a_body_that_is_not_json_says_so(server: str) -> None:
-    response = rp(server, "POST", "run", data=b"{not json", headers={"Content-Type": "application/json"})
-    assert response.status_code == 400 and response.json()["error"] == "the body is not valid JSON"
+def test_malformed_or_deeply_nested_json_is_a_400_with_the_error_body_on_every_route(server: str) -> None:
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}", "X-BANANA-API-KEY": KEY}
+    deep = b"[" * 100_000 + b"]" * 100_000  # a RecursionError in json.loads
+    for body in (b"{not json", deep, b'{"input": ' + deep + b"}"):
+        for route in ("/", "/start/v4/", "/check/v4/", "/v2/tiny-sd/run", "/v2/tiny-sd/runsync"):
+            response = requests.post(f"{server}{route}", data=body, headers=headers, timeout=30)
+            assert response.status_code == 400, (route, response.text[:200])
+            assert response.json()["$error"]["code"] == "INVALID_JSON", route
+
+
+def test_json_nested_as_deep_as_the_parser_allows_is_refused_with_the_limit(server: str) -> None:
+    nested: object = "x"
+    for _ in range(900):
+        nested = [nested]
+    direct = requests.post(server, json={**FAST, "extra": nested}, headers={"X-BANANA-API-KEY": KEY}, timeout=60)
+    queued = rp(server, "POST", "runsync", json={"input": {**FAST, "extra": nested}})
+    for response in (direct, queued):
+        assert response.status_code == 400, response.text[:300]
+        assert response.json()["$error"]["code"] == "INVALID_JSON" and "deeper than 64" in response.json()["error"]
+    assert rp(server, "POST", "runsync", json={"input": {**FAST, "extra": [[[["fine"]]]]}}).status_code == 200

@@ -24,13 +24,15 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import Settings
 from ..errors import WorkerError
@@ -69,6 +71,29 @@ def api_keys(settings: Settings) -> list[str]:
     return [key]
 
 
+MAX_JSON_DEPTH = 64
+"""How deep a request's JSON may nest: a request needs a handful of levels, and a deeper one would only make
+the job store and the handler recurse."""
+
+
+def nested_too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether `value` (parsed JSON) nests deeper than `limit` lists and objects; iterative, so any depth is safe."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
+def _shallow(value: Any) -> Any:
+    if nested_too_deep(value):
+        raise PydanticCustomError("json_too_deep", "nested deeper than {limit} levels", {"limit": MAX_JSON_DEPTH})
+    return value
+
+
 class Banana(BaseModel):
     """A Banana v4 body (start or check); other fields are ignored, as the hosted API did."""
 
@@ -77,7 +102,7 @@ class Banana(BaseModel):
     created: int | None = None
     api_key: str | None = Field(None, alias="apiKey")
     model_key: str | None = Field(None, alias="modelKey")
-    model_inputs: Any = Field(None, alias="modelInputs")
+    model_inputs: Annotated[Any, AfterValidator(_shallow)] = Field(None, alias="modelInputs")
     start_only: bool = Field(False, alias="startOnly")
     call_id: str | None = Field(None, alias="callID")
     long_poll: bool = Field(False, alias="longPoll")
@@ -95,7 +120,7 @@ class RunRequest(BaseModel):
     """A RunPod /run or /runsync body."""
 
     model_config = ConfigDict(extra="ignore")
-    input: dict[str, Any]
+    input: Annotated[dict[str, Any], AfterValidator(_shallow)]
     webhook: str | None = Field(None, pattern=r"^https?://")
     policy: Policy | None = None
 
@@ -188,6 +213,15 @@ class BodyLimit:
         return await self.app(scope, counted, send)
 
 
+NOT_JSON = "the body is not valid JSON, or is nested too deep"
+HTTP_ERRORS = {
+    400: ("INVALID_JSON", NOT_JSON),  # FastAPI's "error parsing the body": a RecursionError, say
+    404: ("NOT_FOUND", "no such route"),
+    405: ("METHOD_NOT_ALLOWED", "this route does not take that method"),
+    413: ("PAYLOAD_TOO_LARGE", "the body is over MAX_BODY_BYTES"),
+}
+
+
 def _bearer(request: Request) -> str | None:
     auth = request.headers.get("authorization", "")
     return auth[7:].strip() if auth[:7].lower() == "bearer " else None
@@ -208,12 +242,24 @@ def create_server(
 
     server.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
+    @server.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Every error the framework raises (a body it cannot parse, an unknown route, a wrong method, a body
+        over the limit) answers like the worker's own: `error` and `$error`."""
+        code, message = HTTP_ERRORS.get(exc.status_code, (f"HTTP_{exc.status_code}", str(exc.detail)))
+        if exc.status_code == 413:
+            message = str(exc.detail)
+        error = WorkerError(code, message, status=exc.status_code)
+        return JSONResponse({"error": message, "$error": error.to_dict()}, status_code=exc.status_code)
+
     @server.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         problem = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid body"}
-        if problem.get("type") == "json_invalid":
-            problem = {"loc": (), "msg": "the body is not valid JSON"}
         field = ".".join(str(part) for part in problem["loc"] if part != "body")
+        if problem.get("type") in ("json_invalid", "json_too_deep"):
+            message = NOT_JSON if problem["type"] == "json_invalid" else f"{field}: {problem['msg']}"
+            error = WorkerError("INVALID_JSON", message, field or None, status=400)
+            return JSONResponse({"error": message, "$error": error.to_dict()}, status_code=400)
         message = f"{field}: {problem['msg']}" if field else problem["msg"]
         if request.url.path.startswith(("/start/", "/check/")):
             return JSONResponse(_banana(None, f"error: invalid request: {message}"))
@@ -401,9 +447,13 @@ def create_server(
             return JSONResponse({"$error": error.to_dict()}, status_code=404)
         try:
             payload = await request.json()
-        except ValueError:
-            error = WorkerError("INVALID_JSON", "the body is not JSON", status=422)
-            return JSONResponse({"$error": error.to_dict()}, status_code=422)
+        except (ValueError, RecursionError):
+            error = WorkerError("INVALID_JSON", NOT_JSON, status=400)
+            return JSONResponse({"error": NOT_JSON, "$error": error.to_dict()}, status_code=400)
+        if nested_too_deep(payload):
+            message = f"the body is nested deeper than {MAX_JSON_DEPTH} levels"
+            error = WorkerError("INVALID_JSON", message, status=400)
+            return JSONResponse({"error": message, "$error": error.to_dict()}, status_code=400)
         request_id = request.headers.get("x-banana-request-id")
         job = Job(
             model_key=state.model_keys[0],
