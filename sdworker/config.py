@@ -105,6 +105,11 @@ class Settings(BaseSettings):
     job_ttl_s: int = Field(86400, ge=1, description="Default for policy.ttl: a job not started by then times out.")
     execution_timeout_s: float = Field(600.0, gt=0, description="Default for policy.executionTimeout.")
     lease_s: float = Field(10.0, gt=0, description="A running job whose worker is silent this long runs elsewhere.")
+    shutdown_grace_s: float = Field(
+        25.0,
+        ge=0,
+        description="On SIGTERM: no new jobs; running ones get this long to finish, then go back to the queue.",
+    )
     max_attempts: int = Field(2, ge=1, description="Runs of one job before a lost worker fails it for good.")
     webhook_secret: SecretStr | None = Field(None, description="Signs webhook bodies (HMAC-SHA256) when set.")
     webhook_timeout_s: float = Field(10.0, gt=0)

@@ -358,3 +358,14 @@ def test_the_next_job_denoises_while_the_last_one_encodes_and_no_more_are_hoarde
     assert [job.status for job in jobs] == ["COMPLETED"] * 3
     assert jobs[1].started_at < jobs[0].finished_at and jobs[2].started_at < jobs[1].finished_at
     assert most[0] == 1  # with MAX_BATCH=1 the worker never held a second job while one was denoising
+
+
+def test_a_released_job_is_queued_again_for_any_worker_without_counting_the_run(store: JobStore) -> None:
+    job, _ = store.submit(Job(model_key="m", input={}))
+    claimed = store.claim("m", "w1", timeout=1)
+    assert claimed.attempts == 1 and store.release(claimed)
+    back = store.get(job.id)
+    assert back.status == "IN_QUEUE" and back.attempts == 0 and back.worker_id is None
+    assert not store.release(claimed), "a job no longer this worker's is not handed back twice"
+    again = store.claim("m", "w2", timeout=2)  # at once: not after the lease runs out
+    assert again is not None and again.id == job.id and again.attempts == 1

@@ -104,6 +104,52 @@ def test_a_killed_workers_job_completes_once_on_another_worker(
             process.wait(10)
 
 
+def test_sigterm_finishes_the_running_job_refusing_new_ones_meanwhile(baked: dict[str, Path], tmp_path: Path) -> None:
+    url, process = serve(env_for(baked["tiny-sd"], tmp_path / "data", SHUTDOWN_GRACE_S="60"))
+    try:
+        slow = rp(url, "POST", "run", json={"input": SLOW})["id"]
+        wait_for(lambda: rp(url, "GET", f"status/{slow}").get("progress"))
+        process.send_signal(signal.SIGTERM)
+        health = wait_for(lambda: (r := requests.get(f"{url}/health", timeout=5)).status_code == 503 and r.json())
+        assert health["status"] == "draining"
+        refused = requests.post(
+            f"{url}/v2/tiny-sd/run", json={"input": FAST}, headers={"Authorization": f"Bearer {KEY}"}, timeout=30
+        )
+        assert refused.status_code == 503 and refused.json()["$error"]["code"] == "DRAINING"
+        assert refused.headers["Retry-After"] == "1"
+        assert rp(url, "GET", f"status/{slow}")["status"] == "IN_PROGRESS"  # reads are still answered
+        done = wait_for(lambda: (body := rp(url, "GET", f"status/{slow}"))["status"] == "COMPLETED" and body)
+        assert done["output"]["$meta"]["num_inference_steps"] == 300
+        assert process.wait(30) == 0
+    finally:
+        process.kill()
+        process.wait(10)
+
+
+def test_a_job_outlasting_the_shutdown_grace_goes_back_to_the_queue(baked: dict[str, Path], tmp_path: Path) -> None:
+    env = env_for(baked["tiny-sd"], tmp_path / "data", SHUTDOWN_GRACE_S="1", MAX_ATTEMPTS="1")
+    url, process = serve(env)
+    try:
+        slow = rp(url, "POST", "run", json={"input": SLOW})["id"]
+        wait_for(lambda: rp(url, "GET", f"status/{slow}").get("progress"))
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0 and time.monotonic() - started < 15
+    finally:
+        process.kill()
+        process.wait(10)
+    # Handed back, not lost: with MAX_ATTEMPTS=1 a lost run would fail it as WORKER_LOST at the next start.
+    url, process = serve(env)
+    try:
+        rerun = wait_for(
+            lambda: (body := rp(url, "GET", f"status/{slow}"))["status"] in ("COMPLETED", "FAILED") and body
+        )
+        assert rerun["status"] == "COMPLETED", rerun
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
 def test_a_fresh_server_makes_an_api_key_once_and_keeps_it(baked: dict[str, Path], tmp_path: Path) -> None:
     env = env_for(baked["tiny-sd"], tmp_path / "data")
     del env["API_KEYS"]

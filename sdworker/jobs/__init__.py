@@ -151,6 +151,11 @@ class JobStore(ABC):
         """Queue a failed, timed-out or cancelled job again under the same id."""
 
     @abstractmethod
+    def release(self, job: Job) -> bool:
+        """Hand back a job this worker still runs (a shutdown outlasted its grace period): queued again for any
+        worker, this run not counted as an attempt. False when the job is no longer this worker's."""
+
+    @abstractmethod
     def purge(self, model_key: str, owner: str | None = None) -> int:
         """Cancel every queued job for `model_key` (only `owner`'s when given); answers how many."""
 
@@ -193,6 +198,13 @@ def requeue_or_fail(job: Job, max_attempts: int) -> None:
         end(job, "FAILED", "WORKER_LOST", f"the worker running this job was lost, {job.attempts} times; not retried")
     else:
         job.status, job.started_at, job.worker_id, job.progress = "IN_QUEUE", None, None, None
+
+
+def handed_back(job: Job) -> Job:
+    """`job` queued again after a graceful shutdown outlasted its grace period; the run is not an attempt."""
+    job.status, job.started_at, job.worker_id, job.progress = "IN_QUEUE", None, None, None
+    job.attempts = max(0, job.attempts - 1)
+    return job
 
 
 def expired_in_queue(job: Job) -> bool:

@@ -18,7 +18,17 @@ from collections.abc import Callable
 import redis
 
 from ..config import Settings
-from . import Job, JobStore, end, expired_in_queue, queue_full, requeue_or_fail, reset_for_retry, stats_body
+from . import (
+    Job,
+    JobStore,
+    end,
+    expired_in_queue,
+    handed_back,
+    queue_full,
+    requeue_or_fail,
+    reset_for_retry,
+    stats_body,
+)
 
 GROUP = "workers"
 DONE_CHANNEL = "sdw:done"
@@ -305,6 +315,20 @@ class RedisStore(JobStore):
             self._redis.hincrby(f"sdw:stats:{job.model_key}", "retried", 1)
         self._notify()
         return job
+
+    def release(self, job: Job) -> bool:
+        entry = self._entries.pop(job.id, None)
+        self._claimed_at.pop(job.id, None)
+        _, released = self._update_if(
+            job.id,
+            lambda current: current.status == "IN_PROGRESS" and current.worker_id == job.worker_id,
+            handed_back,
+        )
+        if released and entry:
+            # Past the lease at once: the next claim of any worker (XAUTOCLAIM) takes the entry now.
+            idle = int(self.settings.lease_s * 1000) + 1000
+            self._redis.xclaim(_queue_key(job.model_key), GROUP, job.worker_id, 0, [entry], idle=idle, justid=True)
+        return released
 
     def purge(self, model_key: str, owner: str | None = None) -> int:
         queue = self._queue(model_key)

@@ -16,7 +16,17 @@ from typing import Any
 
 from ..config import Settings
 from ..errors import WorkerError
-from . import Job, JobStore, end, expired_in_queue, queue_full, requeue_or_fail, reset_for_retry, stats_body
+from . import (
+    Job,
+    JobStore,
+    end,
+    expired_in_queue,
+    handed_back,
+    queue_full,
+    requeue_or_fail,
+    reset_for_retry,
+    stats_body,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -193,6 +203,15 @@ class SQLiteStore(JobStore):
             self._save(job)
         self._notify()
         return job
+
+    def release(self, job: Job) -> bool:
+        with self._mutex:
+            current = self._owned(job)
+            if current is None:
+                return False
+            self._save(handed_back(current))
+        self._notify()
+        return True
 
     def purge(self, model_key: str, owner: str | None = None) -> int:
         removed = 0

@@ -59,6 +59,9 @@ class Worker:
         self._denoising = threading.BoundedSemaphore(settings.max_batch)
         self._running = 0
         self._count = threading.Lock()
+        self._active: dict[str, Job] = {}  # the jobs this worker runs now, by id
+        self._claiming = threading.Event()  # cleared by `drain`: no new job is taken
+        self._claiming.set()
 
     def run_forever(self, stop: threading.Event) -> None:
         """Claim and run jobs until `stop` is set."""
@@ -81,13 +84,18 @@ class Worker:
     def _loop(self, stop: threading.Event) -> None:
         backoff = 0.0
         while not stop.is_set():
+            if not self._claiming.is_set():
+                stop.wait(0.2)
+                continue
             slot = _Slot(self._denoising)
             if not slot.take(timeout=1.0):
                 continue
             try:
                 self.store.set_worker_state(self.model_key, self.id, self._state())
                 job = self.store.claim(self.model_key, self.id, timeout=1.0)
-                if job is not None:
+                if job is not None and not self._claiming.is_set():  # claimed as the drain began: hand it back
+                    self.store.release(job)
+                elif job is not None:
                     self.run_job(job, slot)
                 backoff = 0.0
             except Exception as err:  # the store is down (Redis restarting, a full disk): wait and try again
@@ -132,6 +140,7 @@ class Worker:
         token, fetch_token = step_hook.set(on_step), fetch_hook.set(fetching)
         with self._count:
             self._running += 1
+            self._active[job.id] = job
         try:
             self.store.set_worker_state(self.model_key, self.id, "running")
             status, body = self.run(job.route, job.input)
@@ -145,6 +154,7 @@ class Worker:
             keeper.join()
             with self._count:
                 self._running -= 1
+                self._active.pop(job.id, None)
 
         job.http_status, job.output, job.finished_at = status, body, time.time()
         job.error = failure(status, body)
@@ -159,6 +169,25 @@ class Worker:
                 self.webhooks.send(job.webhook, job.status_body())
         else:
             log.info("job %s ended elsewhere (cancelled or taken over); this run's result is dropped", job.id)
+
+    def drain(self, grace_s: float) -> int:
+        """Stop taking jobs, let the running ones finish within `grace_s`, and hand back to the queue those that
+        do not (for another worker, or this one after a restart); answers how many were handed back."""
+        self._claiming.clear()
+        deadline = time.monotonic() + grace_s
+        while self._running and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with self._count:
+            left = list(self._active.values())
+        handed = 0
+        for job in left:
+            try:
+                handed += self.store.release(job)
+            except Exception as err:  # the store is down: the job's lease runs out and another worker takes it
+                log.error("job %s: could not hand it back: %s: %s", job.id, type(err).__name__, err)
+        if left:
+            log.warning("shutdown: %d job(s) outlasted the %g s grace; %d handed back", len(left), grace_s, handed)
+        return handed
 
     def _keep_lease(self, job: Job, done: threading.Event, lost: threading.Event) -> None:
         """Every PROGRESS_EVERY_S while the job runs: keep its lease, record its progress, and set `lost` when

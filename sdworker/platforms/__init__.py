@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import threading
-from typing import Any
+from typing import Any, NoReturn
 
 log = logging.getLogger("sdworker")
 MODES = ("serve", "gateway", "worker", "potassium", "runpod")
@@ -74,16 +74,19 @@ def run(app: Any, argv: list[str] | None = None) -> None:
         loaded.set()
         worker.run_forever(stop)
 
+    def drain_then_stop() -> None:
+        worker.drain(settings.shutdown_grace_s)
+        stop.set()
+
     if settings.mode == "worker":
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=drain_then_stop, daemon=True).start())
         load_then_work(stop)
-        store.close()
-        return None
+        _leave()
 
     import uvicorn
 
-    from .server import create_server
+    from .server import DrainingServer, create_server
 
     worker_thread = threading.Thread(target=load_then_work, args=(stop,), name="worker", daemon=True)
     if settings.mode == "serve":
@@ -99,7 +102,31 @@ def run(app: Any, argv: list[str] | None = None) -> None:
         server = create_server(settings, store, runner.routes, ready)
     except WorkerError as err:
         parser.exit(1, f"error: {err.message}\n")
+
+    def drain() -> None:
+        server.state.jobs.draining = True
+        log.info("SIGTERM: taking no new jobs; running ones get %g s to finish", settings.shutdown_grace_s)
+        if settings.mode == "serve":
+            drain_then_stop()
+
     # No access log: a direct call may carry its key in the query string (BANANA_SERVER=...?apiKey=...).
-    uvicorn.run(server, host=settings.host, port=settings.port, access_log=False, log_level="warning")
+    config = uvicorn.Config(
+        server,
+        host=settings.host,
+        port=settings.port,
+        access_log=False,
+        log_level="warning",
+        timeout_graceful_shutdown=5,  # long-polls still open after the drain get this long
+    )
+    DrainingServer(config, drain).run()
     stop.set()
-    return None
+    _leave()
+
+
+def _leave() -> NoReturn:
+    """Exit 0 after a shutdown. A job handed back after the grace period may still be computing on its thread:
+    leave without the interpreter's teardown, which aborts under a thread inside torch. Every job is in the
+    store already (SQLite's committed writes are in its WAL; closing it under a running thread could not be
+    safer)."""
+    logging.shutdown()
+    os._exit(0)

@@ -17,6 +17,7 @@ import hmac
 import logging
 import os
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -27,6 +28,7 @@ from functools import partial
 from typing import Annotated, Any
 
 import anyio
+import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -162,6 +164,7 @@ class State:
         self.waiters = anyio.CapacityLimiter(256)  # threads parked in long-polls and synchronous calls
         self.sequence_number = 0
         self.last_request = time.time()
+        self.draining = False  # set on SIGTERM: new jobs are refused, reads still answered
 
     def caller(self, key: str | None) -> Caller | None:
         """The caller of an accepted key, else None; constant-time comparison against every key."""
@@ -180,6 +183,8 @@ class State:
         return await anyio.to_thread.run_sync(partial(method, *args))
 
     async def submit(self, job: Job) -> tuple[Job, bool]:
+        if self.draining:
+            raise WorkerError("DRAINING", "this server is shutting down and takes no new jobs; retry", status=503)
         self.sequence_number += 1
         self.last_request = time.time()
         return await self.call(self.store.submit, job)
@@ -220,6 +225,30 @@ HTTP_ERRORS = {
     405: ("METHOD_NOT_ALLOWED", "this route does not take that method"),
     413: ("PAYLOAD_TOO_LARGE", "the body is over MAX_BODY_BYTES"),
 }
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, except that the first SIGTERM drains before it stops: new jobs are refused with 503, status reads
+    and long-polls are still answered, /health says draining, and the running jobs get SHUTDOWN_GRACE_S to
+    finish (what outlasts it goes back to the queue). A second signal, or Ctrl-C, stops at once."""
+
+    def __init__(self, config: uvicorn.Config, drain: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.drain, self.draining = drain, False
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        """uvicorn's signal handler."""
+        if self.draining or sig != signal.SIGTERM:
+            super().handle_exit(sig, frame)
+            return
+        self.draining = True
+        threading.Thread(target=self._drain_then_exit, name="drain", daemon=True).start()
+
+    def _drain_then_exit(self) -> None:
+        try:
+            self.drain()
+        finally:
+            self.should_exit = True
 
 
 def _bearer(request: Request) -> str | None:
@@ -271,8 +300,9 @@ def create_server(
     # Health and Potassium's routes.
     @server.get("/health", tags=["health"], summary="Liveness and readiness: 200 once a worker's model is loaded")
     async def health() -> JSONResponse:
-        ready = state.ready()
-        body = {"status": "ready" if ready else "loading", "model_keys": state.model_keys}
+        ready = state.ready() and not state.draining
+        status = "draining" if state.draining else "ready" if ready else "loading"
+        body = {"status": status, "model_keys": state.model_keys}
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @server.post("/_k/warmup", tags=["potassium"], summary="Potassium's warm-up call")
@@ -431,7 +461,7 @@ def create_server(
 
     @server.exception_handler(WorkerError)
     async def worker_error(request: Request, err: WorkerError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if err.status == 429 else None
+        headers = {"Retry-After": "1"} if err.status in (429, 503) else None
         return JSONResponse({"error": err.message, "$error": err.to_dict()}, status_code=err.status, headers=headers)
 
     # Direct calls, last: `/{route}` matches any path.
