@@ -215,7 +215,8 @@ def main() -> None:
             if store == "redis":
                 port = free_port()
                 redis_process = subprocess.Popen(
-                    ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+                    # Persistent, as the worker requires of a production Redis (AOF, fsync every second).
+                    ["redis-server", "--port", str(port), "--save", "", "--appendonly", "yes", "--dir", str(work)],
                     stdout=subprocess.DEVNULL,
                 )
                 store_env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"

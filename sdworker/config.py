@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     model_key: str | None = Field(None, description="Model key(s) this deployment answers to; default from MODEL_ID.")
     data_dir: Path = Field(Path("data"), description="The SQLite job store and the generated API key.")
     redis_url: SecretStr | None = Field(None, description="redis://... to queue jobs in Redis for many workers.")
+    redis_allow_volatile: bool = Field(
+        False, description="Start even when Redis keeps nothing on disk (no AOF, no RDB): a restart loses every job."
+    )
     max_queue: int = Field(
         100, ge=1, description="Jobs queued or running per model key; past it, new ones are refused."
     )

@@ -100,30 +100,35 @@ def output_of(process: subprocess.Popen, timeout: float = 10) -> str:
     return "".join(process.output)  # type: ignore[attr-defined]
 
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real redis-server for the session, on a free port, storing nothing on disk."""
+def start_redis(folder: Path, port: int, persistent: bool = True) -> subprocess.Popen:
+    """A real redis-server on loopback, its files in `folder`; with `persistent`, an append-only file (what the
+    worker asks of a production Redis), else nothing on disk."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail("redis-server is not installed; `make test` installs it (apt-get install redis-server)")
-    port = free_port()
-    folder = tmp_path_factory.mktemp("redis")
-    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", folder]
-    process = subprocess.Popen([str(arg) for arg in args], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 20
+    keep = ["--appendonly", "yes", "--appendfsync", "everysec"] if persistent else ["--appendonly", "no"]
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *keep, "--dir", str(folder)]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     import redis
 
+    deadline = time.monotonic() + 20
     while True:
         try:
-            redis.Redis.from_url(url).ping()
-            break
+            redis.Redis(port=port).ping()
+            return process
         except redis.ConnectionError:
             if time.monotonic() > deadline or process.poll() is not None:
                 process.kill()
                 pytest.fail("redis-server did not start")
             time.sleep(0.05)
-    yield url
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server for the session, on a free port."""
+    port = free_port()
+    process = start_redis(tmp_path_factory.mktemp("redis"), port)
+    yield f"redis://127.0.0.1:{port}/0"
     process.terminate()
     process.wait(10)
 

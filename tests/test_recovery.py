@@ -11,7 +11,7 @@ from pathlib import Path
 
 import redis
 import requests
-from conftest import ROOT, free_port, output_of, start_process, wait_for
+from conftest import ROOT, free_port, output_of, start_process, start_redis, wait_for
 
 KEY = "recovery-key"
 FAST = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 3}
@@ -224,3 +224,56 @@ def test_an_empty_key_file_is_refused_never_an_open_server(baked: dict[str, Path
     del env["API_KEYS"]
     result = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "api_key is empty" in result.stderr
+
+
+def test_a_redis_that_keeps_nothing_on_disk_is_refused_unless_allowed(tmp_path: Path) -> None:
+    port = free_port()
+    volatile = start_redis(tmp_path, port, persistent=False)
+    env = {**env_for(tmp_path / "models", tmp_path / "data"), "REDIS_URL": f"redis://127.0.0.1:{port}/0"}
+    try:
+        refused = subprocess.run(
+            [sys.executable, "app.py", "--mode", "gateway"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        assert "keeps nothing on disk" in refused.stderr and "REDIS_ALLOW_VOLATILE=1" in refused.stderr
+        url, gateway = serve({**env, "REDIS_ALLOW_VOLATILE": "1"}, "--mode", "gateway")
+        assert requests.get(f"{url}/health", timeout=30).status_code == 200
+        gateway.terminate()
+        gateway.wait(10)
+    finally:
+        volatile.kill()
+        volatile.wait(10)
+
+
+def test_while_redis_is_down_the_gateway_answers_503_and_says_it_is_not_ready(tmp_path: Path) -> None:
+    port = free_port()
+    store = start_redis(tmp_path, port)
+    env = {**env_for(tmp_path / "models", tmp_path / "data"), "REDIS_URL": f"redis://127.0.0.1:{port}/0"}
+    url, gateway = serve(env, "--mode", "gateway")
+    try:
+        job = rp(url, "POST", "run", json={"input": FAST})["id"]
+        time.sleep(1.5)  # appendfsync everysec: the job is on disk
+        store.kill()
+        store.wait(10)
+        headers = {"Authorization": f"Bearer {KEY}"}
+        for method, path in (("GET", f"status/{job}"), ("POST", "run")):
+            response = requests.request(
+                method, f"{url}/v2/tiny-sd/{path}", json={"input": FAST}, headers=headers, timeout=60
+            )
+            assert response.status_code == 503, response.text
+            assert response.json()["$error"]["code"] == "STORE_UNAVAILABLE" and response.headers["Retry-After"]
+        health = requests.get(f"{url}/health", timeout=60)
+        assert health.status_code == 503 and health.json()["status"] == "store unavailable"
+        store = start_redis(tmp_path, port)  # back, with its append-only file: the job is still there
+        assert wait_for(lambda: requests.get(f"{url}/health", timeout=60).status_code == 200, timeout=60)
+        assert rp(url, "GET", f"status/{job}")["status"] == "IN_QUEUE"
+    finally:
+        gateway.terminate()
+        gateway.wait(10)
+        store.kill()
+        store.wait(10)

@@ -104,6 +104,10 @@ class JobStore(ABC):
     stores shared between processes also wake it when another process ends one.
     """
 
+    unavailable: tuple[type[Exception], ...] = ()
+    """The errors that mean the store cannot be reached right now (Redis restarting): the server answers 503 to
+    them, and the worker waits and tries again."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._changed = threading.Condition()
@@ -169,6 +173,9 @@ class JobStore(ABC):
 
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release connections."""
+
+    def ping(self) -> None:  # noqa: B027 (optional hook)
+        """Raise one of `unavailable` when the store cannot be reached."""
 
     def wait(self, job_id: str, timeout: float) -> Job | None:
         """The job once it is final, or as it stands when `timeout` s have passed."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from collections.abc import Callable
 import redis
 
 from ..config import Settings
+from ..errors import WorkerError
 from . import (
     Job,
     JobStore,
@@ -29,6 +31,8 @@ from . import (
     reset_for_retry,
     stats_body,
 )
+
+log = logging.getLogger("sdworker")
 
 GROUP = "workers"
 DONE_CHANNEL = "sdw:done"
@@ -65,6 +69,8 @@ def _queue_key(model_key: str) -> str:
 class RedisStore(JobStore):
     """Jobs in Redis at REDIS_URL."""
 
+    unavailable = (redis.ConnectionError, redis.TimeoutError)
+
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         assert settings.redis_url is not None
@@ -76,6 +82,7 @@ class RedisStore(JobStore):
             health_check_interval=30,
         )
         self._redis.ping()
+        self._check_persistence()
         self._groups: set[str] = set()
         self._submit_script: redis.commands.core.Script | None = None
         self._claimed_at: dict[str, float] = {}  # job id -> when this process last refreshed its claim
@@ -83,6 +90,28 @@ class RedisStore(JobStore):
         self._listener: threading.Thread | None = None
         self._listener_lock = threading.Lock()
         self._closed = threading.Event()
+
+    def _check_persistence(self) -> None:
+        """Refuse a Redis that keeps nothing on disk: its restart would lose every job, unseen by anyone."""
+        if self.settings.redis_allow_volatile:
+            return
+        try:
+            aof = self._redis.config_get("appendonly").get("appendonly")
+            snapshots = self._redis.config_get("save").get("save")
+        except redis.ResponseError:  # CONFIG renamed or forbidden, as on some managed services: cannot tell
+            log.warning("cannot read Redis's persistence settings (CONFIG is not allowed); make sure AOF or RDB is on")
+            return
+        if aof != "yes" and not (snapshots or "").strip():
+            raise WorkerError(
+                "REDIS_VOLATILE",
+                'the Redis at REDIS_URL keeps nothing on disk (appendonly no, save ""), so a restart would lose '
+                "every job: turn on appendonly (or RDB snapshots), or set REDIS_ALLOW_VOLATILE=1",
+                "REDIS_URL",
+                status=500,
+            )
+
+    def ping(self) -> None:
+        self._redis.ping()
 
     # Helpers.
     def _queue(self, model_key: str) -> str:

@@ -176,11 +176,18 @@ class State:
 
     async def wait(self, job_id: str, timeout: float) -> Job | None:
         """The job once final, or as it stands after `timeout` s, without holding the event loop."""
-        return await anyio.to_thread.run_sync(partial(self.store.wait, job_id, timeout), limiter=self.waiters)
+        try:
+            return await anyio.to_thread.run_sync(partial(self.store.wait, job_id, timeout), limiter=self.waiters)
+        except self.store.unavailable:
+            raise store_unavailable() from None
 
     async def call(self, method: Callable[..., Any], *args: Any) -> Any:
-        """A store method, run off the event loop: a slow or unreachable store never stalls other requests."""
-        return await anyio.to_thread.run_sync(partial(method, *args))
+        """A store method, run off the event loop: a slow or unreachable store never stalls other requests, and
+        an unreachable one is a 503 the client may retry, not a 500."""
+        try:
+            return await anyio.to_thread.run_sync(partial(method, *args))
+        except self.store.unavailable:
+            raise store_unavailable() from None
 
     async def submit(self, job: Job) -> tuple[Job, bool]:
         if self.draining:
@@ -219,6 +226,13 @@ class BodyLimit:
 
 
 NOT_JSON = "the body is not valid JSON, or is nested too deep"
+
+
+def store_unavailable() -> WorkerError:
+    """The answer while the job store cannot be reached: a 503 with Retry-After, for the client to retry."""
+    return WorkerError("STORE_UNAVAILABLE", "the job store cannot be reached right now; retry", status=503)
+
+
 HTTP_ERRORS = {
     400: ("INVALID_JSON", NOT_JSON),  # FastAPI's "error parsing the body": a RecursionError, say
     404: ("NOT_FOUND", "no such route"),
@@ -300,8 +314,15 @@ def create_server(
     # Health and Potassium's routes.
     @server.get("/health", tags=["health"], summary="Liveness and readiness: 200 once a worker's model is loaded")
     async def health() -> JSONResponse:
-        ready = state.ready() and not state.draining
-        status = "draining" if state.draining else "ready" if ready else "loading"
+        try:
+            await state.call(state.store.ping)
+            reachable = True
+        except WorkerError:
+            reachable = False
+        ready = state.ready() and not state.draining and reachable
+        status = "ready" if ready else "loading"
+        if not reachable or state.draining:
+            status = "draining" if state.draining else "store unavailable"
         body = {"status": status, "model_keys": state.model_keys}
         return JSONResponse(body, status_code=200 if ready else 503)
 
@@ -458,6 +479,13 @@ def create_server(
     @server.get("/v2/{endpoint_id}/health", **runpod, summary="Job counts and workers")
     async def endpoint_health(ep: Endpoint = Depends(endpoint)) -> dict:
         return await state.call(state.store.stats, ep.model_key)
+
+    @server.exception_handler(Exception)
+    async def unexpected(request: Request, err: Exception) -> JSONResponse:
+        """Whatever else goes wrong: logged with its traceback, answered without it."""
+        log.error("%s %s failed", request.method, request.url.path, exc_info=err)
+        error = WorkerError("INTERNAL_ERROR", "internal error; the server's log has the details", status=500)
+        return JSONResponse({"error": error.message, "$error": error.to_dict()}, status_code=500)
 
     @server.exception_handler(WorkerError)
     async def worker_error(request: Request, err: WorkerError) -> JSONResponse:
