@@ -117,7 +117,8 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = Field(None, description="Signs webhook bodies (HMAC-SHA256) when set.")
     webhook_timeout_s: float = Field(10.0, gt=0)
     webhook_retries: int = Field(2, ge=0, description="Further tries after a failed webhook delivery.")
-    webhook_retry_delay_s: float = Field(10.0, ge=0)
+    webhook_retry_delay_s: float = Field(10.0, ge=0, description="Wait before the first retry; doubles after each.")
+    webhook_concurrency: int = Field(16, ge=1, le=256, description="Webhooks sent at once, each target on its own.")
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
 
     # RunPod serverless (--mode runpod).

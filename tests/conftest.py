@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import http.server
 import io
+import json
 import os
 import shutil
 import socket
@@ -121,6 +123,53 @@ def start_redis(folder: Path, port: int, persistent: bool = True) -> subprocess.
                 process.kill()
                 pytest.fail("redis-server did not start")
             time.sleep(0.05)
+
+
+class HookTarget(http.server.ThreadingHTTPServer):
+    """A real webhook receiver on loopback: records each POST as (path, headers, JSON body) in `received`.
+    `/hang...` paths answer only after `hang_s` seconds; `/fail...` paths answer 500."""
+
+    daemon_threads = True
+    hang_s = 30.0
+
+    def __init__(self, port: int = 0) -> None:
+        self.received: list[tuple[str, dict[str, str], dict]] = []
+        target = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path.startswith("/hang"):
+                    time.sleep(target.hang_s)
+                else:
+                    target.received.append((self.path, dict(self.headers), body))
+                self.send_response(500 if self.path.startswith("/fail") else 200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        super().__init__(("127.0.0.1", port), Handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def bodies(self, path: str) -> list[dict]:
+        """The bodies received at `path`."""
+        return [body for got, _, body in self.received if got == path]
+
+    def close(self) -> None:
+        """Stop answering and free the port."""
+        self.shutdown()
+        self.server_close()
+
+
+@pytest.fixture
+def hooks() -> Iterator[HookTarget]:
+    """A webhook receiver for one test."""
+    target = HookTarget()
+    yield target
+    target.close()
 
 
 @pytest.fixture(scope="session")

@@ -8,12 +8,12 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from conftest import HookTarget, free_port, wait_for
 from pydantic import SecretStr
 
 from sdworker.config import Settings
@@ -22,6 +22,7 @@ from sdworker.generate import step_hook
 from sdworker.jobs import Job, JobStore
 from sdworker.jobs.redis_store import RedisStore
 from sdworker.jobs.sqlite_store import SQLiteStore
+from sdworker.jobs.webhooks import WebhookOutbox
 from sdworker.jobs.worker import Worker
 
 
@@ -196,43 +197,127 @@ def test_a_long_poll_wakes_when_the_job_ends(store: JobStore) -> None:
     assert time.monotonic() - started < 2
 
 
-def test_a_webhook_gets_the_status_body_signed(store: JobStore) -> None:
-    received: list[tuple[dict, bytes]] = []
+@pytest.fixture
+def outbox(store: JobStore) -> Iterator[WebhookOutbox]:
+    """The store's webhook sender, running; WEBHOOK_SECRET set."""
+    settings = store.settings.model_copy(update={"webhook_secret": SecretStr("s3cret"), "webhook_timeout_s": 2.0})
+    stop = threading.Event()
+    sender = WebhookOutbox(store, settings)
+    sender.start(stop)
+    yield sender
+    stop.set()
 
-    class Hook(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            received.append((dict(self.headers), self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.end_headers()
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Hook)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    settings = store.settings.model_copy(update={"webhook_secret": SecretStr("s3cret")})
-    job, _ = store.submit(Job(model_key="m", input={"p": 1}, webhook=f"http://127.0.0.1:{server.server_port}/hook"))
-    worker = Worker(store, steps_runner(), settings, "m")
+def test_a_webhook_gets_the_status_body_signed(store: JobStore, outbox: WebhookOutbox, hooks: HookTarget) -> None:
+    job, _ = store.submit(Job(model_key="m", input={"p": 1}, webhook=f"{hooks.url}/hook"))
+    worker = Worker(store, steps_runner(), store.settings, "m")
     worker.run_job(store.claim("m", worker.id, 1))
-    deadline = time.monotonic() + 5
-    while not received and time.monotonic() < deadline:
-        time.sleep(0.02)
-    server.shutdown()
-    headers, data = received[0]
-    assert json.loads(data)["status"] == "COMPLETED" and json.loads(data)["id"] == job.id
+    wait_for(lambda: hooks.received, timeout=10)
+    time.sleep(0.5)  # a second delivery would come now
+    [(path, headers, body)] = hooks.received
+    assert path == "/hook" and body["status"] == "COMPLETED" and body["id"] == job.id
+    assert body["output"] == {"echo": {"p": 1}, "route": "/"}
+    data = json.dumps(body).encode()
     expected = hmac.new(b"s3cret", headers["X-Webhook-Timestamp"].encode() + b"." + data, hashlib.sha256)
     assert headers["X-Webhook-Signature"] == "sha256=" + expected.hexdigest()
 
 
-def test_a_dead_webhook_never_blocks_the_worker(store: JobStore) -> None:
-    first, _ = store.submit(Job(model_key="m", input={}, webhook="http://127.0.0.1:9/nobody-listens"))
-    second, _ = store.submit(Job(model_key="m", input={}))
-    worker = Worker(store, steps_runner(), store.settings, "m")
+def test_every_final_state_sends_its_webhook(store: JobStore, outbox: WebhookOutbox, hooks: HookTarget) -> None:
+    cancelled, _ = store.submit(Job(model_key="m", input={}, webhook=f"{hooks.url}/cancelled"))
+    store.cancel(cancelled.id)
+    purged, _ = store.submit(Job(model_key="m", input={}, webhook=f"{hooks.url}/purged"))
+    store.purge("m")
+    stale, _ = store.submit(Job(model_key="m", input={}, ttl_s=0.01, webhook=f"{hooks.url}/ttl"))
+    time.sleep(0.05)
+    assert store.claim("m", "w", timeout=0.5) is None  # the stale job times out instead of running
+    timed_out, _ = store.submit(Job(model_key="m", input={}, execution_timeout_s=0.2, webhook=f"{hooks.url}/slow"))
+    worker = Worker(store, steps_runner(steps=20, delay=0.05), store.settings, "m")
+    worker.run_job(store.claim("m", worker.id, 1))
+    wait_for(lambda: len(hooks.received) >= 4, timeout=10)
+    time.sleep(0.5)
+    assert [body["status"] for body in hooks.bodies("/cancelled")] == ["CANCELLED"]
+    assert [body["status"] for body in hooks.bodies("/purged")] == ["CANCELLED"]
+    assert [body["status"] for body in hooks.bodies("/ttl")] == ["TIMED_OUT"]
+    assert [body["status"] for body in hooks.bodies("/slow")] == ["TIMED_OUT"]
+    store.retry(timed_out.id)  # a retried job ends again: one more webhook
+    store.cancel(timed_out.id)
+    wait_for(lambda: len(hooks.bodies("/slow")) == 2, timeout=10)
+    assert {stale.id, purged.id} == {hooks.bodies("/ttl")[0]["id"], hooks.bodies("/purged")[0]["id"]}
+
+
+def test_a_job_whose_workers_were_lost_sends_its_webhook(kind: str, tmp_path: Path, redis_url: str) -> None:
+    hooks = HookTarget()
+    store = open_kind(kind, tmp_path, redis_url, lease_s=0.3, max_attempts=1, allow_private_urls=True)
+    try:
+        job, _ = store.submit(Job(model_key="m", input={}, webhook=f"{hooks.url}/lost"))
+        store.claim("m", "dies", 1)
+        if kind == "sqlite":  # the process dies; the next one finds the job lost
+            store.close()
+            store = open_kind(kind, tmp_path, redis_url, lease_s=0.3, max_attempts=1, allow_private_urls=True)
+        else:  # the worker goes silent; the next claim finds the job lost
+            time.sleep(0.4)
+            assert store.claim("m", "another", 1) is None
+        stop = threading.Event()
+        WebhookOutbox(store, store.settings).start(stop)
+        wait_for(lambda: hooks.received, timeout=10)
+        stop.set()
+        [body] = hooks.bodies("/lost")
+        assert body["id"] == job.id and body["status"] == "FAILED" and "WORKER_LOST" in body["error"]
+    finally:
+        store.close()
+        hooks.close()
+
+
+def test_hanging_webhook_targets_delay_no_other_delivery(
+    store: JobStore, outbox: WebhookOutbox, hooks: HookTarget
+) -> None:
+    for n in range(6):
+        job, _ = store.submit(Job(model_key="m", input={}, webhook=f"{hooks.url}/hang-{n}"))
+        store.cancel(job.id)
+    time.sleep(0.5)  # all six are being sent, and hang
     started = time.monotonic()
+    job, _ = store.submit(Job(model_key="m", input={}, webhook=f"{hooks.url}/ok"))
+    worker = Worker(store, steps_runner(), store.settings, "m")
     worker.run_job(store.claim("m", worker.id, 1))
-    worker.run_job(store.claim("m", worker.id, 1))
-    assert time.monotonic() - started < 2
-    assert store.get(first.id).status == store.get(second.id).status == "COMPLETED"
+    wait_for(lambda: hooks.bodies("/ok"), timeout=10)
+    assert time.monotonic() - started < 2, "the webhook waited for the hanging ones"
+
+
+def test_a_refused_webhook_is_retried_then_given_up_and_a_pending_one_outlives_the_process(
+    kind: str, tmp_path: Path, redis_url: str
+) -> None:
+    hooks = HookTarget()
+    options = {"webhook_retries": 2, "webhook_retry_delay_s": 0.1, "allow_private_urls": True}
+    store = open_kind(kind, tmp_path, redis_url, **options)
+    try:
+        failing, _ = store.submit(Job(model_key="m", input={}, webhook=f"{hooks.url}/fail"))
+        store.cancel(failing.id)
+        stop = threading.Event()
+        WebhookOutbox(store, store.settings).start(stop)
+        wait_for(lambda: len(hooks.bodies("/fail")) == 3, timeout=10)
+        time.sleep(1.0)  # a fourth try would come now
+        stop.set()
+        assert len(hooks.bodies("/fail")) == 3
+        assert len({headers["X-Webhook-Id"] for _, headers, _ in hooks.received}) == 1  # one delivery, 3 tries
+        time.sleep(0.5)  # the sender has stopped
+
+        port = free_port()
+        pending, _ = store.submit(Job(model_key="m", input={}, webhook=f"http://127.0.0.1:{port}/later"))
+        store.cancel(pending.id)
+        store.close()  # the process ends before the webhook is sent
+
+        later = HookTarget(port)
+        store = open_kind(kind, tmp_path, redis_url, **options)
+        stop = threading.Event()
+        WebhookOutbox(store, store.settings).start(stop)
+        wait_for(lambda: later.received, timeout=10)
+        stop.set()
+        later.close()
+        assert [body["id"] for body in later.bodies("/later")] == [pending.id]
+        assert store.claim_deliveries(10, 1.0) == []  # nothing is left in the outbox
+    finally:
+        store.close()
+        hooks.close()
 
 
 def test_sqlite_reruns_a_job_left_running_by_a_dead_process(tmp_path: Path) -> None:

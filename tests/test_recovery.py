@@ -11,7 +11,7 @@ from pathlib import Path
 
 import redis
 import requests
-from conftest import ROOT, free_port, output_of, start_process, start_redis, wait_for
+from conftest import ROOT, HookTarget, free_port, output_of, start_process, start_redis, wait_for
 
 KEY = "recovery-key"
 FAST = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 3}
@@ -67,6 +67,31 @@ def test_jobs_and_results_survive_a_killed_server(baked: dict[str, Path], tmp_pa
     finally:
         process.terminate()
         process.wait(10)
+
+
+def test_webhooks_pending_at_a_kill_are_delivered_after_the_restart(baked: dict[str, Path], tmp_path: Path) -> None:
+    port = free_port()  # the receiver is down while the jobs end
+    env = env_for(baked["tiny-sd"], tmp_path / "data", ALLOW_PRIVATE_URLS="1", WEBHOOK_RETRY_DELAY_S="1")
+    url, process = serve(env)
+    try:
+        ids = [
+            rp(url, "POST", "run", json={"input": FAST, "webhook": f"http://127.0.0.1:{port}/hook/{n}"})["id"]
+            for n in range(12)
+        ]
+        wait_for(lambda: all(rp(url, "GET", f"status/{job}")["status"] == "COMPLETED" for job in ids))
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+    hooks = HookTarget(port)
+    url, process = serve(env)
+    try:
+        wait_for(lambda: len(hooks.received) >= len(ids), timeout=60)
+        assert sorted(body["id"] for _, _, body in hooks.received) == sorted(ids)
+        assert {body["status"] for _, _, body in hooks.received} == {"COMPLETED"}
+    finally:
+        process.terminate()
+        process.wait(10)
+        hooks.close()
 
 
 def test_a_killed_workers_job_completes_once_on_another_worker(

@@ -20,9 +20,10 @@ from conftest import png_base64
 from sdworker.config import Settings
 from sdworker.errors import WorkerError
 from sdworker.handler import handle
-from sdworker.jobs import Job
+from sdworker.jobs import Delivery, Job
 from sdworker.jobs.sqlite_store import SQLiteStore
-from sdworker.jobs.worker import WebhookSender, Worker
+from sdworker.jobs.webhooks import post
+from sdworker.jobs.worker import Worker
 from sdworker.model import LoadedModel
 from sdworker.urls import check_url, fetch
 
@@ -205,7 +206,8 @@ def test_a_webhook_to_a_private_address_is_refused_when_checked_and_when_sent(ta
         with pytest.raises(WorkerError) as refused_now:
             check_url(spelled, "webhook", settings)
         assert refused_now.value.field == "webhook" and refused_now.value.status == 422
-    assert not WebhookSender(settings).deliver(url, {"id": "job", "status": "COMPLETED"})
+    delivery = Delivery(job_id="job", url=url, body={"id": "job", "status": "COMPLETED"})
+    assert not post(delivery, settings)
     assert target.connections == 0
-    assert WebhookSender(settings.model_copy(update={"allow_private_urls": True})).deliver(url, {"id": "job"})
+    assert post(delivery, settings.model_copy(update={"allow_private_urls": True}))
     assert target.paths == ["/hook"]

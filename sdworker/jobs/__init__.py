@@ -41,6 +41,7 @@ class Job(BaseModel):
     result_ttl_s: int = 1800
     idempotency_key: str | None = None
     owner: str | None = None  # who made it: a digest of the API key (never the key); None for jobs of no key
+    webhook_queued: bool = False  # its final state is in the webhook outbox
     attempts: int = 0
     streamed: bool = False
     retries: int = 0
@@ -90,6 +91,25 @@ class Job(BaseModel):
     def error_message(self) -> str:
         """The error as one line: code, message and field."""
         return describe(self.error) if self.error else ""
+
+
+class Delivery(BaseModel):
+    """A webhook to deliver: kept in the job store's outbox from the moment its job ends until a 2xx answer, or
+    until its tries run out, so that a restart (even kill -9) loses none."""
+
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    job_id: str
+    url: str
+    body: dict[str, Any]
+    attempts: int = 0
+
+
+def outbox_entry(job: Job) -> Delivery | None:
+    """The delivery a job's save must add to the outbox, atomically: its webhook, once it is final."""
+    if not (job.final and job.webhook and not job.webhook_queued):
+        return None
+    job.webhook_queued = True
+    return Delivery(job_id=job.id, url=job.webhook, body=job.status_body())
 
 
 def queue_full(model_key: str, limit: int) -> WorkerError:
@@ -177,6 +197,15 @@ class JobStore(ABC):
     def ping(self) -> None:  # noqa: B027 (optional hook)
         """Raise one of `unavailable` when the store cannot be reached."""
 
+    @abstractmethod
+    def claim_deliveries(self, limit: int, lease_s: float) -> list[Delivery]:
+        """Up to `limit` webhooks due now, each kept from every other caller for `lease_s` (after which, if not
+        settled, it is due again: a sender that died mid-delivery loses nothing)."""
+
+    @abstractmethod
+    def settle_delivery(self, delivery: Delivery, retry_at: float | None) -> None:
+        """Delivered or given up (`retry_at` None): off the outbox. Else due again at `retry_at`."""
+
     def wait(self, job_id: str, timeout: float) -> Job | None:
         """The job once it is final, or as it stands when `timeout` s have passed."""
         deadline = time.monotonic() + timeout
@@ -224,7 +253,7 @@ def expired_in_queue(job: Job) -> bool:
 
 def reset_for_retry(job: Job) -> Job:
     """`job` as new, to run again under the same id (RunPod's /retry)."""
-    job.status, job.retries, job.attempts = "IN_QUEUE", job.retries + 1, 0
+    job.status, job.retries, job.attempts, job.webhook_queued = "IN_QUEUE", job.retries + 1, 0, False
     job.output = job.error = job.progress = job.http_status = None
     job.started_at = job.finished_at = job.worker_id = None
     job.created_at = time.time()

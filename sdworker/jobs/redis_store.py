@@ -21,11 +21,13 @@ import redis
 from ..config import Settings
 from ..errors import WorkerError
 from . import (
+    Delivery,
     Job,
     JobStore,
     end,
     expired_in_queue,
     handed_back,
+    outbox_entry,
     queue_full,
     requeue_or_fail,
     reset_for_retry,
@@ -36,6 +38,20 @@ log = logging.getLogger("sdworker")
 
 GROUP = "workers"
 DONE_CHANNEL = "sdw:done"
+OUTBOX, OUTBOX_DATA = "sdw:outbox", "sdw:outbox:data"  # delivery ids by due time; delivery JSON by id
+
+# KEYS: outbox, outbox data. ARGV: now, lease end, limit. Takes the due deliveries and makes them due again at the
+# lease's end, in one step, so two senders never take the same one.
+CLAIM_DELIVERIES = """
+local ids = redis.call("ZRANGEBYSCORE", KEYS[1], "-inf", ARGV[1], "LIMIT", 0, tonumber(ARGV[3]))
+local taken = {}
+for _, id in ipairs(ids) do
+  redis.call("ZADD", KEYS[1], ARGV[2], id)
+  local data = redis.call("HGET", KEYS[2], id)
+  if data then table.insert(taken, data) else redis.call("ZREM", KEYS[1], id) end
+end
+return taken
+"""
 
 # KEYS: job hash, stream, idempotency key ("" for none). ARGV: job JSON, status, TTL (s), queue bound, job id.
 SUBMIT = """
@@ -85,6 +101,7 @@ class RedisStore(JobStore):
         self._check_persistence()
         self._groups: set[str] = set()
         self._submit_script: redis.commands.core.Script | None = None
+        self._claim_script: redis.commands.core.Script | None = None
         self._claimed_at: dict[str, float] = {}  # job id -> when this process last refreshed its claim
         self._entries: dict[str, str] = {}  # job id -> stream entry, for jobs this process runs
         self._listener: threading.Thread | None = None
@@ -127,10 +144,17 @@ class RedisStore(JobStore):
             return job.result_ttl_s
         return int((job.ttl_s or self.settings.job_ttl_s) + (job.execution_timeout_s or 0) + 3600)
 
-    def _write(self, pipe: redis.client.Pipeline, job: Job) -> None:
+    def _write(self, pipe: redis.client.Pipeline, job: Job) -> bool:
+        """Queue the job's write on `pipe` (a MULTI), with its webhook into the outbox once it is final; True when
+        the webhook was queued (if the MULTI then fails, the caller sets `job.webhook_queued` back)."""
         key = _job_key(job.id)
+        delivery = outbox_entry(job)
         pipe.hset(key, mapping={"data": job.model_dump_json(), "status": job.status})
         pipe.expire(key, self._ttl(job))
+        if delivery is not None:
+            pipe.hset(OUTBOX_DATA, delivery.id, delivery.model_dump_json())
+            pipe.zadd(OUTBOX, {delivery.id: time.time()})
+        return delivery is not None
 
     def _ended(self, job: Job, entry: str | None) -> None:
         """Record a final job, release its stream entry and count it."""
@@ -151,6 +175,7 @@ class RedisStore(JobStore):
         key = _job_key(job_id)
         with self._redis.pipeline() as pipe:
             while True:
+                queued, job = False, None
                 try:
                     pipe.watch(key)
                     data = pipe.hget(key, "data")
@@ -162,10 +187,12 @@ class RedisStore(JobStore):
                         return job, False
                     job = change(job)
                     pipe.multi()
-                    self._write(pipe, job)
+                    queued = self._write(pipe, job)
                     pipe.execute()
                     return job, True
-                except redis.WatchError:
+                except redis.WatchError:  # changed meanwhile: look again (`change` may return the caller's job)
+                    if queued and job is not None:
+                        job.webhook_queued = False
                     continue
 
     # The interface.
@@ -344,6 +371,23 @@ class RedisStore(JobStore):
             self._redis.hincrby(f"sdw:stats:{job.model_key}", "retried", 1)
         self._notify()
         return job
+
+    def claim_deliveries(self, limit: int, lease_s: float) -> list[Delivery]:
+        if self._claim_script is None:
+            self._claim_script = self._redis.register_script(CLAIM_DELIVERIES)
+        now = time.time()
+        taken = self._claim_script(keys=[OUTBOX, OUTBOX_DATA], args=[now, now + lease_s, limit])
+        return [Delivery.model_validate_json(data) for data in taken]
+
+    def settle_delivery(self, delivery: Delivery, retry_at: float | None) -> None:
+        with self._redis.pipeline() as pipe:
+            if retry_at is None:
+                pipe.zrem(OUTBOX, delivery.id)
+                pipe.hdel(OUTBOX_DATA, delivery.id)
+            else:
+                pipe.hset(OUTBOX_DATA, delivery.id, delivery.model_dump_json())
+                pipe.zadd(OUTBOX, {delivery.id: retry_at})
+            pipe.execute()
 
     def release(self, job: Job) -> bool:
         entry = self._entries.pop(job.id, None)

@@ -17,11 +17,13 @@ from typing import Any
 from ..config import Settings
 from ..errors import WorkerError
 from . import (
+    Delivery,
     Job,
     JobStore,
     end,
     expired_in_queue,
     handed_back,
+    outbox_entry,
     queue_full,
     requeue_or_fail,
     reset_for_retry,
@@ -29,6 +31,7 @@ from . import (
 )
 
 SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (id TEXT PRIMARY KEY, due_at REAL NOT NULL, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
     model_key TEXT NOT NULL,
@@ -76,21 +79,41 @@ class SQLiteStore(JobStore):
     # Rows <-> jobs.
     def _save(self, job: Job) -> None:
         expires = job.finished_at + job.result_ttl_s if job.final and job.finished_at else None
-        self._db.execute(
-            "INSERT OR REPLACE INTO jobs"
-            " (id, model_key, status, idempotency_key, created_at, expires_at, retries, data)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                job.id,
-                job.model_key,
-                job.status,
-                job.idempotency_key,
-                job.created_at,
-                expires,
-                job.retries,
-                job.model_dump_json(),
-            ),
+        row = (
+            job.id,
+            job.model_key,
+            job.status,
+            job.idempotency_key,
+            job.created_at,
+            expires,
+            job.retries,
         )
+        delivery = outbox_entry(job)  # marks the job: serialise it after
+        statements = [
+            (
+                "INSERT OR REPLACE INTO jobs"
+                " (id, model_key, status, idempotency_key, created_at, expires_at, retries, data)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (*row, job.model_dump_json()),
+            )
+        ]
+        if delivery is not None:  # the job's end and its webhook, in one transaction
+            statements.append(
+                (
+                    "INSERT INTO outbox (id, due_at, data) VALUES (?, ?, ?)",
+                    (delivery.id, time.time(), delivery.model_dump_json()),
+                )
+            )
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, args in statements:
+                self._db.execute(sql, args)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            if delivery is not None:  # not in the outbox after all
+                job.webhook_queued = False
+            raise
 
     def _load(self, where: str, args: tuple[Any, ...]) -> Job | None:
         row = self._db.execute(f"SELECT data FROM jobs WHERE {where} LIMIT 1", args).fetchone()
@@ -203,6 +226,27 @@ class SQLiteStore(JobStore):
             self._save(job)
         self._notify()
         return job
+
+    def claim_deliveries(self, limit: int, lease_s: float) -> list[Delivery]:
+        now = time.time()
+        with self._mutex:
+            rows = self._db.execute(
+                "SELECT id, data FROM outbox WHERE due_at <= ? ORDER BY due_at LIMIT ?", (now, limit)
+            ).fetchall()
+            self._db.executemany(
+                "UPDATE outbox SET due_at = ? WHERE id = ?", [(now + lease_s, delivery_id) for delivery_id, _ in rows]
+            )
+        return [Delivery.model_validate_json(data) for _, data in rows]
+
+    def settle_delivery(self, delivery: Delivery, retry_at: float | None) -> None:
+        with self._mutex:
+            if retry_at is None:
+                self._db.execute("DELETE FROM outbox WHERE id = ?", (delivery.id,))
+            else:
+                self._db.execute(
+                    "UPDATE outbox SET due_at = ?, data = ? WHERE id = ?",
+                    (retry_at, delivery.model_dump_json(), delivery.id),
+                )
 
     def release(self, job: Job) -> bool:
         with self._mutex:

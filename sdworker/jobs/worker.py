@@ -1,4 +1,4 @@
-"""The worker loop: claim a job, run app.py's handler on it, record the result, call the webhook.
+"""The worker loop: claim a job, run app.py's handler on it, record the result (its webhook goes with it).
 
 The loop knows jobs and the handler's `(status, body)` answer, nothing of HTTP. While a job runs, a side thread
 keeps its lease and writes its progress; each denoising step stops the run once the job was cancelled or ran
@@ -8,12 +8,8 @@ past its execution timeout.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
-import json
 import logging
 import os
-import queue
 import socket
 import threading
 import time
@@ -21,11 +17,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import urlsplit
 
-import requests
-
-from .. import urls
 from ..config import Settings
 from ..errors import WorkerError, failure
 from ..generate import fetch_hook, step_hook
@@ -55,7 +47,6 @@ class Worker:
     def __init__(self, store: JobStore, run: Runner, settings: Settings, model_key: str) -> None:
         self.store, self.run, self.settings, self.model_key = store, run, settings, model_key
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.webhooks = WebhookSender(settings)
         self._denoising = threading.BoundedSemaphore(settings.max_batch)
         self._running = 0
         self._count = threading.Lock()
@@ -165,8 +156,6 @@ class Worker:
             job.status = code if code in STOPPED else "FAILED"  # type: ignore[assignment]
         if self.store.finish(job):
             log.info("job %s %s in %s ms", job.id, job.status, job.execution_ms)
-            if job.webhook:
-                self.webhooks.send(job.webhook, job.status_body())
         else:
             log.info("job %s ended elsewhere (cancelled or taken over); this run's result is dropped", job.id)
 
@@ -204,73 +193,6 @@ class Worker:
                     self.store.set_worker_state(self.model_key, self.id, self._state())
             except Exception as err:
                 log.error("job %s: heartbeat failed: %s: %s", job.id, type(err).__name__, err)
-
-
-class WebhookSender:
-    """POSTs a job's status body to its webhook, signed, with a timeout and retries, off the worker's thread.
-
-    Deliveries wait in a bounded queue served by daemon threads: a dead target delays only other webhooks,
-    never a job, and never holds up shutdown. Past the bound, new deliveries are dropped with a log line.
-    """
-
-    THREADS = 4
-    BACKLOG = 1000
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self._queue: queue.Queue[tuple[str, dict]] = queue.Queue(self.BACKLOG)
-        self._threads: list[threading.Thread] = []
-
-    def send(self, url: str, body: dict) -> None:
-        """Queue one delivery; it never blocks the caller."""
-        if not self._threads:
-            self._threads = [
-                threading.Thread(target=self._serve, name=f"webhook-{n}", daemon=True) for n in range(self.THREADS)
-            ]
-            for thread in self._threads:
-                thread.start()
-        try:
-            self._queue.put_nowait((url, body))
-        except queue.Full:
-            log.error("webhook for job %s dropped: %d deliveries are waiting", body.get("id"), self.BACKLOG)
-
-    def _serve(self) -> None:
-        while True:
-            url, body = self._queue.get()
-            try:
-                self.deliver(url, body)
-            except Exception:
-                log.exception("webhook delivery failed")
-
-    def sign(self, data: bytes, timestamp: str) -> str | None:
-        """`sha256=<hex>`: HMAC-SHA256 of `<timestamp>.<body>` with WEBHOOK_SECRET, or None when unset."""
-        if self.settings.webhook_secret is None:
-            return None
-        key = self.settings.webhook_secret.get_secret_value().encode()
-        return "sha256=" + hmac.new(key, timestamp.encode() + b"." + data, hashlib.sha256).hexdigest()
-
-    def deliver(self, url: str, body: dict) -> bool:
-        """POST `body` to `url` through the URL guard (no redirects), with retries; True once a 2xx answer came."""
-        data = json.dumps(body).encode()
-        target = urlsplit(url).hostname  # logs name the host only: the URL may hold credentials or a token
-        guarded = urls.session(self.settings)
-        for attempt in range(1 + self.settings.webhook_retries):
-            if attempt:
-                time.sleep(self.settings.webhook_retry_delay_s)
-            timestamp = str(int(time.time()))
-            headers = {"Content-Type": "application/json", "X-Webhook-Timestamp": timestamp}
-            if signature := self.sign(data, timestamp):
-                headers["X-Webhook-Signature"] = signature
-            try:
-                response = guarded.post(
-                    url, data=data, headers=headers, timeout=self.settings.webhook_timeout_s, allow_redirects=False
-                )
-                if response.status_code < 300:
-                    return True
-                log.warning("webhook to %s answered %s (try %d)", target, response.status_code, attempt + 1)
-            except requests.RequestException as err:
-                log.warning("webhook to %s failed: %s (try %d)", target, type(err).__name__, attempt + 1)
-        return False
 
 
 class _Slot:

@@ -49,6 +49,7 @@ def run(app: Any, argv: list[str] | None = None) -> None:
 
     from ..errors import WorkerError
     from ..jobs import open_store
+    from ..jobs.webhooks import WebhookOutbox
     from ..jobs.worker import Worker
     from .potassium import AppRunner
 
@@ -63,6 +64,7 @@ def run(app: Any, argv: list[str] | None = None) -> None:
     worker = Worker(store, runner, settings, model_key)
     loaded = threading.Event()
     stop = threading.Event()
+    WebhookOutbox(store, settings).start(threading.Event())  # until the process ends: nothing pending is lost
 
     def load_then_work(stop: threading.Event) -> None:
         try:
