@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .manifest import read_manifest
@@ -149,6 +149,12 @@ class Settings(BaseSettings):
     s3_region: str | None = Field(None, validation_alias=AliasChoices("S3_REGION", "AWS_REGION", "AWS_DEFAULT_REGION"))
     s3_prefix: str = Field("outputs/", description="Key prefix for uploaded images.")
     s3_url_expires_s: int = Field(3600, ge=1, le=604800, description="Lifetime of presigned URLs (SigV4: 7 days).")
+
+    @model_validator(mode="after")
+    def _s3_output_has_a_bucket(self) -> Settings:
+        if self.output_type == "s3" and not self.s3_bucket:
+            raise ValueError("OUTPUT_TYPE=s3 needs S3_BUCKET (or BUCKET_NAME): the images would have nowhere to go")
+        return self
 
     def private_data_dir(self) -> Path:
         """DATA_DIR, made if missing and readable by this user only (0700): it holds prompts, images, webhook

@@ -37,11 +37,15 @@ def handle(model: LoadedModel, payload: Any, on_step: StepCallback | None = None
                 f"model {request.model_id!r} is not on this worker, which serves {baked!r}",
                 "model_id",
             )
+        target = request.output or OutputTarget(type=model.settings.output_type)
+        if target.type == "s3" and not model.settings.s3_bucket and not target.fallback:
+            raise WorkerError(
+                "S3_NOT_CONFIGURED", "output.type s3: this server has no bucket configured (S3_BUCKET)", "output.type"
+            )
         result = generate(model, request, on_step)
         encode_started = time.perf_counter()
         encoded = [encode_image(image, request.output_format, request.output_quality) for image in result.images]
         timings = dict(result.timings, encode=round((time.perf_counter() - encode_started) * 1000, 1))
-        target = request.output or OutputTarget(type=model.settings.output_type)
         uploads, upload_error = None, None
         if target.type == "s3":
             upload_started = time.perf_counter()

@@ -89,8 +89,11 @@ def session(settings: Settings) -> requests.Session:
 def check_url(url: str, field: str, settings: Settings) -> None:
     """Refuse `url` now unless it is http(s) and names a public host (or one allowed): for URLs used later, such
     as webhooks. The same guard applies again when the URL is used, since DNS may answer otherwise by then."""
-    parts = urlsplit(url)
     refused = WorkerError("INVALID_URL", f"{field} must be an http(s) URL of a public host", field)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # "http://[" and the like
+        raise refused from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise refused
     if settings.allow_private_urls or parts.hostname.lower() in allowed_hosts(settings):
@@ -114,8 +117,11 @@ def fetch(
     failed = WorkerError(
         code, f"{field}: could not fetch the URL (a public http(s) URL answering 200 within {timeout:g} s)", field
     )
-    if urlsplit(url).scheme not in ("http", "https"):
-        raise failed
+    try:
+        if urlsplit(url).scheme not in ("http", "https"):
+            raise failed
+    except ValueError:  # not a URL at all ("http://[")
+        raise failed from None
     deadline = time.monotonic() + timeout
     reason: list[BaseException] = []
     done = threading.Event()

@@ -87,6 +87,16 @@ def test_bad_input_over_http_is_a_422_with_the_field(server: str) -> None:
     }
 
 
+def test_a_call_without_an_accepted_key_is_refused(server: str) -> None:
+    for headers in ({}, {"X-BANANA-API-KEY": "wrong"}, {"Authorization": "Bearer wrong"}):
+        response = requests.post(server, json={"prompt": "a", "num_inference_steps": 2}, headers=headers, timeout=60)
+        assert response.status_code == 401 and response.json()["$error"]["code"] == "UNAUTHORIZED", response.text
+    bearer = requests.post(
+        server, json={"prompt": "a", "num_inference_steps": 2}, headers={"Authorization": "Bearer test-key"}, timeout=60
+    )
+    assert bearer.status_code == 200 and bearer.json()["images"]
+
+
 def test_potassium_routes_answer(server: str) -> None:
     assert requests.post(f"{server}/_k/warmup", timeout=10).json() == {"warm": True}
     status = requests.get(f"{server}/__status__", timeout=10).json()

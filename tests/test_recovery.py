@@ -13,6 +13,9 @@ import redis
 import requests
 from conftest import ROOT, HookTarget, free_port, output_of, start_process, start_redis, wait_for
 
+from sdworker.config import Settings
+from sdworker.jobs.sqlite_store import SQLiteStore
+
 KEY = "recovery-key"
 FAST = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 3}
 SLOW = {"prompt": "slow", "num_inference_steps": 300}  # about 5 s on a CPU
@@ -143,12 +146,16 @@ def test_sigterm_finishes_the_running_job_refusing_new_ones_meanwhile(baked: dic
         assert refused.status_code == 503 and refused.json()["$error"]["code"] == "DRAINING"
         assert refused.headers["Retry-After"] == "1"
         assert rp(url, "GET", f"status/{slow}")["status"] == "IN_PROGRESS"  # reads are still answered
-        done = wait_for(lambda: (body := rp(url, "GET", f"status/{slow}"))["status"] == "COMPLETED" and body)
-        assert done["output"]["$meta"]["num_inference_steps"] == 300
-        assert process.wait(30) == 0
+        assert process.wait(60) == 0
     finally:
         process.kill()
         process.wait(10)
+    # The server left once the job was done: it is COMPLETED in the store, after one run, not handed back.
+    store = SQLiteStore(Settings(data_dir=tmp_path / "data"))
+    done = store.get(slow)
+    store.close()
+    assert done.status == "COMPLETED" and done.attempts == 1, done
+    assert done.output["$meta"]["num_inference_steps"] == 300
 
 
 def test_a_job_outlasting_the_shutdown_grace_goes_back_to_the_queue(baked: dict[str, Path], tmp_path: Path) -> None:

@@ -263,9 +263,49 @@ def test_a_webhook_to_a_private_address_is_refused_when_the_job_is_submitted(ser
         assert response.json()["$error"]["field"] == "webhook" and "169.254" not in response.text
 
 
-def test_runpod_bad_body_names_the_field(server: str) -> None:
+def test_bad_input_is_a_422_naming_the_field_on_every_protocol(server: str) -> None:
     response = rp(server, "POST", "run", json={"inputs": FAST})
-    assert response.status_code == 400 and response.json()["$error"]["field"] == "input"
+    assert response.status_code == 422 and response.json()["$error"]["field"] == "input"
+    direct = requests.post(server, json={**FAST, "width": 999}, headers={"X-BANANA-API-KEY": KEY}, timeout=30)
+    assert direct.status_code == 422 and direct.json()["$error"]["field"] == "width"
+    cases = [
+        ("/start/v4/", None, "body"),
+        ("/start/v4/", {"apiKey": KEY}, "modelInputs"),
+        ("/start/v4/", {"apiKey": KEY, "modelInputs": FAST, "startOnly": 0}, "startOnly"),
+        ("/check/v4/", {"apiKey": KEY}, "callID"),
+    ]
+    for route, body, field in cases:
+        answer = requests.post(f"{server}{route}", json=body, timeout=30)
+        assert answer.status_code == 422 and answer.json()["$error"]["field"] == field, (route, body, answer.text)
+        assert "error" in answer.json()["message"]  # Banana's client raises on it, as on the status
+
+
+def test_a_wrong_method_on_a_route_is_405_with_allow_and_an_unknown_route_404(server: str) -> None:
+    headers = {"Authorization": f"Bearer {KEY}", "X-BANANA-API-KEY": KEY}
+    for method, path, allowed in (
+        ("GET", "/", "POST"),
+        ("POST", "/health", "GET"),
+        ("POST", "/v2/tiny-sd/status/some-id", "GET"),
+        ("GET", "/v2/tiny-sd/run", "POST"),
+        ("DELETE", "/start/v4/", "POST"),
+    ):
+        response = requests.request(method, f"{server}{path}", headers=headers, json={}, timeout=30)
+        assert response.status_code == 405, (method, path, response.status_code)
+        assert response.headers["Allow"] == allowed and response.json()["$error"]["code"] == "METHOD_NOT_ALLOWED"
+    for method in ("GET", "POST"):
+        response = requests.request(method, f"{server}/no/such/route", headers=headers, json=FAST, timeout=30)
+        assert response.status_code == 404 and response.json()["$error"]["code"] == "NOT_FOUND"
+
+
+def test_the_openapi_document_lists_each_routes_real_answers(server: str) -> None:
+    paths = requests.get(f"{server}/openapi.json", timeout=10).json()["paths"]
+    statuses = {path: {m: set(op["responses"]) for m, op in ops.items()} for path, ops in paths.items()}
+    assert {"200", "400", "401", "404", "413", "422", "429", "500", "503"} <= statuses["/v2/{endpoint_id}/run"]["post"]
+    assert {"409"} <= statuses["/v2/{endpoint_id}/retry/{job_id}"]["post"]
+    assert {"200", "400", "401", "409", "413", "422", "503", "504"} <= statuses["/"]["post"]
+    assert {"200", "422"} <= statuses["/start/v4/"]["post"] and {"200", "503"} <= statuses["/health"]["get"]
+    run = paths["/v2/{endpoint_id}/run"]["post"]
+    assert run["parameters"][0]["schema"]["enum"] == ["tiny-sd"] and run["security"] == [{"HTTPBearer": []}]
 
 
 # Backpressure.

@@ -85,7 +85,8 @@ def test_a_failed_upload_is_an_error_unless_base64_is_allowed(sd: LoadedModel, s
 
 def test_s3_without_a_bucket_or_with_a_bad_prefix_says_which(sd: LoadedModel, s3_endpoint: str) -> None:
     status, body = handle(with_s3(sd, s3_endpoint, None), {**FAST, "output": {"type": "s3"}})
-    assert status == 500 and body["$error"]["code"] == "S3_NOT_CONFIGURED" and "S3_BUCKET" in body["$error"]["message"]
+    assert status == 422 and body["$error"]["code"] == "S3_NOT_CONFIGURED" and "S3_BUCKET" in body["$error"]["message"]
+    assert body["$error"]["field"] == "output.type"
     status, body = handle(sd, {**FAST, "output": {"type": "s3", "prefix": "../elsewhere/"}})
     assert status == 422 and body["$error"]["field"] == "output"
 

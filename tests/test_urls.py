@@ -211,3 +211,14 @@ def test_a_webhook_to_a_private_address_is_refused_when_checked_and_when_sent(ta
     assert target.connections == 0
     assert post(delivery, settings.model_copy(update={"allow_private_urls": True}))
     assert target.paths == ["/hook"]
+
+
+def test_a_url_that_does_not_parse_is_refused_like_any_other() -> None:
+    settings = Settings()
+    for broken in ("http://[", "https://host:port/", "http://[::1"):
+        with pytest.raises(WorkerError) as refused:
+            check_url(broken, "webhook", settings)
+        assert refused.value.code == "INVALID_URL" and refused.value.field == "webhook"
+        with pytest.raises(WorkerError) as failed:
+            fetch(broken, "image", settings, 1024, "IMAGE_FETCH_FAILED")
+        assert failed.value.code == "IMAGE_FETCH_FAILED" and failed.value.field == "image"

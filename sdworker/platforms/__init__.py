@@ -28,9 +28,16 @@ def run(app: Any, argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", choices=MODES, help="default: MODE, else serve")
     args, rest = parser.parse_known_args(argv)  # the rest is for RunPod's SDK in --mode runpod
 
+    from pydantic import ValidationError
+
     from ..config import Settings
 
-    settings = Settings(**({"mode": args.mode} if args.mode else {}))
+    try:
+        settings = Settings(**({"mode": args.mode} if args.mode else {}))
+    except ValidationError as err:  # one line naming the setting, not a traceback
+        problem = err.errors()[0]
+        name = ".".join(str(part) for part in problem["loc"]).upper()
+        parser.exit(2, f"error: {name + ': ' if name else ''}{problem['msg']}\n")
     if settings.mode == "potassium":
         from .potassium import serve
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hmac
 import inspect
 import logging
 import os
@@ -38,8 +39,40 @@ def serve(app: Any, settings: Settings) -> None:
             sys.setswitchinterval(default)
 
     app._init_func = init_then_restore
+    _require_keys(app, settings)
     sys.setswitchinterval(1e-5)
     app.serve(host=settings.host, port=settings.port)
+
+
+def _require_keys(app: Any, settings: Settings) -> None:
+    """With API_KEYS (or ADMIN_API_KEYS) set, app.py's routes on Potassium's server take only calls bearing one,
+    as the job server's do: `X-BANANA-API-KEY`, `Authorization: Bearer` or `?apiKey=`. Its warm-up and status
+    routes stay open, as on the job server. Without keys the server is open, as Potassium is (it expects a
+    gateway in front): that is said once at start."""
+    secrets = [value.get_secret_value() for value in (settings.api_keys, settings.admin_api_keys) if value]
+    keys = [key.strip().encode() for value in secrets for key in value.split(",") if key.strip()]
+    log = logging.getLogger("sdworker")
+    if not keys:
+        log.warning("--mode potassium without API_KEYS: anyone who reaches port %s can call the model", settings.port)
+        return
+    from flask import jsonify, request
+
+    def check_key() -> Any:
+        if request.method != "POST" or request.path in ("/_k/warmup",):
+            return None
+        auth = request.headers.get("Authorization", "")
+        given = (
+            request.headers.get("X-BANANA-API-KEY")
+            or (auth[7:].strip() if auth[:7].lower() == "bearer " else None)
+            or request.args.get("apiKey")
+            or ""
+        ).encode()
+        if any([hmac.compare_digest(given, key) for key in keys]):
+            return None
+        error = WorkerError("UNAUTHORIZED", "missing or invalid API key (X-BANANA-API-KEY header)", status=401)
+        return jsonify({"error": error.message, "$error": error.to_dict()}), 401
+
+    app._flask_app.before_request(check_key)
 
 
 class AppRunner:

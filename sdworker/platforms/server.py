@@ -29,9 +29,10 @@ from typing import Annotated, Any
 
 import anyio
 import uvicorn
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader, APIKeyQuery, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -40,6 +41,18 @@ from ..config import Settings
 from ..errors import WorkerError
 from ..jobs import Job, JobStore
 from ..urls import check_url
+from .answers import (
+    BananaAnswer,
+    BananaRefusal,
+    EndpointHealth,
+    Health,
+    JobRef,
+    JobStatus,
+    PotassiumStatus,
+    Purged,
+    StreamAnswer,
+    responses,
+)
 
 log = logging.getLogger("sdworker")
 
@@ -97,23 +110,34 @@ def _shallow(value: Any) -> Any:
 
 
 class Banana(BaseModel):
-    """A Banana v4 body (start or check); other fields are ignored, as the hosted API did."""
+    """A Banana v4 body; other fields are ignored, as the hosted API did. Types are strict: `"startOnly": 0` is
+    refused, not read as false."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, strict=True)
     id: str | None = None
     created: int | None = None
-    api_key: str | None = Field(None, alias="apiKey")
+    api_key: str = Field(alias="apiKey")
+
+
+class BananaStart(Banana):
+    """Banana's start/v4 body: the inputs of a call."""
+
     model_key: str | None = Field(None, alias="modelKey")
-    model_inputs: Annotated[Any, AfterValidator(_shallow)] = Field(None, alias="modelInputs")
+    model_inputs: Annotated[dict[str, Any], AfterValidator(_shallow)] = Field(alias="modelInputs")
     start_only: bool = Field(False, alias="startOnly")
-    call_id: str | None = Field(None, alias="callID")
+
+
+class BananaCheck(Banana):
+    """Banana's check/v4 body: which call."""
+
+    call_id: str = Field(alias="callID")
     long_poll: bool = Field(False, alias="longPoll")
 
 
 class Policy(BaseModel):
     """RunPod's per-job policy."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, strict=True)
     execution_timeout: int | None = Field(None, alias="executionTimeout", ge=1000, description="ms")
     ttl: int | None = Field(None, ge=1000, description="ms")
 
@@ -121,7 +145,7 @@ class Policy(BaseModel):
 class RunRequest(BaseModel):
     """A RunPod /run or /runsync body."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     input: Annotated[dict[str, Any], AfterValidator(_shallow)]
     webhook: str | None = Field(None, pattern=r"^https?://")
     policy: Policy | None = None
@@ -265,9 +289,18 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
-def _bearer(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
-    return auth[7:].strip() if auth[:7].lower() == "bearer " else None
+# Where callers put their API key, as the OpenAPI document's security schemes (none raises by itself: a route
+# answers 401 with the error body when no accepted key came).
+BEARER = HTTPBearer(auto_error=False, description="RunPod, OctoAI and others: `Authorization: Bearer <key>`")
+BANANA_KEY = APIKeyHeader(name="X-BANANA-API-KEY", auto_error=False, description="Banana's v6 client")
+QUERY_KEY = APIKeyQuery(name="apiKey", auto_error=False, description="BANANA_SERVER=<url>?apiKey=<key>")
+
+
+def error_answer(err: WorkerError, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The one error body: `error` (the message) and `$error`; 429 and 503 say when to retry."""
+    if err.status in (429, 503):
+        headers = {**(headers or {}), "Retry-After": "1"}
+    return JSONResponse({"error": err.message, "$error": err.to_dict()}, status_code=err.status, headers=headers)
 
 
 def create_server(
@@ -293,26 +326,33 @@ def create_server(
         if exc.status_code == 413:
             message = str(exc.detail)
         error = WorkerError(code, message, status=exc.status_code)
-        return JSONResponse({"error": message, "$error": error.to_dict()}, status_code=exc.status_code)
+        return error_answer(error, exc.headers)  # a 405 keeps its Allow header
 
     @server.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """A body that does not fit the route: 422 naming the field (400 when it is not JSON at all)."""
         problem = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid body"}
         field = ".".join(str(part) for part in problem["loc"] if part != "body")
         if problem.get("type") in ("json_invalid", "json_too_deep"):
             message = NOT_JSON if problem["type"] == "json_invalid" else f"{field}: {problem['msg']}"
-            error = WorkerError("INVALID_JSON", message, field or None, status=400)
-            return JSONResponse({"error": message, "$error": error.to_dict()}, status_code=400)
-        message = f"{field}: {problem['msg']}" if field else problem["msg"]
-        if request.url.path.startswith(("/start/", "/check/")):
-            return JSONResponse(_banana(None, f"error: invalid request: {message}"))
-        return JSONResponse(
-            {"error": message, "$error": {"code": "INVALID_REQUEST", "message": message, "field": field or None}},
-            status_code=400,
-        )
+            return error_answer(WorkerError("INVALID_JSON", message, field or None, status=400))
+        if field:
+            message = f"{field}: {problem['msg']}"
+        else:
+            field, message = "body", "the body must be a JSON object with the route's fields"
+        error = WorkerError("INVALID_REQUEST", message, field, status=422)
+        if request.url.path.startswith(("/start/", "/check/")):  # the Banana answer too: its client reads message
+            body = {**_banana(None, f"error: invalid request: {message}"), "$error": error.to_dict()}
+            return JSONResponse(body, status_code=422)
+        return error_answer(error)
 
     # Health and Potassium's routes.
-    @server.get("/health", tags=["health"], summary="Liveness and readiness: 200 once a worker's model is loaded")
+    @server.get(
+        "/health",
+        tags=["health"],
+        summary="Liveness and readiness: 200 once a worker's model is loaded",
+        responses={200: {"model": Health}, 503: {"model": Health, "description": "Not ready"}},
+    )
     async def health() -> JSONResponse:
         try:
             await state.call(state.store.ping)
@@ -326,12 +366,22 @@ def create_server(
         body = {"status": status, "model_keys": state.model_keys}
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    @server.post("/_k/warmup", tags=["potassium"], summary="Potassium's warm-up call")
+    @server.post("/_k/warmup", tags=["potassium"], summary="Potassium's warm-up call", responses=responses(413))
     async def warmup() -> dict:
         return {"warm": True}
 
-    @server.get("/__status__", tags=["potassium"], summary="Potassium's status")
-    @server.get("/_k/status", tags=["potassium"], summary="Potassium's status")
+    @server.get(
+        "/__status__",
+        tags=["potassium"],
+        summary="Potassium's status",
+        responses=responses(500, 503, ok=PotassiumStatus),
+    )
+    @server.get(
+        "/_k/status",
+        tags=["potassium"],
+        summary="Potassium's status",
+        responses=responses(500, 503, ok=PotassiumStatus),
+    )
     async def potassium_status() -> dict:
         running = (await state.call(state.store.stats, state.model_keys[0]))["jobs"]["inProgress"]
         return {
@@ -356,11 +406,9 @@ def create_server(
             return _banana(body, f"error: job {job.status.lower()}: {job.error_message()}", job)
         return _banana(body, "" if started else "running", job)
 
-    async def start(body: Banana) -> dict:
+    async def start(body: BananaStart) -> dict:
         if (caller := state.caller(body.api_key)) is None:
             return _banana(body, "error: invalid apiKey")
-        if not isinstance(body.model_inputs, dict):
-            return _banana(body, "error: invalid request: modelInputs must be a JSON object")
         try:
             job = Job(
                 id=f"call_{uuid.uuid4()}",
@@ -372,33 +420,43 @@ def create_server(
             )
             job, _ = await state.submit(job)
         except WorkerError as err:
+            if err.status == 503:  # draining, or the store unreachable: a status the client retries on
+                raise
             return _banana(body, f"error: {err.code}: {err.message}")
         if not body.start_only and not job.final:
             job = await state.wait(job.id, settings.banana_wait_s) or job
         return banana_view(body, job, started=True)
 
-    async def check(body: Banana) -> dict:
+    async def check(body: BananaCheck) -> dict:
         if (caller := state.caller(body.api_key)) is None:
             return _banana(body, "error: invalid apiKey")
-        job = await state.call(state.store.get, body.call_id or "")
+        job = await state.call(state.store.get, body.call_id)
         if job is None or not caller.sees(job):
             return _banana(body, f"error: no job with callID {body.call_id!r} (unknown, or its result expired)")
         if body.long_poll and not job.final:
             job = await state.wait(job.id, settings.banana_wait_s) or job
         return banana_view(body, job)
 
+    banana = {
+        "tags": ["banana"],
+        "response_model": None,
+        "responses": {**responses(400, 413, 500, 503, ok=BananaAnswer), 422: {"model": BananaRefusal}},
+    }
     for path in ("/start/v4", "/start/v4/"):
-        server.post(path, tags=["banana"], summary="Banana v4: start a call", include_in_schema=path.endswith("/"))(
-            start
-        )
+        server.post(path, **banana, summary="Banana v4: start a call", include_in_schema=path.endswith("/"))(start)
     for path in ("/check/v4", "/check/v4/"):
-        server.post(path, tags=["banana"], summary="Banana v4: check a call", include_in_schema=path.endswith("/"))(
-            check
-        )
+        server.post(path, **banana, summary="Banana v4: check a call", include_in_schema=path.endswith("/"))(check)
 
     # RunPod's endpoint API.
-    def endpoint(endpoint_id: str, request: Request) -> Endpoint:
-        if (caller := state.caller(_bearer(request))) is None:
+    served = Path(
+        description="The endpoint id: a model key this server serves", json_schema_extra={"enum": state.model_keys}
+    )
+
+    def endpoint(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
+        endpoint_id: str = served,
+    ) -> Endpoint:
+        if (caller := state.caller(credentials.credentials if credentials else None)) is None:
             raise WorkerError("UNAUTHORIZED", "missing or invalid API key (Authorization: Bearer <key>)", status=401)
         if endpoint_id not in state.model_keys:
             raise WorkerError(
@@ -428,24 +486,55 @@ def create_server(
             owner=ep.caller.owner,
         )
 
-    runpod = {"tags": ["runpod"]}
+    def runpod(*statuses: int, ok: type[BaseModel], **extra: Any) -> dict[str, Any]:
+        """A RunPod route's tag and documented answers: each can be 401, 404, 422, 500 and 503."""
+        documented = responses(401, 404, 422, 500, 503, *statuses, ok=ok, **extra)
+        return {"tags": ["runpod"], "responses": documented, "response_model": None}
 
-    @server.post("/v2/{endpoint_id}/run", **runpod, summary="Queue a job")
+    job_links = {  # for clients and fuzzers: what to do with the id a new job answers
+        name: {
+            "operationId": name,
+            "parameters": {"endpoint_id": "$request.path.endpoint_id", "job_id": "$response.body#/id"},
+        }
+        for name in ("status", "stream", "cancel", "retry")
+    }
+
+    @server.post(
+        "/v2/{endpoint_id}/run",
+        **runpod(400, 413, 429, ok=JobRef, links=job_links),
+        summary="Queue a job",
+        operation_id="run",
+    )
     async def run(body: RunRequest, request: Request, ep: Endpoint = Depends(endpoint)) -> dict:
         job, _ = await state.submit(await new_job(ep, body, request, settings.result_ttl_s))
         return {"id": job.id, "status": job.status}
 
-    @server.post("/v2/{endpoint_id}/runsync", **runpod, summary="Run a job and wait for it")
+    @server.post(
+        "/v2/{endpoint_id}/runsync",
+        **runpod(400, 413, 429, ok=JobStatus, links=job_links),
+        summary="Run a job and wait for it",
+        operation_id="runsync",
+    )
     async def runsync(body: RunRequest, request: Request, ep: Endpoint = Depends(endpoint)) -> dict:
         job, _ = await state.submit(await new_job(ep, body, request, settings.runsync_result_ttl_s))
         job = await state.wait(job.id, settings.runsync_wait_s) or job
         return job.status_body()
 
-    @server.get("/v2/{endpoint_id}/status/{job_id}", **runpod, summary="A job's status, progress and output")
+    @server.get(
+        "/v2/{endpoint_id}/status/{job_id}",
+        **runpod(ok=JobStatus),
+        summary="A job's status, progress and output",
+        operation_id="status",
+    )
     async def status(job_id: str, ep: Endpoint = Depends(endpoint)) -> dict:
         return (await job_of(ep, job_id)).status_body()
 
-    @server.get("/v2/{endpoint_id}/stream/{job_id}", **runpod, summary="A job's output, handed out once")
+    @server.get(
+        "/v2/{endpoint_id}/stream/{job_id}",
+        **runpod(ok=StreamAnswer),
+        summary="A job's output, handed out once",
+        operation_id="stream",
+    )
     async def stream(job_id: str, ep: Endpoint = Depends(endpoint)) -> dict:
         job = await job_of(ep, job_id)
         chunks = []
@@ -453,13 +542,20 @@ def create_server(
             chunks.append({"output": job.output})
         return {"id": job.id, "status": job.status, "stream": chunks}
 
-    @server.post("/v2/{endpoint_id}/cancel/{job_id}", **runpod, summary="Cancel a job")
+    @server.post(
+        "/v2/{endpoint_id}/cancel/{job_id}", **runpod(ok=JobRef), summary="Cancel a job", operation_id="cancel"
+    )
     async def cancel(job_id: str, ep: Endpoint = Depends(endpoint)) -> dict:
         await job_of(ep, job_id)
         job = await state.call(state.store.cancel, job_id)
         return {"id": job_id, "status": job.status if job else "CANCELLED"}
 
-    @server.post("/v2/{endpoint_id}/retry/{job_id}", **runpod, summary="Run a failed or timed-out job again")
+    @server.post(
+        "/v2/{endpoint_id}/retry/{job_id}",
+        **runpod(409, ok=JobRef),
+        summary="Run a failed or timed-out job again",
+        operation_id="retry",
+    )
     async def retry(job_id: str, ep: Endpoint = Depends(endpoint)) -> dict:
         job = await job_of(ep, job_id)
         if job.status not in ("FAILED", "TIMED_OUT", "CANCELLED"):
@@ -471,12 +567,22 @@ def create_server(
         job = await state.call(state.store.retry, job_id) or job
         return {"id": job.id, "status": job.status}
 
-    @server.post("/v2/{endpoint_id}/purge-queue", **runpod, summary="Cancel every queued job")
+    @server.post(
+        "/v2/{endpoint_id}/purge-queue",
+        **runpod(ok=Purged),
+        summary="Cancel every queued job of this key",
+        operation_id="purge_queue",
+    )
     async def purge_queue(ep: Endpoint = Depends(endpoint)) -> dict:
         owner = None if ep.caller.admin else ep.caller.owner  # a key purges its own jobs; an admin key, all
         return {"removed": await state.call(state.store.purge, ep.model_key, owner), "status": "completed"}
 
-    @server.get("/v2/{endpoint_id}/health", **runpod, summary="Job counts and workers")
+    @server.get(
+        "/v2/{endpoint_id}/health",
+        **runpod(ok=EndpointHealth),
+        summary="Job counts and workers",
+        operation_id="endpoint_health",
+    )
     async def endpoint_health(ep: Endpoint = Depends(endpoint)) -> dict:
         return await state.call(state.store.stats, ep.model_key)
 
@@ -484,51 +590,65 @@ def create_server(
     async def unexpected(request: Request, err: Exception) -> JSONResponse:
         """Whatever else goes wrong: logged with its traceback, answered without it."""
         log.error("%s %s failed", request.method, request.url.path, exc_info=err)
-        error = WorkerError("INTERNAL_ERROR", "internal error; the server's log has the details", status=500)
-        return JSONResponse({"error": error.message, "$error": error.to_dict()}, status_code=500)
+        return error_answer(
+            WorkerError("INTERNAL_ERROR", "internal error; the server's log has the details", status=500)
+        )
 
     @server.exception_handler(WorkerError)
     async def worker_error(request: Request, err: WorkerError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if err.status in (429, 503) else None
-        return JSONResponse({"error": err.message, "$error": err.to_dict()}, status_code=err.status, headers=headers)
+        return error_answer(err)
 
-    # Direct calls, last: `/{route}` matches any path.
-    @server.post("/{route:path}", tags=["direct"], summary="Call app.py's handler and wait for its answer")
-    async def direct(route: str, request: Request) -> JSONResponse:
-        route = "/" + route
-        key = request.headers.get("x-banana-api-key") or _bearer(request) or request.query_params.get("apiKey")
-        if (caller := state.caller(key)) is None:
-            error = WorkerError("UNAUTHORIZED", "missing or invalid API key (X-BANANA-API-KEY header)", status=401)
-            return JSONResponse({"$error": error.to_dict()}, status_code=401)
-        if route not in state.routes:
-            error = WorkerError("NOT_FOUND", f"no route {route}; this app serves {sorted(state.routes)}", status=404)
-            return JSONResponse({"$error": error.to_dict()}, status_code=404)
-        try:
-            payload = await request.json()
-        except (ValueError, RecursionError):
-            error = WorkerError("INVALID_JSON", NOT_JSON, status=400)
-            return JSONResponse({"error": NOT_JSON, "$error": error.to_dict()}, status_code=400)
-        if nested_too_deep(payload):
-            message = f"the body is nested deeper than {MAX_JSON_DEPTH} levels"
-            error = WorkerError("INVALID_JSON", message, status=400)
-            return JSONResponse({"error": message, "$error": error.to_dict()}, status_code=400)
-        request_id = request.headers.get("x-banana-request-id")
-        job = Job(
-            model_key=state.model_keys[0],
-            route=route,
-            input=payload,
-            result_ttl_s=settings.runsync_result_ttl_s,
-            idempotency_key=caller.scoped("direct", request_id),
-            owner=caller.owner,
-        )
-        try:
-            job, _ = await state.submit(job)
-        except WorkerError as err:  # a full queue: 503, which Banana's v6 client retries with backoff
-            return JSONResponse({"$error": err.to_dict()}, status_code=503, headers={"Retry-After": "1"})
-        if state.routes[route]:
-            return JSONResponse({"started": True})
-        job = await state.wait(job.id, settings.direct_wait_s) or job
-        return _direct_answer(job, settings.direct_wait_s)
+    # Direct calls: each route app.py registers, answered when its job is done, as Potassium does.
+    def direct_route(route: str) -> Callable[..., Any]:
+        async def direct(
+            request: Request,
+            header_key: Annotated[str | None, Depends(BANANA_KEY)],
+            credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
+            query_key: Annotated[str | None, Depends(QUERY_KEY)],
+        ) -> JSONResponse:
+            key = header_key or (credentials.credentials if credentials else None) or query_key
+            if (caller := state.caller(key)) is None:
+                raise WorkerError("UNAUTHORIZED", "missing or invalid API key (X-BANANA-API-KEY header)", status=401)
+            try:
+                payload = await request.json()
+            except (ValueError, RecursionError):
+                raise WorkerError("INVALID_JSON", NOT_JSON, status=400) from None
+            if nested_too_deep(payload):
+                raise WorkerError("INVALID_JSON", f"the body is nested deeper than {MAX_JSON_DEPTH} levels", status=400)
+            request_id = request.headers.get("x-banana-request-id")
+            job = Job(
+                model_key=state.model_keys[0],
+                route=route,
+                input=payload,
+                result_ttl_s=settings.runsync_result_ttl_s,
+                idempotency_key=caller.scoped("direct", request_id),
+                owner=caller.owner,
+            )
+            try:
+                job, _ = await state.submit(job)
+            except WorkerError as err:  # a full queue: 503, which Banana's v6 client retries with backoff
+                raise WorkerError(err.code, err.message, err.field, status=503) from None
+            if state.routes[route]:
+                return JSONResponse({"started": True})
+            job = await state.wait(job.id, settings.direct_wait_s) or job
+            return _direct_answer(job, settings.direct_wait_s)
+
+        return direct
+
+    direct_body = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}}
+    for route in state.routes:
+        server.post(
+            route,
+            tags=["direct"],
+            summary=f"Call app.py's handler for {route} and wait for its answer",
+            description="The body is the handler's input (this template's `/`: a generation request; see README).",
+            responses={
+                200: {"description": "The handler's answer", "content": {"application/json": {"schema": {}}}},
+                **responses(400, 401, 409, 413, 422, 500, 502, 503, 504),
+            },
+            openapi_extra=direct_body,
+            operation_id="direct" if route == "/" else f"direct_{route.strip('/').replace('/', '_')}",
+        )(direct_route(route))
 
     return server
 

@@ -1,0 +1,135 @@
+# ruff: noqa: N815 (the field names are the wire names clients read: delayTime, callID, ...)
+"""What the job server answers, as the OpenAPI document shows it: each route's bodies and every status it can give.
+
+These models document; the routes build their answers themselves (so nothing a client reads is filtered out),
+and the contract test (tests/test_contract.py) checks with schemathesis that every answer fits what is written here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong: a stable code, a sentence, and the request field at fault (when one is)."""
+
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error: `$error`, and `error`, the message alone (RunPod clients print it)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    error: str | None = None
+    detail: ErrorDetail = Field(alias="$error")
+
+
+class JobRef(BaseModel):
+    """A queued job, or a job's new state after cancel or retry."""
+
+    id: str
+    status: str
+
+
+class JobStatus(BaseModel):
+    """RunPod's status body (also the webhook body): output once completed, error once failed."""
+
+    id: str
+    status: str = Field(description="IN_QUEUE, IN_PROGRESS, COMPLETED, FAILED, CANCELLED or TIMED_OUT")
+    delayTime: int | None = Field(None, description="ms in the queue")
+    executionTime: int | None = Field(None, description="ms running")
+    progress: dict[str, int] | None = Field(None, description="{step, total} while running")
+    output: Any = Field(None, description="the handler's answer, once COMPLETED")
+    error: str | None = None
+    retries: int | None = None
+    workerId: str | None = None
+
+
+class StreamAnswer(BaseModel):
+    """RunPod's stream body: the output, handed out once."""
+
+    id: str
+    status: str
+    stream: list[dict[str, Any]]
+
+
+class Purged(BaseModel):
+    """How many queued jobs purge-queue cancelled."""
+
+    removed: int
+    status: str
+
+
+class EndpointHealth(BaseModel):
+    """RunPod's endpoint health: job counts and workers."""
+
+    jobs: dict[str, int]
+    workers: dict[str, int]
+
+
+class BananaAnswer(BaseModel):
+    """A Banana v4 answer. A failure says "error" in `message` (the client raises on it)."""
+
+    id: str
+    message: str
+    created: int
+    apiVersion: str
+    callID: str | None
+    finished: bool
+    modelOutputs: list[Any] | None
+    status: str | None = None
+    progress: dict[str, int] | None = None
+
+
+class BananaRefusal(BananaAnswer):
+    """A Banana call refused before it became a job (a body that is not a call): the Banana answer and `$error`."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    detail: ErrorDetail = Field(alias="$error")
+
+
+class Health(BaseModel):
+    """Readiness: 200 `ready`; 503 `loading`, `draining` or `store unavailable`."""
+
+    status: str
+    model_keys: list[str]
+
+
+class PotassiumStatus(BaseModel):
+    """Potassium's status body."""
+
+    gpu_available: bool
+    sequence_number: int
+    idle_time: int
+    inference_time: int
+
+
+ERROR_MEANING = {
+    400: "Malformed JSON, or JSON nested deeper than 64 levels (INVALID_JSON)",
+    401: "Missing or invalid API key",
+    404: "No such endpoint or job, or a job of another API key",
+    409: "Not possible in the job's state",
+    413: "Body over MAX_BODY_BYTES",
+    422: "Invalid input: `$error.field` names the field and the limit",
+    429: "Queue full (MAX_QUEUE); retry after Retry-After",
+    500: "Internal error (logged; no details in the answer)",
+    502: "An upstream store (S3) refused the images",
+    503: "Draining (SIGTERM), job store unreachable, or queue full on direct calls; retry after Retry-After",
+    504: "The job outlasted the call's wait; it goes on",
+}
+
+
+def responses(*statuses: int, ok: type[BaseModel] | None = None, **extra: Any) -> dict[int | str, dict[str, Any]]:
+    """The `responses` of a route: its success body (when it has a model) and each error status it can give."""
+    documented: dict[int | str, dict[str, Any]] = {}
+    if ok is not None:
+        documented[200] = {"model": ok, **extra}
+    for status in statuses:
+        documented[status] = {"model": ErrorBody, "description": ERROR_MEANING[status]}
+        if status in (429, 503):
+            documented[status]["headers"] = {"Retry-After": {"schema": {"type": "string"}, "description": "seconds"}}
+    return documented
