@@ -2,7 +2,7 @@
 
 `python app.py` serves it on HOST:PORT: direct calls, Banana's start/check, RunPod's endpoint API and Potassium's
 routes (`--mode gateway|worker|potassium` for the others). To change what the worker does per request, start at
-`sdworker/handler.py`; to change how the model loads, `sdworker/model.py`.
+`sdworker/handler.py`; to change how the model loads, `sdworker/model/`.
 """
 
 import logging
@@ -20,7 +20,7 @@ app = Potassium("sd-worker")
 
 @app.init
 def init() -> dict:
-    """Runs once at start: load the fp16 pipeline onto the GPU (fp32 on a CPU)."""
+    """Runs once at start: load the baked pipeline onto the GPU in its family's dtype (fp32 on a CPU)."""
     return {"model": load_model(Settings())}
 
 

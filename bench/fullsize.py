@@ -210,7 +210,7 @@ def build_sd15(dest: Path, device: str = "cpu", seed: int = 0) -> dict[str, int]
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sdworker.model import _tiny_tokenizer
+    from sdworker.model.recipes import _tiny_tokenizer
 
     torch.manual_seed(seed)
     with _quiet():
@@ -236,7 +236,7 @@ def build_sdxl(dest: Path, device: str = "cpu", seed: int = 0) -> dict[str, int]
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from sdworker.model import _tiny_tokenizer
+    from sdworker.model.recipes import _tiny_tokenizer
 
     torch.manual_seed(seed)
     with _quiet():

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=1, le=65535)
     device: str | None = Field(None, description="torch device; default cuda when available, else cpu.")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="Weights' dtype at load: auto is the family's GPU dtype on CUDA, float32 elsewhere."
+    )
     attention: Literal["sdpa", "xformers"] = Field("sdpa", description="Attention backend on CUDA.")
 
     # Speed options, each applied at load (bench/gpu.py measures every one; see the README's Performance section).

@@ -19,7 +19,7 @@ from PIL import Image
 
 from .errors import WorkerError
 from .images import decode_image
-from .model import LoadedModel
+from .model import LoadedModel, fit_request
 from .schedulers import make_scheduler
 from .schema import MAX_SEED, GenerateInput, check_size
 
@@ -108,6 +108,7 @@ def generate(model: LoadedModel, request: GenerateInput, on_step: StepCallback |
     Calls from several threads take turns on the model; with MAX_BATCH > 1, text-to-image calls waiting whose
     shapes agree run together as one batch, each image with its own generator, so each gets the image it would
     alone, up to float rounding (a batch's kernels may add up in another order)."""
+    request = fit_request(request, model.row, model.distilled)
     settings, task = model.settings, request.task
     started = time.perf_counter()
     urls = [value for value in (request.image, request.mask_image) if value and value.startswith("http")]
@@ -115,15 +116,23 @@ def generate(model: LoadedModel, request: GenerateInput, on_step: StepCallback |
     with hook() if hook else nullcontext(None) as check:
         init = decode_image(request.image, "image", settings, check) if request.image else None
         mask = decode_image(request.mask_image, "mask_image", settings, check) if request.mask_image else None
-    width = request.width or (init.width // 8 * 8 if init else model.default_size)
-    height = request.height or (init.height // 8 * 8 if init else model.default_size)
+    multiple = model.size_multiple
+    width = request.width or (init.width // multiple * multiple if init else model.default_size)
+    height = request.height or (init.height // multiple * multiple if init else model.default_size)
+    for name, side in (("width", width), ("height", height)):
+        if side % multiple:
+            raise WorkerError(
+                "INVALID_INPUTS", f"{name} must be a multiple of {multiple} for {model.family} (got {side})", name
+            )
     check_size(width, height, settings)
     kwargs: dict[str, Any] = {}
+    if request.max_sequence_length is not None:
+        kwargs["max_sequence_length"] = request.max_sequence_length
     if init is not None:
         kwargs.update(image=init.resize((width, height), Image.LANCZOS), strength=request.strength)
     if mask is not None:
         kwargs["mask_image"] = mask.resize((width, height), Image.NEAREST)
-    if task != "img2img":  # img2img takes its size from the image
+    if task != "img2img" or model.row.sized_img2img:  # SD's img2img takes its size from the image
         kwargs.update(width=width, height=height)
     scheduler, scheduler_name = make_scheduler(request.scheduler, model.baked_scheduler)
     job = _Job(
@@ -167,6 +176,7 @@ def _batch_key(request: GenerateInput, kwargs: dict[str, Any], scheduler: Any) -
         request.num_inference_steps,
         request.guidance_scale,
         request.negative_prompt is None,
+        request.max_sequence_length,
         type(scheduler).__name__,
         config,
     )

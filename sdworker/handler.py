@@ -15,7 +15,7 @@ from typing import Any
 from .errors import WorkerError
 from .generate import StepCallback, generate
 from .images import encode_image
-from .model import LoadedModel
+from .model import LoadedModel, fit_request
 from .schema import OutputTarget, check_limits, parse_request
 from .storage import upload_image
 
@@ -29,6 +29,7 @@ def handle(model: LoadedModel, payload: Any, on_step: StepCallback | None = None
     where: dict[str, str] = {}
     try:
         request, where = parse_request(payload)
+        request = fit_request(request, model.row, model.distilled)
         check_limits(request, model.settings)
         baked = model.manifest.get("model_id")
         if request.model_id is not None and request.model_id != baked:

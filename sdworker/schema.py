@@ -71,8 +71,15 @@ class GenerateInput(BaseModel):
 
     prompt: str = Field(min_length=1, description="What to draw.")
     negative_prompt: str | None = Field(None, description="What to steer away from.")
-    num_inference_steps: int = Field(50, ge=1, description="Denoising steps (limit: MAX_STEPS).")
-    guidance_scale: float = Field(7.5, ge=0, le=50, description="Classifier-free guidance; <= 1 turns it off.")
+    num_inference_steps: int | None = Field(
+        None, ge=1, description="Denoising steps (limit: MAX_STEPS); default: the family's (50 for SD, 4 distilled)."
+    )
+    guidance_scale: float | None = Field(
+        None, ge=0, le=50, description="Classifier-free guidance; <= 1 turns it off; default: the family's."
+    )
+    max_sequence_length: int | None = Field(
+        None, ge=1, le=512, description="T5 prompt tokens (sd3, flux); default: the pipeline's."
+    )
     width: int | None = Field(None, ge=64, description="Multiple of 8; default: the model's native size.")
     height: int | None = Field(None, ge=64, description="Multiple of 8; default: the model's native size.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="0 to 2**64-1; null, false or -1: random.")
@@ -176,7 +183,7 @@ def check_limits(request: GenerateInput, settings: Settings) -> None:
         text = getattr(request, field) or ""
         if len(text) > settings.max_prompt_chars:
             fail(field, f"{field} has {len(text)} characters; the limit is {settings.max_prompt_chars}")
-    if request.num_inference_steps > settings.max_steps:
+    if (request.num_inference_steps or 1) > settings.max_steps:
         fail("num_inference_steps", f"num_inference_steps must be at most {settings.max_steps}")
     if request.num_images_per_prompt > settings.max_images:
         fail("num_images_per_prompt", f"num_images_per_prompt must be at most {settings.max_images}")
@@ -199,7 +206,7 @@ def check_limits(request: GenerateInput, settings: Settings) -> None:
         fail("mask_image", "inpaint needs a mask_image")
     if task == "img2img" and request.mask_image:
         fail("mask_image", "mask_image is for inpaint, not img2img")
-    if task != "text2img" and int(request.num_inference_steps * request.strength) < 1:
+    if task != "text2img" and int((request.num_inference_steps or 1) * request.strength) < 1:
         fail("strength", "strength x num_inference_steps must be at least 1 step")
 
 

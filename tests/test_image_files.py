@@ -45,11 +45,16 @@ def test_the_weights_layer_copies_everything_download_py_imports(tmp_path: Path)
             assert dest.endswith("/") and not dest.startswith("/"), f"COPY {args}: expected a folder under WORKDIR"
             (app / dest).mkdir(parents=True, exist_ok=True)
             for source in sources:
-                shutil.copy2(ROOT / source, app / dest / Path(source).name)
+                if (ROOT / source).is_dir():  # COPY of a folder copies what is in it
+                    shutil.copytree(
+                        ROOT / source, app / dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__")
+                    )
+                else:
+                    shutil.copy2(ROOT / source, app / dest / Path(source).name)
                 copied.append(source)
     else:
         raise AssertionError("the Dockerfile has no RUN of download.py")
-    assert "download.py" in copied and "sdworker/model.py" in copied
+    assert "download.py" in copied and "sdworker/model/" in copied
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MODEL_", "HF_", "PYTHON"))}
     result = subprocess.run(
         [sys.executable, "download.py", "--model-id", "tiny-sd", "--model-dir", str(tmp_path / "models")],

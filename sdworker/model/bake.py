@@ -1,0 +1,113 @@
+"""Baking: write a pipeline into MODEL_DIR at build time, staged and swapped in whole, with a manifest."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import WorkerError
+from ..manifest import MANIFEST, read_manifest
+from .load import load_pipeline
+from .recipes import RECIPES
+from .sources import _copy_local, _fetch_hub, _fetch_s3, _variant_of
+
+
+@dataclass
+class BakeResult:
+    """What `bake_model` did."""
+
+    model_dir: Path
+    manifest: dict
+    skipped: bool
+    seconds: float
+
+
+def _make_readable(root: Path) -> None:
+    """Folders 755 and files 644: mkdtemp makes the staging folder private and safetensors writes its files 600,
+    and the image bakes as root while the worker runs as another user."""
+    root.chmod(0o755)
+    for path in root.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def _dir_size(path: Path) -> tuple[int, int]:
+    files = [p for p in path.rglob("*") if p.is_file()]
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+def bake_model(
+    model_id: str,
+    model_dir: Path,
+    revision: str | None = None,
+    variant: str | None = None,
+    token: str | None = None,
+    force: bool = False,
+    verify: bool = True,
+) -> BakeResult:
+    """Write the pipeline `model_id` into `model_dir`, ready for `load_model`.
+
+    `model_id` is a built-in recipe, an `s3://bucket/prefix`, a local directory or a hub id. Idempotent: when
+    `model_dir` already holds the same id, revision and variant, nothing is done. The new pipeline is staged
+    beside `model_dir` and swapped in only once it is complete (and, with `verify`, loads), so a failed bake
+    never leaves a half-written model behind. A non-empty `model_dir` that holds no baked model is refused.
+    """
+    started = time.perf_counter()
+    model_dir = Path(model_dir)
+    source = {"model_id": model_id, "revision": revision, "variant": variant}
+    existing = read_manifest(model_dir)
+    if existing and not force and all(existing.get(k) == v for k, v in source.items()):
+        return BakeResult(model_dir, existing, skipped=True, seconds=time.perf_counter() - started)
+    if model_dir.exists() and not existing and any(model_dir.iterdir()):
+        raise WorkerError(
+            "MODEL_DIR_NOT_EMPTY",
+            f"{model_dir} holds other files and no baked model; refusing to overwrite it",
+            "MODEL_DIR",
+        )
+
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.", dir=model_dir.parent))
+    try:
+        if model_id in RECIPES:
+            kind = "recipe"
+            RECIPES[model_id](staging)
+        elif model_id.startswith("s3://"):
+            kind = "s3"
+            _fetch_s3(model_id, staging, variant)
+        elif Path(model_id).expanduser().is_dir():
+            kind = "local"
+            _copy_local(Path(model_id).expanduser(), staging, variant)
+        elif model_id.count("/") == 1 and not model_id.startswith((".", "/")):
+            kind = "hub"
+            _fetch_hub(model_id, staging, revision, variant, token)
+        else:
+            raise WorkerError(
+                "NO_SUCH_MODEL",
+                f"MODEL_ID {model_id!r} is no recipe ({', '.join(RECIPES)}), s3:// URL, directory or hub id",
+                "MODEL_ID",
+            )
+        shutil.rmtree(staging / ".cache", ignore_errors=True)  # huggingface_hub's download bookkeeping
+        files, size = _dir_size(staging)
+        # The variant the weights on disk carry (None where the source had no such variant), for the loader.
+        on_disk = variant if variant and any(_variant_of(p.name) == variant for p in staging.rglob("*")) else None
+        manifest = {
+            **source,
+            "weights_variant": on_disk,
+            "source": kind,
+            "files": files,
+            "bytes": size,
+            "baked_at": int(time.time()),
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if verify:
+            load_pipeline(staging, device="cpu")
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        _make_readable(staging)
+        staging.rename(model_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return BakeResult(model_dir, manifest, skipped=False, seconds=time.perf_counter() - started)

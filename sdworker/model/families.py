@@ -1,0 +1,169 @@
+"""What differs per model family, as data: one row each. Adding a family is one row here and one recipe.
+
+A family is found from the baked pipeline's class (model_index.json), before anything is loaded, so that its
+dtype is known when the weights are read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import WorkerError
+
+if TYPE_CHECKING:
+    from ..schema import GenerateInput
+
+TASKS = ("text2img", "img2img", "inpaint")
+
+OPTIONAL_FIELDS = ("negative_prompt", "max_sequence_length")
+"""Request fields that only some families take: a family without one refuses it by name."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: its pipelines and what a request gets when it says nothing."""
+
+    name: str
+    pipeline_classes: tuple[str, ...]  # the baked model_index.json `_class_name`s that are this family
+    pipelines: dict[str, str]  # task -> diffusers pipeline class, all sharing the loaded weights
+    denoiser: str  # the component that denoises: "unet" or "transformer"
+    gpu_dtype: str  # DTYPE=auto on CUDA
+    steps: int  # default num_inference_steps
+    guidance: float  # default guidance_scale
+    fields: frozenset[str]  # which of OPTIONAL_FIELDS it takes
+    distilled_steps: int | None = None  # defaults of a distilled (few-step) model of this family
+    distilled_guidance: float = 0.0
+    sized_img2img: bool = False  # its img2img pipeline takes width and height (else it resizes to the default)
+
+    def is_distilled(self, pipe_config: dict[str, Any], model_id: str) -> bool:
+        """Whether the baked model is a few-step distillation: FLUX.1 schnell (no guidance embedding), and
+        models named turbo, lightning, lcm or schnell."""
+        if self.distilled_steps is None:
+            return False
+        if self.name == "flux" and pipe_config.get("guidance_embeds") is False:
+            return True
+        return any(word in model_id.lower() for word in ("turbo", "lightning", "lcm", "schnell"))
+
+
+_SD = {"text2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline"}
+FAMILIES = {
+    family.name: family
+    for family in (
+        Family(
+            "sd1",
+            ("StableDiffusionPipeline",),
+            {**_SD, "inpaint": "StableDiffusionInpaintPipeline"},
+            "unet",
+            "float16",
+            50,
+            7.5,
+            frozenset({"negative_prompt"}),
+        ),
+        Family(
+            "sd2",
+            (),  # a StableDiffusionPipeline whose UNet attends to 1024-wide text embeddings
+            {**_SD, "inpaint": "StableDiffusionInpaintPipeline"},
+            "unet",
+            "float16",
+            50,
+            7.5,
+            frozenset({"negative_prompt"}),
+        ),
+        Family(
+            "sdxl",
+            ("StableDiffusionXLPipeline",),
+            {
+                "text2img": "StableDiffusionXLPipeline",
+                "img2img": "StableDiffusionXLImg2ImgPipeline",
+                "inpaint": "StableDiffusionXLInpaintPipeline",
+            },
+            "unet",
+            "float16",
+            50,
+            7.5,
+            frozenset({"negative_prompt"}),
+            distilled_steps=4,
+        ),
+        Family(
+            "sd3",
+            ("StableDiffusion3Pipeline",),
+            {
+                "text2img": "StableDiffusion3Pipeline",
+                "img2img": "StableDiffusion3Img2ImgPipeline",
+                "inpaint": "StableDiffusion3InpaintPipeline",
+            },
+            "transformer",
+            "bfloat16",
+            28,
+            7.0,
+            frozenset({"negative_prompt", "max_sequence_length"}),
+            distilled_steps=4,
+            sized_img2img=True,
+        ),
+        Family(
+            "flux",
+            ("FluxPipeline",),
+            {"text2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline"},
+            "transformer",
+            "bfloat16",
+            28,
+            3.5,
+            frozenset({"max_sequence_length"}),
+            distilled_steps=4,
+            sized_img2img=True,
+        ),
+    )
+}
+"""Pipeline classes are named rather than found through diffusers' AutoPipeline classes, whose import pulls in
+every pipeline family (half a second of cold start)."""
+
+TASK_PIPELINES = {name: family.pipelines for name, family in FAMILIES.items()}
+
+
+def family_of(model_dir: Path) -> Family:
+    """The family of the pipeline baked in `model_dir`, from its model_index.json (and, for SD 1.x against
+    2.x, the UNet's text-embedding width)."""
+    index = json.loads((Path(model_dir) / "model_index.json").read_text())
+    class_name = index.get("_class_name", "")
+    if class_name == "StableDiffusionPipeline":
+        unet = json.loads((Path(model_dir) / "unet" / "config.json").read_text())
+        return FAMILIES["sd2" if unet.get("cross_attention_dim") == 1024 else "sd1"]
+    for family in FAMILIES.values():
+        if class_name in family.pipeline_classes:
+            return family
+    known = ", ".join(name for family in FAMILIES.values() for name in family.pipeline_classes)
+    raise WorkerError(
+        "UNSUPPORTED_MODEL", f"a {class_name or 'pipeline'} is not a family this worker serves ({known})", "MODEL_ID"
+    )
+
+
+def detect_family(pipe: Any) -> str:
+    """The family name of a loaded pipeline."""
+    name = type(pipe).__name__
+    if name == "StableDiffusionPipeline":
+        return "sd2" if pipe.unet.config.cross_attention_dim == 1024 else "sd1"
+    for family in FAMILIES.values():
+        if name in family.pipeline_classes or name in family.pipelines.values():
+            return family.name
+    raise WorkerError("UNSUPPORTED_MODEL", f"a {name} is not a family this worker serves", "MODEL_ID")
+
+
+def fit_request(request: GenerateInput, family: Family, distilled: bool) -> GenerateInput:
+    """The request with the family's defaults where it said nothing; a field the family does not take is a 422
+    naming the field and the family."""
+    for field in OPTIONAL_FIELDS:
+        if getattr(request, field) is not None and field not in family.fields:
+            raise WorkerError(
+                "INVALID_INPUTS", f"{field}: the {family.name} family does not take {field}", field, status=422
+            )
+    steps = family.distilled_steps if distilled and family.distilled_steps else family.steps
+    guidance = family.distilled_guidance if distilled else family.guidance
+    return request.model_copy(
+        update={
+            "num_inference_steps": request.num_inference_steps or steps,
+            "guidance_scale": guidance if request.guidance_scale is None else request.guidance_scale,
+        }
+    )

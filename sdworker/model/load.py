@@ -1,0 +1,229 @@
+"""Loading: a baked pipeline from disk onto its device, the speed options, and one pipeline per task sharing
+the weights."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..batching import Batcher
+from ..config import Settings
+from ..errors import WorkerError
+from ..manifest import read_manifest
+from .families import FAMILIES, Family, family_of
+from .sources import _variant_of
+
+log = logging.getLogger("sdworker")
+
+
+def resolve_dtype(setting: str, family: Family, device: str) -> Any:
+    """DTYPE as a torch dtype: `auto` is the family's GPU dtype on CUDA (float16, bfloat16 for sd3 and flux) and
+    float32 elsewhere, where half precision is slow or unsupported."""
+    import torch
+
+    if setting == "auto":
+        setting = family.gpu_dtype if device.startswith("cuda") else "float32"
+    return getattr(torch, setting)
+
+
+def load_pipeline(model_dir: Path, device: str, attention: str = "sdpa", dtype: str = "auto") -> Any:
+    """Load a baked pipeline from disk only, in DTYPE (`auto`: the family's GPU dtype on CUDA, fp32 elsewhere)."""
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    manifest = read_manifest(model_dir)
+    if manifest is None:
+        raise WorkerError(
+            "NO_MODEL", f"no baked model in {model_dir}: run `python download.py` first", "MODEL_DIR", status=500
+        )
+    torch_dtype = resolve_dtype(dtype, family_of(model_dir), device)
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    # device_map puts each tensor on the device as it is read from the safetensors file, in `dtype`: no copy of
+    # the weights in host memory first, and no fp32 copy when the files hold fp16.
+    mapped = device in ("cpu", "cuda")
+    pipe = DiffusionPipeline.from_pretrained(
+        model_dir,
+        dtype=torch_dtype,
+        variant=manifest.get("weights_variant"),
+        use_safetensors=True,
+        local_files_only=True,
+        device_map=device if mapped else None,
+    )
+    if attention == "xformers":
+        pipe.enable_xformers_memory_efficient_attention()  # raises if xformers is not installed
+    return pipe if mapped else pipe.to(device)
+
+
+def weight_bytes(model_dir: Path) -> int:
+    """Bytes of the weight files `load_pipeline` reads from a baked directory."""
+    variant = (read_manifest(model_dir) or {}).get("weights_variant")
+    files = [p for p in Path(model_dir).glob("*/*.safetensors") if _variant_of(p.name) == variant]
+    return sum(p.stat().st_size for p in files)
+
+
+def _require_compiler(device: str) -> None:
+    """torch.compile builds native code at run time: Triton compiles its CUDA launcher with a C compiler, Inductor
+    its CPU kernels with a C++ one. Without one the compile fails deep in the warm-up; say so before loading."""
+    gpu = device.startswith("cuda")
+    variable, names = ("CC", ("gcc", "clang")) if gpu else ("CXX", ("g++", "clang++"))
+    if not any(shutil.which(name) for name in (os.environ.get(variable), *names) if name):
+        kind = "a C compiler (gcc) for Triton" if gpu else "a C++ compiler (g++) for Inductor's CPU kernels"
+        raise WorkerError(
+            "INVALID_SETTINGS",
+            f"TORCH_COMPILE needs {kind}, and none is installed: build the image with "
+            "--build-arg COMPILE_TOOLS=1, or set TORCH_COMPILE=false",
+            "TORCH_COMPILE",
+        )
+
+
+def apply_speed_options(pipe: Any, settings: Settings, device: str) -> None:
+    """Apply the speed settings to a freshly loaded pipeline (its components are shared by every task)."""
+    import torch
+
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+
+    if settings.tf32 and device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if settings.fuse_qkv:
+        if settings.attention == "xformers" and device.startswith("cuda"):
+            raise WorkerError(
+                "INVALID_SETTINGS",
+                "FUSE_QKV replaces xformers' attention with SDPA's: set one or the other",
+                "FUSE_QKV",
+            )
+        if not hasattr(pipe, "fuse_qkv_projections"):
+            raise WorkerError("INVALID_SETTINGS", f"FUSE_QKV: {type(pipe).__name__} cannot fuse them", "FUSE_QKV")
+        pipe.fuse_qkv_projections()
+    if settings.channels_last:
+        denoiser.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if settings.vae_slicing:
+        pipe.vae.enable_slicing()
+    if settings.vae_tiling:
+        pipe.vae.enable_tiling()
+    if settings.torch_compile:
+        # Inductor's caches in DATA_DIR: a restart on the same volume traces the model again but reuses the
+        # compiled kernels. Assigned, not defaulted: torch writes its own default into the environment the first
+        # time it looks, which may already have happened.
+        cache = Path(settings.data_dir, "torch-compile").resolve()
+        cache.mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+        os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+        os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+        denoiser.compile(mode=settings.compile_mode, fullgraph=True)
+        pipe.vae.decoder.compile(mode=settings.compile_mode, fullgraph=True)
+
+
+@dataclass
+class LoadedModel:
+    """A baked pipeline on its device, with one pipeline object per task sharing the same weights."""
+
+    settings: Settings
+    manifest: dict
+    family: str
+    device: str
+    distilled: bool  # a few-step model: its requests default to few steps and no guidance
+    pipes: dict[str, Any]
+    baked_scheduler: Any
+    safety_checker: Any
+    feature_extractor: Any
+    load_ms: float
+    load_bytes: int = 0
+    init_reported: bool = False
+    batcher: Batcher = field(default_factory=lambda: Batcher(1, 1))
+
+    @property
+    def row(self) -> Family:
+        """The family's row of the table: defaults, fields, pipelines."""
+        return FAMILIES[self.family]
+
+    @property
+    def default_size(self) -> int:
+        """The model's native image side in pixels (512 for SD 1.x, 1024 for SDXL, SD3 and FLUX.1)."""
+        pipe = self.pipes["text2img"]
+        sample = getattr(getattr(pipe, self.row.denoiser).config, "sample_size", None)
+        if not isinstance(sample, int):  # FLUX.1's transformer has none: its pipeline's default
+            sample = pipe.default_sample_size
+        return sample * pipe.vae_scale_factor
+
+    @property
+    def size_multiple(self) -> int:
+        """What width and height must be multiples of: the VAE's downscaling times the transformer's patches
+        (FLUX.1 packs 2x2 latents)."""
+        pipe = self.pipes["text2img"]
+        if self.family == "flux":
+            return pipe.vae_scale_factor * 2
+        return pipe.vae_scale_factor * getattr(getattr(pipe, self.row.denoiser).config, "patch_size", 1)
+
+    @property
+    def dtype(self) -> Any:
+        """The dtype the weights run in."""
+        return getattr(self.pipes["text2img"], self.row.denoiser).dtype
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    """Load the model baked in `settings.model_dir` once, ready to serve every task."""
+    import diffusers
+    import torch
+
+    started = time.perf_counter()
+    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not device.startswith("cuda"):
+        log.warning("no GPU: running on %s in fp32, which is slow; fine for tests and the tiny recipes", device)
+    attention = settings.attention if device.startswith("cuda") else "sdpa"
+    if settings.torch_compile:
+        _require_compiler(device)
+    family = family_of(settings.model_dir)
+    base = load_pipeline(settings.model_dir, device, attention, settings.dtype)
+    apply_speed_options(base, settings, device)
+    # The safety checker runs on its own after generation, so each request can turn it on or off.
+    checker, extractor = getattr(base, "safety_checker", None), getattr(base, "feature_extractor", None)
+    # from_pipe casts every shared component to its `dtype` argument, float32 when none is given: pass the one
+    # loaded, or a GPU model would silently run in float32.
+    dtype = resolve_dtype(settings.dtype, family, device)
+    pipes = {task: getattr(diffusers, name).from_pipe(base, dtype=dtype) for task, name in family.pipelines.items()}
+    for pipe in pipes.values():
+        pipe.set_progress_bar_config(disable=True)
+        if hasattr(pipe, "safety_checker"):
+            pipe.safety_checker = None
+    manifest = read_manifest(settings.model_dir) or {}
+    denoiser_config = dict(getattr(base, family.denoiser).config)
+    model = LoadedModel(
+        settings=settings,
+        manifest=manifest,
+        family=family.name,
+        device=device,
+        distilled=family.is_distilled(denoiser_config, str(manifest.get("model_id", ""))),
+        pipes=pipes,
+        baked_scheduler=base.scheduler,
+        safety_checker=checker,
+        feature_extractor=extractor,
+        load_ms=0.0,
+        load_bytes=weight_bytes(settings.model_dir),
+        # A batch holds MAX_BATCH jobs, and as many images as MAX_BATCH or one request's MAX_IMAGES, whichever is more.
+        batcher=Batcher(settings.max_batch, max(settings.max_batch, settings.max_images)),
+    )
+    if settings.torch_compile:  # compile now, at the model's own size, rather than in the first request
+        warm_started = time.perf_counter()
+        with torch.inference_mode():
+            pipes["text2img"](prompt="warm-up", num_inference_steps=2, output_type="pil")
+        log.info("torch.compile warm-up took %.0f ms", (time.perf_counter() - warm_started) * 1000)
+    model.load_ms = (time.perf_counter() - started) * 1000
+    log.info(
+        "loaded %s (%s) on %s in %s with %s attention in %.0f ms",
+        model.manifest.get("model_id"),
+        model.family,
+        device,
+        model.dtype,
+        attention,
+        model.load_ms,
+    )
+    return model

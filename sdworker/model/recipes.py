@@ -1,0 +1,277 @@
+"""Small random-weight pipelines built offline with diffusers' and transformers' own classes, for tests and CI:
+they run the real loading and inference code in seconds on a CPU, and draw noise, not pictures. A recipe is a
+function that saves a pipeline into a folder; RECIPES names them."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def _tiny_tokenizer() -> Any:
+    """A CLIP tokenizer over a byte-level vocabulary of 256 symbols, written on the fly (no download)."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for symbol in symbols:
+        vocab.setdefault(symbol, len(vocab))
+        vocab.setdefault(symbol + "</w>", len(vocab))
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer(
+            vocab=str(Path(tmp) / "vocab.json"), merges=str(Path(tmp) / "merges.txt"), model_max_length=77
+        )
+
+
+def _tiny_text_config(**extra: Any) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=600,
+        max_position_embeddings=77,
+        **extra,
+    )
+
+
+def _tiny_vae(latent_channels: int = 4, **extra: Any) -> Any:
+    from diffusers import AutoencoderKL
+
+    # Four blocks give the real models' 8x downsampling, so sizes behave as they do on a full model.
+    return AutoencoderKL(
+        block_out_channels=(8, 8, 16, 16),
+        norm_num_groups=8,
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        **extra,
+    )
+
+
+def _tiny_t5(d_model: int) -> tuple[Any, Any]:
+    """A T5 encoder of width `d_model` and a T5 tokenizer over printable ASCII characters, built offline."""
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    # Unigram pieces: T5's <pad>=0, </s>=1, <unk>=2, the word-start marker, then one piece per character.
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(chr(code), -5.0) for code in range(33, 127)]
+    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+    config = T5Config(
+        vocab_size=128,
+        d_model=d_model,
+        d_ff=37,
+        d_kv=8,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return T5EncoderModel(config), tokenizer
+
+
+def _tiny_unet(**extra: Any) -> Any:
+    from diffusers import UNet2DConditionModel
+
+    # Two levels at 8x8 latents by default (64 px images): real blocks, a few milliseconds a step on a CPU.
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **extra,
+    )
+
+
+def _bake_tiny_sd(dest: Path) -> None:
+    """SD 1.x layout with random weights: UNet, VAE, CLIP text encoder, tokenizer, PNDM, safety checker."""
+    import torch
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextModel, CLIPVisionConfig
+
+    torch.manual_seed(0)
+    unet = _tiny_unet(
+        cross_attention_dim=32,
+        attention_head_dim=8,
+    )
+    checker_config = CLIPConfig(
+        text_config=_tiny_text_config().to_dict(),
+        vision_config=CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            image_size=32,
+            patch_size=4,
+        ).to_dict(),
+        projection_dim=32,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=_tiny_vae(),
+        text_encoder=CLIPTextModel(_tiny_text_config()),
+        tokenizer=_tiny_tokenizer(),
+        scheduler=PNDMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            skip_prk_steps=True,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        ),
+        safety_checker=StableDiffusionSafetyChecker(checker_config),
+        feature_extractor=CLIPImageProcessor(crop_size=32, size=32),
+    )
+    pipe.save_pretrained(dest, safe_serialization=True)
+
+
+def _bake_tiny_sdxl(dest: Path) -> None:
+    """SDXL layout with random weights: two text encoders, text-time conditioning, Euler."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    unet = _tiny_unet(
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        cross_attention_dim=64,
+    )
+    pipe = StableDiffusionXLPipeline(
+        unet=unet,
+        vae=_tiny_vae(force_upcast=True),
+        text_encoder=CLIPTextModel(_tiny_text_config()),
+        text_encoder_2=CLIPTextModelWithProjection(_tiny_text_config(projection_dim=32)),
+        tokenizer=_tiny_tokenizer(),
+        tokenizer_2=_tiny_tokenizer(),
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            timestep_spacing="leading",
+            steps_offset=1,
+        ),
+    )
+    pipe.save_pretrained(dest, safe_serialization=True)
+
+
+def _bake_tiny_sd3(dest: Path) -> None:
+    """SD3 layout with random weights: MMDiT transformer, two CLIP encoders and T5, 16-channel VAE, flow match."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    # As in SD3, the two CLIP encoders' hidden states (32 + 32) are padded up to T5's width (64) and joined;
+    # their pooled outputs (32 + 32) make the pooled projection. 8x8 latents in 2x2 patches: 64 px natively.
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=64,
+        pooled_projection_dim=64,
+    )
+    text_encoder_3, tokenizer_3 = _tiny_t5(d_model=64)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        vae=_tiny_vae(
+            latent_channels=16,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            shift_factor=0.0609,
+            scaling_factor=1.5035,
+        ),
+        text_encoder=CLIPTextModelWithProjection(_tiny_text_config(projection_dim=32)),
+        text_encoder_2=CLIPTextModelWithProjection(_tiny_text_config(projection_dim=32)),
+        text_encoder_3=text_encoder_3,
+        tokenizer=_tiny_tokenizer(),
+        tokenizer_2=_tiny_tokenizer(),
+        tokenizer_3=tokenizer_3,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+    pipe.save_pretrained(dest, safe_serialization=True)
+
+
+def _bake_tiny_flux(dest: Path, guidance_embeds: bool = True) -> None:
+    """FLUX.1-dev layout with random weights: MMDiT transformer with guidance embedding, CLIP and T5, 16-channel
+    VAE. Without the guidance embedding it is laid out as FLUX.1-schnell, the few-step distillation."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    # Flux packs 2x2 patches of the 16 latent channels into 64 input channels; the rope axes add up to the
+    # head width. FluxPipeline's default size is fixed in code at 128 latents (1024 px), not read from here.
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 4, 8),
+    )
+    text_encoder_2, tokenizer_2 = _tiny_t5(d_model=32)
+    pipe = FluxPipeline(
+        transformer=transformer,
+        vae=_tiny_vae(
+            latent_channels=16,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            shift_factor=0.1159,
+            scaling_factor=0.3611,
+        ),
+        text_encoder=CLIPTextModel(_tiny_text_config()),
+        text_encoder_2=text_encoder_2,
+        tokenizer=_tiny_tokenizer(),
+        tokenizer_2=tokenizer_2,
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
+    )
+    pipe.save_pretrained(dest, safe_serialization=True)
+
+
+RECIPES: dict[str, Callable[[Path], None]] = {
+    "tiny-sd": _bake_tiny_sd,
+    "tiny-sdxl": _bake_tiny_sdxl,
+    "tiny-sd3": _bake_tiny_sd3,
+    "tiny-flux": _bake_tiny_flux,
+    "tiny-flux-schnell": lambda dest: _bake_tiny_flux(dest, guidance_embeds=False),
+}
+"""The built-in recipes by MODEL_ID."""

@@ -1,0 +1,135 @@
+"""The sd3 and flux families: baked offline from their tiny recipes with the real baking code, loaded by the real
+loader, served through the one handler; and the family table's rules (defaults, fields, sizes, dtype)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+from conftest import decode, free_port, png_base64, start_process, wait_for
+
+from sdworker.config import Settings
+from sdworker.errors import WorkerError
+from sdworker.handler import handle
+from sdworker.model import FAMILIES, LoadedModel, bake_model, family_of, load_model
+
+FAST = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 5, "width": 64, "height": 64}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    names = ("tiny-sd3", "tiny-flux", "tiny-flux-schnell")
+    return {name: bake_model(name, root / name).model_dir for name in names}
+
+
+@pytest.fixture(scope="module")
+def models(tiny: dict[str, Path]) -> dict[str, LoadedModel]:
+    return {name: load_model(Settings(model_dir=path)) for name, path in tiny.items()}
+
+
+@pytest.mark.parametrize(("name", "family"), [("tiny-sd3", "sd3"), ("tiny-flux", "flux")])
+def test_every_task_of_the_family_makes_its_image(models: dict[str, LoadedModel], name: str, family: str) -> None:
+    model = models[name]
+    image = png_base64(96, 80)
+    for task, extra in (
+        ("text2img", {}),
+        ("img2img", {"image": image, "strength": 0.5}),
+        ("inpaint", {"image": image, "mask_image": png_base64(96, 80, (255, 255, 255))}),
+    ):
+        status, body = handle(model, {**FAST, "width": 96, "height": 80, **extra})
+        assert status == 200, body
+        assert decode(body["images"][0]["base64"]).size == (96, 80), task  # the size asked, not the default
+        meta = body["$meta"]
+        assert (meta["family"], meta["task"]) == (family, task)
+        assert meta["PIPELINE"] == FAMILIES[family].pipelines[task]
+    again = handle(model, {**FAST, "width": 96, "height": 80})[1]["images"][0]["base64"]
+    assert again == handle(model, {**FAST, "width": 96, "height": 80})[1]["images"][0]["base64"]  # seeded
+
+
+def test_a_prompt_alone_gets_the_familys_defaults(models: dict[str, LoadedModel]) -> None:
+    status, body = handle(models["tiny-sd3"], {"prompt": "a lighthouse", "seed": 1})
+    assert status == 200, body
+    meta = body["$meta"]
+    assert (meta["num_inference_steps"], meta["guidance_scale"]) == (28, 7.0)
+    assert (meta["width"], meta["height"]) == (64, 64)  # tiny-sd3's native size: 8 latent patches x 8
+    # FLUX.1-schnell's layout (no guidance embedding) is a distilled model: 4 steps, no guidance.
+    status, body = handle(models["tiny-flux-schnell"], {**FAST, "num_inference_steps": None})
+    assert status == 200, body
+    assert (body["$meta"]["num_inference_steps"], body["$meta"]["guidance_scale"]) == (4, 0.0)
+    dev = handle(models["tiny-flux"], {**FAST, "num_inference_steps": None})[1]["$meta"]
+    assert (dev["num_inference_steps"], dev["guidance_scale"]) == (28, 3.5)
+
+
+def test_a_field_or_size_the_family_does_not_take_is_a_422_naming_both(
+    models: dict[str, LoadedModel], sd: LoadedModel
+) -> None:
+    status, body = handle(models["tiny-flux"], {**FAST, "negative_prompt": "blur"})
+    assert status == 422 and body["$error"]["field"] == "negative_prompt" and "flux" in body["$error"]["message"]
+    status, body = handle(sd, {**FAST, "max_sequence_length": 64})
+    assert status == 422 and body["$error"]["field"] == "max_sequence_length" and "sd1" in body["$error"]["message"]
+    status, body = handle(models["tiny-sd3"], {**FAST, "width": 72})
+    assert status == 422 and body["$error"]["field"] == "width" and "multiple of 16" in body["$error"]["message"]
+    status, body = handle(models["tiny-sd3"], {**FAST, "max_sequence_length": 32, "negative_prompt": "blur"})
+    assert status == 200, body
+
+
+def test_max_sequence_length_changes_what_t5_reads(models: dict[str, LoadedModel]) -> None:
+    long = {**FAST, "prompt": "a lighthouse on a cliff " * 20}
+    full = handle(models["tiny-flux"], long)[1]["images"][0]["base64"]
+    cut = handle(models["tiny-flux"], {**long, "max_sequence_length": 8})[1]["images"][0]["base64"]
+    assert full != cut
+
+
+def test_dtype_bfloat16_loads_and_serves_in_bfloat16(tiny: dict[str, Path]) -> None:
+    model = load_model(Settings(model_dir=tiny["tiny-flux"], dtype="bfloat16"))
+    # Every task's pipeline shares the weights in bfloat16 (diffusers' from_pipe casts to float32 unless told).
+    for pipe in model.pipes.values():
+        assert pipe.transformer.dtype == pipe.text_encoder_2.dtype == pipe.vae.dtype == torch.bfloat16
+    status, body = handle(model, FAST)
+    assert status == 200 and body["$meta"]["dtype"] == "bfloat16", body
+
+
+def test_distilled_models_are_known_by_their_layout_or_name() -> None:
+    flux, sd3, sd1 = FAMILIES["flux"], FAMILIES["sd3"], FAMILIES["sd1"]
+    assert flux.is_distilled({"guidance_embeds": False}, "black-forest-labs/FLUX.1-schnell")
+    assert not flux.is_distilled({"guidance_embeds": True}, "black-forest-labs/FLUX.1-dev")
+    assert sd3.is_distilled({}, "stabilityai/stable-diffusion-3.5-large-turbo")
+    assert not sd3.is_distilled({}, "stabilityai/stable-diffusion-3.5-medium")
+    assert not sd1.is_distilled({}, "someone/sd15-turbo")  # SD 1.x has no distilled defaults in the table
+
+
+def test_a_pipeline_of_another_family_is_refused_by_name(tmp_path: Path) -> None:
+    (tmp_path / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
+    with pytest.raises(WorkerError) as refused:
+        family_of(tmp_path)
+    assert refused.value.code == "UNSUPPORTED_MODEL" and "KandinskyPipeline" in refused.value.message
+
+
+def test_the_server_serves_flux_to_a_runpod_client(tiny: dict[str, Path], tmp_path: Path) -> None:
+    port = free_port()
+    env = {
+        **{key: value for key, value in os.environ.items() if key not in ("REDIS_URL", "API_KEYS")},
+        "MODEL_DIR": str(tiny["tiny-flux-schnell"]),
+        "DATA_DIR": str(tmp_path / "data"),
+        "API_KEYS": "k",
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+    }
+    url = f"http://127.0.0.1:{port}"
+    process = start_process([sys.executable, "app.py"], f"{url}/health", env)
+    try:
+        wait_for(lambda: requests.get(f"{url}/health", timeout=5).status_code == 200)
+        body = {"input": {"prompt": "a lighthouse", "width": 64, "height": 64, "seed": 2}}
+        answer = requests.post(
+            f"{url}/v2/tiny-flux-schnell/runsync", json=body, headers={"Authorization": "Bearer k"}, timeout=120
+        ).json()
+        assert answer["status"] == "COMPLETED", answer
+        assert answer["output"]["$meta"]["family"] == "flux" and answer["output"]["$meta"]["num_inference_steps"] == 4
+    finally:
+        process.terminate()
+        process.wait(10)
