@@ -43,29 +43,60 @@ K_DIFFUSION = {
     "k_dpmpp_sde": "dpm++ sde",
 }
 NOT_IN_DIFFUSERS = {"dpm fast", "dpm adaptive", "k_dpm_fast", "k_dpm_ad"}
+# Few-step schedulers for distilled models (LCM and TCD LoRAs or checkpoints): any noise-prediction model may use
+# them, though diffusers does not list them among its schedulers' compatibles.
+FEW_STEP = {
+    "lcm": "LCMScheduler",
+    "lcmscheduler": "LCMScheduler",
+    "tcd": "TCDScheduler",
+    "tcdscheduler": "TCDScheduler",
+}
 
 
-def _split_karras(name: str) -> tuple[str, bool]:
-    for suffix in (" karras", "_ka"):
+def _split_suffix(name: str, suffixes: tuple[str, ...]) -> tuple[str, bool]:
+    for suffix in suffixes:
         if name.endswith(suffix):
             return name[: -len(suffix)], True
     return name, False
+
+
+def _with_spacing(scheduler: Any, trailing: bool, name: str) -> Any:
+    """The scheduler with trailing timestep spacing (SDXL Lightning and Turbo were distilled with it)."""
+    if not trailing:
+        return scheduler
+    if "timestep_spacing" not in inspect.signature(type(scheduler).__init__).parameters:
+        raise WorkerError("INVALID_SCHEDULER", f"scheduler {name!r} has no timestep spacing to set", "scheduler")
+    return type(scheduler).from_config(scheduler.config, timestep_spacing="trailing")
 
 
 def make_scheduler(name: str | None, baked: Any) -> tuple[Any, str]:
     """A fresh scheduler for one request, and the diffusers class name it resolved to.
 
     `name` is None (the baked scheduler), a diffusers class compatible with the baked one, an A1111 name
-    ("DPM++ 2M Karras") or a k-diffusion key ("k_dpmpp_2m_ka"). Unknown names raise INVALID_SCHEDULER.
+    ("DPM++ 2M Karras"), a k-diffusion key ("k_dpmpp_2m_ka") or a few-step one (LCM, TCD); any of them with
+    " trailing" for trailing timestep spacing ("Euler trailing", for Lightning). Unknown names raise
+    INVALID_SCHEDULER.
     """
     if not name:
         return type(baked).from_config(baked.config), type(baked).__name__
-    compatible = {cls.__name__.lower(): cls for cls in [type(baked), *baked.compatibles]}
     key = " ".join(name.strip().lower().split())
+    key, trailing = _split_suffix(key, (" trailing", "_trailing"))
+    scheduler = _resolve(key, name, baked)
+    return _with_spacing(scheduler, trailing, name), type(scheduler).__name__
+
+
+def _resolve(key: str, name: str, baked: Any) -> Any:
+    """The scheduler a lower-case name (without a spacing suffix) stands for, configured from the baked one."""
+    import diffusers
+
+    compatible = {cls.__name__.lower(): cls for cls in [type(baked), *baked.compatibles]}
     if key in compatible:
-        cls = compatible[key]
-        return cls.from_config(baked.config), cls.__name__
-    base, karras = _split_karras(key)
+        return compatible[key].from_config(baked.config)
+    if key in FEW_STEP:
+        if "FlowMatch" in type(baked).__name__:
+            raise WorkerError("INVALID_SCHEDULER", f"{FEW_STEP[key]} does not fit a flow-matching model", "scheduler")
+        return getattr(diffusers, FEW_STEP[key]).from_config(baked.config)
+    base, karras = _split_suffix(key, (" karras", "_ka"))
     base = K_DIFFUSION.get(base, base)
     if key in NOT_IN_DIFFUSERS or base in NOT_IN_DIFFUSERS:
         raise WorkerError("INVALID_SCHEDULER", f"scheduler {name!r} has no diffusers implementation", "scheduler")
@@ -74,7 +105,8 @@ def make_scheduler(name: str | None, baked: Any) -> tuple[Any, str]:
         raise WorkerError(
             "INVALID_SCHEDULER",
             f"unknown scheduler {name!r}; use a diffusers class ({classes}) "
-            f"or an A1111 name ({', '.join(sorted(A1111))}, each also with ' Karras')",
+            f"or an A1111 name ({', '.join(sorted(A1111))}, each also with ' Karras'), LCM or TCD; any of "
+            "them with ' trailing' for trailing timestep spacing",
             "scheduler",
         )
     class_name, extra = A1111[base]
@@ -85,4 +117,4 @@ def make_scheduler(name: str | None, baked: Any) -> tuple[Any, str]:
         if "use_karras_sigmas" not in inspect.signature(cls.__init__).parameters:
             raise WorkerError("INVALID_SCHEDULER", f"scheduler {name!r} has no Karras variant", "scheduler")
         extra = {**extra, "use_karras_sigmas": True}
-    return cls.from_config(baked.config, **extra), cls.__name__
+    return cls.from_config(baked.config, **extra)

@@ -133,3 +133,11 @@ def test_the_server_serves_flux_to_a_runpod_client(tiny: dict[str, Path], tmp_pa
     finally:
         process.terminate()
         process.wait(10)
+
+
+def test_a_flow_matching_model_refuses_noise_prediction_schedulers(models: dict[str, LoadedModel]) -> None:
+    for name in ("LCM", "Euler a", "Euler trailing"):
+        status, body = handle(models["tiny-flux"], {**FAST, "scheduler": name})
+        assert status == 422 and body["$error"]["code"] == "INVALID_SCHEDULER", (name, body)
+    status, body = handle(models["tiny-flux"], {**FAST, "scheduler": "FlowMatchEulerDiscreteScheduler"})
+    assert status == 200 and body["$meta"]["SCHEDULER"] == "FlowMatchEulerDiscreteScheduler"

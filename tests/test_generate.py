@@ -210,6 +210,15 @@ SCHEDULER_NAMES = {
     "ddim": ("DDIMScheduler", {}),
     "PLMS": ("PNDMScheduler", {}),
     "UniPC": ("UniPCMultistepScheduler", {}),
+    "LCM": ("LCMScheduler", {}),
+    "TCDScheduler": ("TCDScheduler", {}),
+    "Euler trailing": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    "Euler a trailing": ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    "DPM++ 2M Karras trailing": (
+        "DPMSolverMultistepScheduler",
+        {"use_karras_sigmas": True, "timestep_spacing": "trailing"},
+    ),
+    "LCM trailing": ("LCMScheduler", {"timestep_spacing": "trailing"}),
 }
 
 
@@ -325,3 +334,9 @@ def test_out_of_memory_answers_an_error_and_the_worker_serves_the_next_request(s
 def test_memory_usage_is_reported_only_on_cuda(sd: LoadedModel) -> None:
     body = ok(sd, FAST)
     assert ("$mem_usage" in body) == sd.device.startswith("cuda")
+
+
+def test_trailing_spacing_changes_the_picture(sd: LoadedModel) -> None:
+    leading = ok(sd, {**FAST, "num_inference_steps": 4, "scheduler": "Euler"})["images"][0]["base64"]
+    trailing = ok(sd, {**FAST, "num_inference_steps": 4, "scheduler": "Euler trailing"})["images"][0]["base64"]
+    assert leading != trailing
