@@ -50,6 +50,7 @@ RUN if [ "$COMPILE_TOOLS" = 1 ]; then \
 ARG MODEL_ID
 ARG MODEL_REVISION
 ARG MODEL_VARIANT
+ARG REFINER_ID
 ARG REBAKE
 COPY build_args.env download.py ./
 COPY sdworker/__init__.py sdworker/batching.py sdworker/config.py sdworker/errors.py sdworker/manifest.py \

@@ -2,6 +2,7 @@
 
     python download.py                       # MODEL_ID etc. from the environment, else build_args.env
     python download.py --model-id tiny-sd    # flags override both
+    python download.py --refiner-id stabilityai/stable-diffusion-xl-refiner-1.0   # add a refiner, keep the base
 
 Exit status 0 when the model is baked (or already was), 1 with one line on stderr when it cannot be.
 """
@@ -18,13 +19,14 @@ from transformers.utils import logging as transformers_logging
 
 from sdworker.config import Settings
 from sdworker.errors import WorkerError
-from sdworker.model import bake_model
+from sdworker.model import BakeResult, bake_model, family_of
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, bake, and print what was baked."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model-id", help="hub id, local directory, s3://bucket/prefix, tiny-sd or tiny-sdxl")
+    parser.add_argument("--model-id", help="hub id, local directory, s3://bucket/prefix, or a tiny recipe")
+    parser.add_argument("--refiner-id", help="an SDXL refiner to bake beside the base (REFINER_ID)")
     parser.add_argument("--revision", help="hub branch, tag or commit")
     parser.add_argument("--variant", help="weight variant such as fp16")
     parser.add_argument("--model-dir", help="where to write the pipeline")
@@ -43,37 +45,50 @@ def main(argv: list[str] | None = None) -> int:
         "model_revision": args.revision,
         "model_variant": args.variant,
         "model_dir": args.model_dir,
+        "refiner_id": args.refiner_id,
     }
     settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
     token = settings.hf_token.get_secret_value() if settings.hf_token else None
-    try:
-        result = bake_model(
-            settings.model_id,
-            settings.model_dir,
-            revision=settings.model_revision,
-            variant=settings.model_variant,
-            token=token,
-            force=args.force,
-            verify=not args.no_verify,
-        )
-    except WorkerError as err:
-        print(f"download.py: cannot bake {settings.model_id}: {err.message}", file=sys.stderr)
-        return 1
-    except Exception as err:  # anything else still ends in one line, not a traceback
-        print(f"download.py: cannot bake {settings.model_id}: {err.__class__.__name__}: {err}", file=sys.stderr)
-        return 1
+    bakes = [(settings.model_id, settings.model_dir, settings.model_revision, False)]
+    if settings.refiner_id:  # beside the base, which is baked first (or kept, when it already is)
+        bakes.append((settings.refiner_id, settings.model_dir / "refiner", None, True))
+    for model_id, model_dir, revision, refiner in bakes:
+        try:
+            if refiner and not family_of(settings.model_dir).refiner:
+                raise WorkerError("NO_REFINER", f"the {family_of(settings.model_dir).name} family has no refiner")
+            result = bake_model(
+                model_id,
+                model_dir,
+                revision=revision,
+                variant=settings.model_variant,
+                token=token,
+                force=args.force,
+                verify=not args.no_verify,
+                refiner=refiner,
+            )
+        except WorkerError as err:
+            print(f"download.py: cannot bake {model_id}: {err.message}", file=sys.stderr)
+            return 1
+        except Exception as err:  # anything else still ends in one line, not a traceback
+            print(f"download.py: cannot bake {model_id}: {err.__class__.__name__}: {err}", file=sys.stderr)
+            return 1
+        report(result, token)
+    return 0
+
+
+def report(result: BakeResult, token: str | None) -> None:
+    """One line saying what was baked, or that it already was."""
     manifest = result.manifest
     if result.skipped:
         print(f"{manifest['model_id']} is already baked in {result.model_dir}; nothing to do")
-    else:
-        print(
-            f"baked {manifest['model_id']} (revision {manifest['revision'] or 'default'}, "
-            f"weights variant {manifest['weights_variant'] or 'none'}) from {manifest['source']} "
-            f"into {result.model_dir}: "
-            f"{manifest['files']} files, {manifest['bytes'] / 2**20:.1f} MiB in {result.seconds:.1f} s; "
-            f"HF_TOKEN {'given' if token else 'not set'}"
-        )
-    return 0
+        return
+    print(
+        f"baked {manifest['model_id']} (revision {manifest['revision'] or 'default'}, "
+        f"weights variant {manifest['weights_variant'] or 'none'}) from {manifest['source']} "
+        f"into {result.model_dir}: "
+        f"{manifest['files']} files, {manifest['bytes'] / 2**20:.1f} MiB in {result.seconds:.1f} s; "
+        f"HF_TOKEN {'given' if token else 'not set'}"
+    )
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     )
     model_revision: str | None = Field(None, description="Hub branch, tag or commit to bake.")
     model_variant: str | None = Field(None, description="Weight variant to bake, such as fp16.")
+    refiner_id: str | None = Field(None, description="An SDXL refiner to bake beside the base, in MODEL_DIR/refiner.")
     hf_token: SecretStr | None = Field(None, description="Hub token for gated or private models.")
     model_dir: Path = Field(Path("models"), description="Where the baked pipeline is written and loaded from.")
 

@@ -108,7 +108,7 @@ def generate(model: LoadedModel, request: GenerateInput, on_step: StepCallback |
     Calls from several threads take turns on the model; with MAX_BATCH > 1, text-to-image calls waiting whose
     shapes agree run together as one batch, each image with its own generator, so each gets the image it would
     alone, up to float rounding (a batch's kernels may add up in another order)."""
-    request = fit_request(request, model.row, model.distilled)
+    request = fit_request(request, model.row, model.distilled, model.refiner is not None)
     settings, task = model.settings, request.task
     started = time.perf_counter()
     urls = [value for value in (request.image, request.mask_image) if value and value.startswith("http")]
@@ -167,7 +167,7 @@ def generate(model: LoadedModel, request: GenerateInput, on_step: StepCallback |
 def _batch_key(request: GenerateInput, kwargs: dict[str, Any], scheduler: Any) -> Any:
     """What must agree for requests to share one pipeline call: only text-to-image runs batched. Whether a negative
     prompt was given is part of it: SDXL zeroes a missing negative prompt's embedding, which "" is not."""
-    if request.task != "text2img":
+    if request.task != "text2img" or request.refiner:
         return object()  # equal to nothing else
     config = json.dumps(dict(scheduler.config), sort_keys=True, default=str)
     return (
@@ -259,16 +259,22 @@ def _pipeline_call(model: LoadedModel, batch: list[_Job]) -> None:
     started = time.perf_counter()
     try:
         with torch.inference_mode():
-            images = pipe(
-                prompt=prompts if len(batch) > 1 else first.request.prompt,
-                negative_prompt=negatives if len(batch) > 1 else first.request.negative_prompt,
-                num_inference_steps=first.request.num_inference_steps,
-                guidance_scale=first.request.guidance_scale,
-                num_images_per_prompt=1 if len(batch) > 1 else counts[0],
-                generator=[torch.Generator("cpu").manual_seed(s) for job in batch for s in job.seeds],
-                callback_on_step_end=step_end,
-                **first.kwargs,
-            ).images
+            common = {
+                "prompt": prompts if len(batch) > 1 else first.request.prompt,
+                "negative_prompt": negatives if len(batch) > 1 else first.request.negative_prompt,
+                "num_inference_steps": first.request.num_inference_steps,
+                "guidance_scale": first.request.guidance_scale,
+                "num_images_per_prompt": 1 if len(batch) > 1 else counts[0],
+                "generator": [torch.Generator("cpu").manual_seed(s) for job in batch for s in job.seeds],
+                "callback_on_step_end": step_end,
+            }
+            if first.request.refiner:  # ensemble of experts: the base takes the high-noise steps, the refiner the rest
+                split = first.request.high_noise_frac
+                latents = pipe(**common, **first.kwargs, denoising_end=split, output_type="latent").images
+                model.refiner.scheduler = type(first.scheduler).from_config(first.scheduler.config)
+                images = model.refiner(**common, image=latents, denoising_start=split).images
+            else:
+                images = pipe(**common, **first.kwargs).images
     except _AllStoppedError:
         return
     except WorkerError:

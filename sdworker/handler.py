@@ -29,7 +29,7 @@ def handle(model: LoadedModel, payload: Any, on_step: StepCallback | None = None
     where: dict[str, str] = {}
     try:
         request, where = parse_request(payload)
-        request = fit_request(request, model.row, model.distilled)
+        request = fit_request(request, model.row, model.distilled, model.refiner is not None)
         check_limits(request, model.settings)
         baked = model.manifest.get("model_id")
         if request.model_id is not None and request.model_id != baked:
@@ -114,5 +114,7 @@ def handle(model: LoadedModel, payload: Any, on_step: StepCallback | None = None
         "safety_checker": result.nsfw is not None,
         "output_format": request.output_format,
         "batch_jobs": result.batch,
+        "refiner": request.refiner,
+        "high_noise_frac": request.high_noise_frac,
     }
     return 200, body

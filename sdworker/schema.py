@@ -80,6 +80,10 @@ class GenerateInput(BaseModel):
     max_sequence_length: int | None = Field(
         None, ge=1, le=512, description="T5 prompt tokens (sd3, flux); default: the pipeline's."
     )
+    refiner: bool = Field(False, description="SDXL text2img: finish with the refiner baked beside the base.")
+    high_noise_frac: float | None = Field(
+        None, gt=0, lt=1, description="With refiner: the share of the steps the base runs (default 0.8)."
+    )
     width: int | None = Field(None, ge=64, description="Multiple of 8; default: the model's native size.")
     height: int | None = Field(None, ge=64, description="Multiple of 8; default: the model's native size.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="0 to 2**64-1; null, false or -1: random.")

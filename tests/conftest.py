@@ -55,6 +55,19 @@ def png_base64(width: int = 64, height: int = 64, color: tuple[int, int, int] = 
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def download(*args: str, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
+    """Run download.py as a build does, with only the MODEL_* and HF_* variables given."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MODEL_", "HF_", "REFINER_"))}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "download.py"), *args],
+        cwd=cwd,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -3,31 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import boto3
 import pytest
-from conftest import ROOT
+from conftest import download
 
 from sdworker.config import Settings
 from sdworker.errors import WorkerError
 from sdworker.model import load_model, read_manifest, select_files
-
-
-def download(*args: str, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MODEL_", "HF_"))}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "download.py"), *args],
-        cwd=cwd,
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def assert_one_line_failure(result: subprocess.CompletedProcess, *words: str) -> None:

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-from conftest import decode, free_port, png_base64, start_process, wait_for
+from conftest import decode, download, free_port, png_base64, start_process, wait_for
 
 from sdworker.config import Settings
 from sdworker.errors import WorkerError
 from sdworker.handler import handle
-from sdworker.model import FAMILIES, LoadedModel, bake_model, family_of, load_model
+from sdworker.model import FAMILIES, LoadedModel, bake_model, family_of, load_model, read_manifest
 
 FAST = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 5, "width": 64, "height": 64}
 
@@ -141,3 +141,58 @@ def test_a_flow_matching_model_refuses_noise_prediction_schedulers(models: dict[
         assert status == 422 and body["$error"]["code"] == "INVALID_SCHEDULER", (name, body)
     status, body = handle(models["tiny-flux"], {**FAST, "scheduler": "FlowMatchEulerDiscreteScheduler"})
     assert status == 200 and body["$meta"]["SCHEDULER"] == "FlowMatchEulerDiscreteScheduler"
+
+
+# --- the SDXL refiner -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def refined(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """tiny-sdxl baked by download.py, then download.py again with REFINER_ID: the refiner is added, the base
+    kept as it was."""
+    model_dir = tmp_path_factory.mktemp("refined") / "model"
+    first = download("--model-id", "tiny-sdxl", "--model-dir", str(model_dir))
+    assert first.returncode == 0, first.stderr
+    baked_at = read_manifest(model_dir)["baked_at"]
+    second = download("--model-dir", str(model_dir), MODEL_ID="tiny-sdxl", REFINER_ID="tiny-sdxl-refiner")
+    assert second.returncode == 0, second.stderr
+    assert "already baked" in second.stdout and "baked tiny-sdxl-refiner" in second.stdout, second.stdout
+    return {"dir": model_dir, "baked_at": baked_at, "model": load_model(Settings(model_dir=model_dir))}
+
+
+def test_a_refiner_is_added_beside_the_kept_base_and_shares_its_weights(refined: dict) -> None:
+    model_dir, model = refined["dir"], refined["model"]
+    assert read_manifest(model_dir)["baked_at"] == refined["baked_at"]  # the base was not baked again
+    assert read_manifest(model_dir / "refiner")["model_id"] == "tiny-sdxl-refiner"
+    base = model.pipes["text2img"]
+    assert model.refiner.vae is base.vae and model.refiner.text_encoder_2 is base.text_encoder_2
+
+
+def test_refiner_true_finishes_with_the_refiner(refined: dict) -> None:
+    model = refined["model"]
+    request = {**FAST, "num_inference_steps": 10, "num_images_per_prompt": 2}
+    plain = handle(model, request)[1]
+    status, refined_body = handle(model, {**request, "refiner": True})
+    assert status == 200, refined_body
+    assert refined_body["$meta"]["refiner"] is True and refined_body["$meta"]["high_noise_frac"] == 0.8
+    assert plain["$meta"]["refiner"] is False
+    assert [image["base64"] for image in plain["images"]] != [image["base64"] for image in refined_body["images"]]
+    assert decode(refined_body["images"][1]["base64"]).size == (64, 64)
+    half = handle(model, {**request, "refiner": True, "high_noise_frac": 0.5})[1]
+    assert half["images"][0]["base64"] != refined_body["images"][0]["base64"]
+    again = handle(model, {**request, "refiner": True})[1]
+    assert again["images"][0]["base64"] == refined_body["images"][0]["base64"]  # seeded, both stages
+
+
+def test_the_refiner_is_refused_where_it_cannot_run(refined: dict, sd: LoadedModel) -> None:
+    status, body = handle(sd, {**FAST, "refiner": True})
+    assert status == 422 and body["$error"]["field"] == "refiner" and "sd1" in body["$error"]["message"]
+    status, body = handle(refined["model"], {**FAST, "refiner": True, "image": png_base64()})
+    assert status == 422 and body["$error"]["field"] == "refiner" and "img2img" in body["$error"]["message"]
+    status, body = handle(refined["model"], {**FAST, "high_noise_frac": 0.5})
+    assert status == 422 and body["$error"]["field"] == "high_noise_frac"
+
+
+def test_a_refiner_beside_a_family_without_one_is_refused_at_bake(tmp_path: Path) -> None:
+    result = download("--model-dir", str(tmp_path / "m"), MODEL_ID="tiny-sd", REFINER_ID="tiny-sdxl-refiner")
+    assert result.returncode == 1 and "sd1 family has no refiner" in result.stderr
+    result = download("--model-dir", str(tmp_path / "r"), MODEL_ID="tiny-sdxl-refiner")
+    assert result.returncode == 1 and "REFINER_ID" in result.stderr

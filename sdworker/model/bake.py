@@ -47,6 +47,7 @@ def bake_model(
     token: str | None = None,
     force: bool = False,
     verify: bool = True,
+    refiner: bool = False,
 ) -> BakeResult:
     """Write the pipeline `model_id` into `model_dir`, ready for `load_model`.
 
@@ -54,6 +55,7 @@ def bake_model(
     `model_dir` already holds the same id, revision and variant, nothing is done. The new pipeline is staged
     beside `model_dir` and swapped in only once it is complete (and, with `verify`, loads), so a failed bake
     never leaves a half-written model behind. A non-empty `model_dir` that holds no baked model is refused.
+    With `refiner`, `model_id` is a refiner (baked into the base's `refiner/` folder).
     """
     started = time.perf_counter()
     model_dir = Path(model_dir)
@@ -103,7 +105,7 @@ def bake_model(
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if verify:
-            load_pipeline(staging, device="cpu")
+            load_pipeline(staging, device="cpu", refiner=refiner)
         if model_dir.exists():
             shutil.rmtree(model_dir)
         _make_readable(staging)

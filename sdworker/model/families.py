@@ -37,6 +37,7 @@ class Family:
     distilled_steps: int | None = None  # defaults of a distilled (few-step) model of this family
     distilled_guidance: float = 0.0
     sized_img2img: bool = False  # its img2img pipeline takes width and height (else it resizes to the default)
+    refiner: str | None = None  # the pipeline class of a refiner baked beside it (REFINER_ID), if it can have one
 
     def is_distilled(self, pipe_config: dict[str, Any], model_id: str) -> bool:
         """Whether the baked model is a few-step distillation: FLUX.1 schnell (no guidance embedding), and
@@ -86,6 +87,7 @@ FAMILIES = {
             7.5,
             frozenset({"negative_prompt"}),
             distilled_steps=4,
+            refiner="StableDiffusionXLImg2ImgPipeline",
         ),
         Family(
             "sd3",
@@ -123,11 +125,21 @@ every pipeline family (half a second of cold start)."""
 TASK_PIPELINES = {name: family.pipelines for name, family in FAMILIES.items()}
 
 
-def family_of(model_dir: Path) -> Family:
+def family_of(model_dir: Path, refiner: bool = False) -> Family:
     """The family of the pipeline baked in `model_dir`, from its model_index.json (and, for SD 1.x against
-    2.x, the UNet's text-embedding width)."""
+    2.x, the UNet's text-embedding width). With `refiner`, of the refiner baked there."""
     index = json.loads((Path(model_dir) / "model_index.json").read_text())
     class_name = index.get("_class_name", "")
+    refiners = {family.refiner: family for family in FAMILIES.values() if family.refiner}
+    if class_name in refiners and (refiner or index.get("text_encoder", [None])[0] is None):
+        if not refiner:
+            raise WorkerError(
+                "UNSUPPORTED_MODEL",
+                f"MODEL_ID is a refiner ({class_name} without a first text encoder): bake a base model as "
+                "MODEL_ID and the refiner as REFINER_ID",
+                "MODEL_ID",
+            )
+        return refiners[class_name]
     if class_name == "StableDiffusionPipeline":
         unet = json.loads((Path(model_dir) / "unet" / "config.json").read_text())
         return FAMILIES["sd2" if unet.get("cross_attention_dim") == 1024 else "sd1"]
@@ -151,19 +163,27 @@ def detect_family(pipe: Any) -> str:
     raise WorkerError("UNSUPPORTED_MODEL", f"a {name} is not a family this worker serves", "MODEL_ID")
 
 
-def fit_request(request: GenerateInput, family: Family, distilled: bool) -> GenerateInput:
+def fit_request(request: GenerateInput, family: Family, distilled: bool, refiner: bool = False) -> GenerateInput:
     """The request with the family's defaults where it said nothing; a field the family does not take is a 422
-    naming the field and the family."""
+    naming the field and the family. `refiner`: whether a refiner is baked beside the model."""
     for field in OPTIONAL_FIELDS:
         if getattr(request, field) is not None and field not in family.fields:
             raise WorkerError(
                 "INVALID_INPUTS", f"{field}: the {family.name} family does not take {field}", field, status=422
             )
+    if request.refiner and not refiner:
+        where = "bake one with REFINER_ID" if family.refiner else f"the {family.name} family has none"
+        raise WorkerError("INVALID_INPUTS", f"refiner: this worker has no refiner ({where})", "refiner")
+    if request.refiner and request.task != "text2img":
+        raise WorkerError("INVALID_INPUTS", f"refiner: only text2img runs the refiner, not {request.task}", "refiner")
+    if request.high_noise_frac is not None and not request.refiner:
+        raise WorkerError("INVALID_INPUTS", 'high_noise_frac: only with "refiner": true', "high_noise_frac")
     steps = family.distilled_steps if distilled and family.distilled_steps else family.steps
     guidance = family.distilled_guidance if distilled else family.guidance
     return request.model_copy(
         update={
             "num_inference_steps": request.num_inference_steps or steps,
             "guidance_scale": guidance if request.guidance_scale is None else request.guidance_scale,
+            "high_noise_frac": request.high_noise_frac or (0.8 if request.refiner else None),
         }
     )

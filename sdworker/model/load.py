@@ -31,8 +31,13 @@ def resolve_dtype(setting: str, family: Family, device: str) -> Any:
     return getattr(torch, setting)
 
 
-def load_pipeline(model_dir: Path, device: str, attention: str = "sdpa", dtype: str = "auto") -> Any:
-    """Load a baked pipeline from disk only, in DTYPE (`auto`: the family's GPU dtype on CUDA, fp32 elsewhere)."""
+def load_pipeline(
+    model_dir: Path, device: str, attention: str = "sdpa", dtype: str = "auto", refiner: bool = False, **shared: Any
+) -> Any:
+    """Load a baked pipeline from disk only, in DTYPE (`auto`: the family's GPU dtype on CUDA, fp32 elsewhere).
+    With `refiner`, the refiner baked in `model_dir`; `shared` are components already loaded to use instead of
+    its own (a refiner shares the base's VAE and second text encoder)."""
+    import diffusers
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -42,19 +47,22 @@ def load_pipeline(model_dir: Path, device: str, attention: str = "sdpa", dtype: 
         raise WorkerError(
             "NO_MODEL", f"no baked model in {model_dir}: run `python download.py` first", "MODEL_DIR", status=500
         )
-    torch_dtype = resolve_dtype(dtype, family_of(model_dir), device)
+    family = family_of(model_dir, refiner)
+    torch_dtype = resolve_dtype(dtype, family, device)
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     # device_map puts each tensor on the device as it is read from the safetensors file, in `dtype`: no copy of
     # the weights in host memory first, and no fp32 copy when the files hold fp16.
     mapped = device in ("cpu", "cuda")
-    pipe = DiffusionPipeline.from_pretrained(
+    pipeline_class = getattr(diffusers, family.refiner) if refiner and family.refiner else DiffusionPipeline
+    pipe = pipeline_class.from_pretrained(
         model_dir,
         dtype=torch_dtype,
         variant=manifest.get("weights_variant"),
         use_safetensors=True,
         local_files_only=True,
         device_map=device if mapped else None,
+        **shared,
     )
     if attention == "xformers":
         pipe.enable_xformers_memory_efficient_attention()  # raises if xformers is not installed
@@ -139,6 +147,7 @@ class LoadedModel:
     load_bytes: int = 0
     init_reported: bool = False
     batcher: Batcher = field(default_factory=lambda: Batcher(1, 1))
+    refiner: Any = None  # the refiner baked beside the base (REFINER_ID), sharing its VAE and text encoder
 
     @property
     def row(self) -> Family:
@@ -190,7 +199,19 @@ def load_model(settings: Settings) -> LoadedModel:
     # loaded, or a GPU model would silently run in float32.
     dtype = resolve_dtype(settings.dtype, family, device)
     pipes = {task: getattr(diffusers, name).from_pipe(base, dtype=dtype) for task, name in family.pipelines.items()}
-    for pipe in pipes.values():
+    refiner = None
+    if family.refiner and read_manifest(settings.model_dir / "refiner"):
+        refiner = load_pipeline(
+            settings.model_dir / "refiner",
+            device,
+            attention,
+            settings.dtype,
+            refiner=True,
+            vae=base.vae,
+            text_encoder_2=base.text_encoder_2,
+        )
+        apply_speed_options(refiner, settings, device)
+    for pipe in [*pipes.values(), *([refiner] if refiner else [])]:
         pipe.set_progress_bar_config(disable=True)
         if hasattr(pipe, "safety_checker"):
             pipe.safety_checker = None
@@ -202,6 +223,7 @@ def load_model(settings: Settings) -> LoadedModel:
         family=family.name,
         device=device,
         distilled=family.is_distilled(denoiser_config, str(manifest.get("model_id", ""))),
+        refiner=refiner,
         pipes=pipes,
         baked_scheduler=base.scheduler,
         safety_checker=checker,

@@ -177,6 +177,44 @@ def _bake_tiny_sdxl(dest: Path) -> None:
     pipe.save_pretrained(dest, safe_serialization=True)
 
 
+def _bake_tiny_sdxl_refiner(dest: Path) -> None:
+    """The SDXL refiner's layout with random weights: img2img only, the second text encoder alone, and an
+    aesthetic score in its time conditioning (5 time ids, not 6). Its text encoder and VAE have tiny-sdxl's
+    shapes, so a worker shares tiny-sdxl's, as it does the real base's with the real refiner."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(1)
+    unet = _tiny_unet(
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=5 * 8 + 32,
+        cross_attention_dim=32,
+    )
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        unet=unet,
+        vae=_tiny_vae(force_upcast=True),
+        text_encoder=None,
+        text_encoder_2=CLIPTextModelWithProjection(_tiny_text_config(projection_dim=32)),
+        tokenizer=None,
+        tokenizer_2=_tiny_tokenizer(),
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            timestep_spacing="leading",
+            steps_offset=1,
+        ),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+    )
+    pipe.save_pretrained(dest, safe_serialization=True)
+
+
 def _bake_tiny_sd3(dest: Path) -> None:
     """SD3 layout with random weights: MMDiT transformer, two CLIP encoders and T5, 16-channel VAE, flow match."""
     import torch
@@ -270,6 +308,7 @@ def _bake_tiny_flux(dest: Path, guidance_embeds: bool = True) -> None:
 RECIPES: dict[str, Callable[[Path], None]] = {
     "tiny-sd": _bake_tiny_sd,
     "tiny-sdxl": _bake_tiny_sdxl,
+    "tiny-sdxl-refiner": _bake_tiny_sdxl_refiner,
     "tiny-sd3": _bake_tiny_sd3,
     "tiny-flux": _bake_tiny_flux,
     "tiny-flux-schnell": lambda dest: _bake_tiny_flux(dest, guidance_embeds=False),
