@@ -25,7 +25,10 @@ from sdworker.model import BakeResult, bake_model, family_of
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, bake, and print what was baked."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model-id", help="hub id, local directory, s3://bucket/prefix, or a tiny recipe")
+    parser.add_argument(
+        "--model-id", help="hub id, local directory, s3://bucket/prefix, a checkpoint file or URL, or a tiny recipe"
+    )
+    parser.add_argument("--model-config", help="a checkpoint file's family configuration (MODEL_CONFIG)")
     parser.add_argument("--refiner-id", help="an SDXL refiner to bake beside the base (REFINER_ID)")
     parser.add_argument("--revision", help="hub branch, tag or commit")
     parser.add_argument("--variant", help="weight variant such as fp16")
@@ -46,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         "model_variant": args.variant,
         "model_dir": args.model_dir,
         "refiner_id": args.refiner_id,
+        "model_config_id": args.model_config,
     }
     settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
     token = settings.hf_token.get_secret_value() if settings.hf_token else None
@@ -65,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
                 force=args.force,
                 verify=not args.no_verify,
                 refiner=refiner,
+                config=settings.model_config_id,
+                sha256=settings.model_sha256,
+                allow_pickle=settings.allow_pickle,
             )
         except WorkerError as err:
             print(f"download.py: cannot bake {model_id}: {err.message}", file=sys.stderr)

@@ -8,8 +8,9 @@ root, `dockerd` is started (Debian's docker.io installed with apt-get when missi
 bridge; every build and container here uses the host's network.
 
 build: `docker build` on BASE_IMAGE (the Dockerfile's default unless given; `standin` for the stand-in below),
-with MODEL_ID, MODEL_REVISION, MODEL_VARIANT, REFINER_ID and REBAKE from the environment (else the Dockerfile reads
-build_args.env) and the hub token (HF_TOKEN, or the one `hf auth login` stored) as the build secret HF_TOKEN.
+with MODEL_ID, MODEL_REVISION, MODEL_VARIANT, MODEL_CONFIG, MODEL_SHA256, ALLOW_PICKLE, REFINER_ID and REBAKE
+from the environment (else the Dockerfile reads build_args.env) and the hub token (HF_TOKEN, or the one
+`hf auth login` stored) as the build secret HF_TOKEN.
 
 test: builds MODEL_ID=tiny-sd with a random dummy HF_TOKEN secret, on the default base if it can be pulled,
 else on a stand-in made by docker/standin-base.sh (Debian from its mirror, for machines without Docker Hub),
@@ -525,7 +526,16 @@ def build_command(args: argparse.Namespace) -> int:
             f"cannot pull {base} ({reason[:160]}): name a base you can pull with BASE_IMAGE=..., or "
             "BASE_IMAGE=standin for one made from Debian's mirror (see docker/standin-base.sh)"
         )
-    names = ("MODEL_ID", "MODEL_REVISION", "MODEL_VARIANT", "REFINER_ID", "REBAKE")
+    names = (
+        "MODEL_ID",
+        "MODEL_REVISION",
+        "MODEL_VARIANT",
+        "MODEL_CONFIG",
+        "MODEL_SHA256",
+        "ALLOW_PICKLE",
+        "REFINER_ID",
+        "REBAKE",
+    )
     build_args = {n: os.environ[n] for n in names if os.environ.get(n)}
     with tempfile.TemporaryDirectory(prefix="sd-worker-image-") as folder:
         log = Path(folder, "build.log")

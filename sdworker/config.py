@@ -39,6 +39,13 @@ class Settings(BaseSettings):
     model_revision: str | None = Field(None, description="Hub branch, tag or commit to bake.")
     model_variant: str | None = Field(None, description="Weight variant to bake, such as fp16.")
     refiner_id: str | None = Field(None, description="An SDXL refiner to bake beside the base, in MODEL_DIR/refiner.")
+    model_config_id: str | None = Field(
+        None,
+        validation_alias=AliasChoices("MODEL_CONFIG", "model_config_id"),
+        description="A single-file MODEL_ID's family configuration: a diffusers repo or folder.",
+    )
+    model_sha256: str | None = Field(None, description="Pins a single-file MODEL_ID's download.")
+    allow_pickle: bool = Field(False, description="Bake pickled checkpoints (.ckpt, .pt, .bin), which can run code.")
     hf_token: SecretStr | None = Field(None, description="Hub token for gated or private models.")
     model_dir: Path = Field(Path("models"), description="Where the baked pipeline is written and loaded from.")
 

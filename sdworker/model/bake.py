@@ -13,6 +13,7 @@ from ..errors import WorkerError
 from ..manifest import MANIFEST, read_manifest
 from .load import load_pipeline
 from .recipes import RECIPES
+from .single_file import bake_single_file, is_single_file
 from .sources import _copy_local, _fetch_hub, _fetch_s3, _variant_of
 
 
@@ -48,6 +49,9 @@ def bake_model(
     force: bool = False,
     verify: bool = True,
     refiner: bool = False,
+    config: str | None = None,
+    sha256: str | None = None,
+    allow_pickle: bool = False,
 ) -> BakeResult:
     """Write the pipeline `model_id` into `model_dir`, ready for `load_model`.
 
@@ -55,7 +59,9 @@ def bake_model(
     `model_dir` already holds the same id, revision and variant, nothing is done. The new pipeline is staged
     beside `model_dir` and swapped in only once it is complete (and, with `verify`, loads), so a failed bake
     never leaves a half-written model behind. A non-empty `model_dir` that holds no baked model is refused.
-    With `refiner`, `model_id` is a refiner (baked into the base's `refiner/` folder).
+    With `refiner`, `model_id` is a refiner (baked into the base's `refiner/` folder). A single checkpoint file
+    (local, http(s), s3:// or a hub repo's file) is read against `config` (MODEL_CONFIG), pinned by `sha256`
+    when given; a pickled one needs `allow_pickle`.
     """
     started = time.perf_counter()
     model_dir = Path(model_dir)
@@ -72,10 +78,14 @@ def bake_model(
 
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.", dir=model_dir.parent))
+    extra: dict = {}
     try:
         if model_id in RECIPES:
             kind = "recipe"
             RECIPES[model_id](staging)
+        elif is_single_file(model_id):
+            kind = "single-file"
+            extra = bake_single_file(model_id, staging, config, token, sha256, allow_pickle)
         elif model_id.startswith("s3://"):
             kind = "s3"
             _fetch_s3(model_id, staging, variant)
@@ -88,7 +98,8 @@ def bake_model(
         else:
             raise WorkerError(
                 "NO_SUCH_MODEL",
-                f"MODEL_ID {model_id!r} is no recipe ({', '.join(RECIPES)}), s3:// URL, directory or hub id",
+                f"MODEL_ID {model_id!r} is no recipe ({', '.join(RECIPES)}), s3:// URL, directory, hub id or "
+                "checkpoint file (.safetensors)",
                 "MODEL_ID",
             )
         shutil.rmtree(staging / ".cache", ignore_errors=True)  # huggingface_hub's download bookkeeping
@@ -99,6 +110,7 @@ def bake_model(
             **source,
             "weights_variant": on_disk,
             "source": kind,
+            **extra,
             "files": files,
             "bytes": size,
             "baked_at": int(time.time()),
