@@ -74,6 +74,14 @@ class Settings(BaseSettings):
     vae_slicing: bool = Field(False, description="Decode a batch one image at a time (less memory).")
     tf32: bool = Field(False, description="Allow TF32 for fp32 matmuls and convolutions on NVIDIA GPUs.")
 
+    # Memory options for models larger than the GPU (a little slower each; measured on a GPU only).
+    quantize: Literal["none", "int8", "fp8"] = Field(
+        "none", description="Weight-only quantization of the UNet or transformer with torchao: int8 or fp8 weights."
+    )
+    enable_model_cpu_offload: bool = Field(
+        False, description="Keep each component in host memory until it runs (for models larger than the GPU)."
+    )
+
     # Limits on what one request may ask.
     max_steps: int = Field(150, ge=1)
     max_images: int = Field(8, ge=1)

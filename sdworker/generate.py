@@ -71,7 +71,7 @@ def _seeds(seed: int | None, count: int) -> list[int]:
 
 def _check_safety(model: LoadedModel, images: list[Image.Image]) -> tuple[list[Image.Image], list[bool]]:
     """Run the model's safety checker; flagged images come back black."""
-    inputs = model.feature_extractor(images, return_tensors="pt").to(model.device)
+    inputs = model.feature_extractor(images, return_tensors="pt").to(model.safety_checker.device)  # offload: cpu
     arrays = np.stack([np.asarray(image, dtype=np.float32) / 255 for image in images])
     checked, flags = model.safety_checker(images=arrays, clip_input=inputs.pixel_values.to(model.dtype))
     return [Image.fromarray((array * 255).round().astype(np.uint8)) for array in checked], [bool(f) for f in flags]

@@ -196,3 +196,24 @@ def test_a_refiner_beside_a_family_without_one_is_refused_at_bake(tmp_path: Path
     assert result.returncode == 1 and "sd1 family has no refiner" in result.stderr
     result = download("--model-dir", str(tmp_path / "r"), MODEL_ID="tiny-sdxl-refiner")
     assert result.returncode == 1 and "REFINER_ID" in result.stderr
+
+
+# --- memory options -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_quantize_stores_the_denoiser_in_fewer_bits_and_still_draws(tiny: dict[str, Path], kind: str) -> None:
+    plain = load_model(Settings(model_dir=tiny["tiny-flux"]))
+    model = load_model(Settings(model_dir=tiny["tiny-flux"], quantize=kind))
+    weight = model.pipes["text2img"].transformer.transformer_blocks[0].attn.to_q.weight
+    assert type(weight).__name__ != "Parameter" and "8" in type(weight).__name__  # a torchao int8/float8 tensor
+    for pipe in model.pipes.values():  # shared by every task
+        assert pipe.transformer.transformer_blocks[0].attn.to_q.weight is weight
+    quantized = decode(handle(model, FAST)[1]["images"][0]["base64"])
+    full = decode(handle(plain, FAST)[1]["images"][0]["base64"])
+    difference = [abs(a - b) for a, b in zip(quantized.tobytes(), full.tobytes(), strict=True)]
+    assert max(difference) > 0 and sum(difference) / len(difference) < 8  # close to, not equal to, the full model
+
+
+def test_cpu_offload_without_a_gpu_is_refused_by_name(tiny: dict[str, Path]) -> None:
+    with pytest.raises(WorkerError) as refused:
+        load_model(Settings(model_dir=tiny["tiny-flux"], enable_model_cpu_offload=True))
+    assert refused.value.field == "ENABLE_MODEL_CPU_OFFLOAD" and "GPU" in refused.value.message
