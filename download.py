@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 config=settings.model_config_id,
                 sha256=settings.model_sha256,
                 allow_pickle=settings.allow_pickle,
+                dtype=settings.bake_dtype,
             )
         except WorkerError as err:
             print(f"download.py: cannot bake {model_id}: {err.message}", file=sys.stderr)

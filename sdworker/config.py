@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     )
     model_sha256: str | None = Field(None, description="Pins a single-file MODEL_ID's download.")
     allow_pickle: bool = Field(False, description="Bake pickled checkpoints (.ckpt, .pt, .bin), which can run code.")
+    bake_dtype: Literal["float16", "bfloat16"] | None = Field(
+        None, description="Store float32 weights in this dtype when baking: half the bytes in the image."
+    )
     hf_token: SecretStr | None = Field(None, description="Hub token for gated or private models.")
     model_dir: Path = Field(Path("models"), description="Where the baked pipeline is written and loaded from.")
 

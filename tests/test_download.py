@@ -9,6 +9,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+import torch
 from conftest import download
 
 from sdworker.config import Settings
@@ -225,3 +226,15 @@ def test_hub_selection_refuses_pickle_only_components() -> None:
 def test_manifest_records_what_was_baked(baked: dict[str, Path]) -> None:
     manifest = json.loads((baked["tiny-sdxl"] / "sdworker.json").read_text())
     assert manifest["model_id"] == "tiny-sdxl" and manifest["files"] > 5 and manifest["bytes"] > 0
+
+
+def test_bake_dtype_stores_float32_weights_at_half_the_bytes(tmp_path: Path) -> None:
+    full = download("--model-id", "tiny-sd", "--model-dir", str(tmp_path / "full"))
+    half = download("--model-id", "tiny-sd", "--model-dir", str(tmp_path / "half"), BAKE_DTYPE="float16")
+    assert full.returncode == half.returncode == 0, half.stderr
+    full_bytes, half_bytes = (read_manifest(tmp_path / name)["bytes"] for name in ("full", "half"))
+    assert half_bytes < 0.6 * full_bytes, (full_bytes, half_bytes)
+    model = load_model(Settings(model_dir=tmp_path / "half"))  # served in float32 on a CPU, from float16 files
+    original = load_model(Settings(model_dir=tmp_path / "full"))
+    for key, value in original.pipes["text2img"].unet.state_dict().items():
+        assert torch.equal(model.pipes["text2img"].unet.state_dict()[key], value.half().float()), key
