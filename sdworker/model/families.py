@@ -128,6 +128,10 @@ TASK_PIPELINES = {name: family.pipelines for name, family in FAMILIES.items()}
 def family_of(model_dir: Path, refiner: bool = False) -> Family:
     """The family of the pipeline baked in `model_dir`, from its model_index.json (and, for SD 1.x against
     2.x, the UNet's text-embedding width). With `refiner`, of the refiner baked there."""
+    if not (Path(model_dir) / "model_index.json").is_file():
+        raise WorkerError(
+            "NO_MODEL", f"no baked model in {model_dir}: run `python download.py` first", "MODEL_DIR", status=500
+        )
     index = json.loads((Path(model_dir) / "model_index.json").read_text())
     class_name = index.get("_class_name", "")
     refiners = {family.refiner: family for family in FAMILIES.values() if family.refiner}

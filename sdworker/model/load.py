@@ -135,7 +135,14 @@ def apply_speed_options(pipe: Any, settings: Settings, device: str) -> None:
 def _quantize(module: Any, kind: str) -> None:
     """Weight-only quantization with torchao, in place: int8 or float8 weights, dequantized as each layer runs.
     About half the denoiser's memory at bf16/fp16; a little slower, and pixels move slightly."""
-    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    try:
+        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        raise WorkerError(
+            "INVALID_SETTINGS",
+            "QUANTIZE needs torchao, which the image installs (requirements-cuda.txt): pip install torchao==0.18.0",
+            "QUANTIZE",
+        ) from None
 
     quantize_(module, Int8WeightOnlyConfig() if kind == "int8" else Float8WeightOnlyConfig())
 
