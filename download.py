@@ -13,13 +13,10 @@ import argparse
 import logging
 import sys
 
-from diffusers.utils import logging as diffusers_logging
-from huggingface_hub.utils import logging as hf_logging
-from transformers.utils import logging as transformers_logging
-
 from sdworker.config import Settings
 from sdworker.errors import WorkerError
 from sdworker.model import BakeResult, bake_model, family_of
+from sdworker.model.loras import bake_loras, parse_named_sources
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,12 +27,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--model-config", help="a checkpoint file's family configuration (MODEL_CONFIG)")
     parser.add_argument("--refiner-id", help="an SDXL refiner to bake beside the base (REFINER_ID)")
+    parser.add_argument("--loras", help="LoRAs to bake beside the model: name=source,... (LORAS)")
     parser.add_argument("--revision", help="hub branch, tag or commit")
     parser.add_argument("--variant", help="weight variant such as fp16")
     parser.add_argument("--model-dir", help="where to write the pipeline")
     parser.add_argument("--force", action="store_true", help="bake again even if MODEL_DIR holds this model")
     parser.add_argument("--no-verify", action="store_true", help="skip loading the result to check it")
     args = parser.parse_args(argv)
+    from diffusers.utils import logging as diffusers_logging  # after sdworker, which quiets what they log
+    from huggingface_hub.utils import logging as hf_logging
+    from transformers.utils import logging as transformers_logging
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # The libraries' warnings would bury the one line that says what happened; the hub's download bars stay.
     hf_logging.set_verbosity_error()
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         "model_dir": args.model_dir,
         "refiner_id": args.refiner_id,
         "model_config_id": args.model_config,
+        "loras": args.loras,
     }
     settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
     token = settings.hf_token.get_secret_value() if settings.hf_token else None
@@ -81,6 +84,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"download.py: cannot bake {model_id}: {err.__class__.__name__}: {err}", file=sys.stderr)
             return 1
         report(result, token)
+    try:
+        named = parse_named_sources(settings.loras, "LORAS")
+        added = bake_loras(settings.model_dir, named, token, not args.no_verify) if named else []
+    except WorkerError as err:
+        print(f"download.py: cannot bake the LoRAs: {err.message}", file=sys.stderr)
+        return 1
+    if added:
+        print(f"baked LoRAs {', '.join(added)} into {settings.model_dir / 'loras'}")
     return 0
 
 

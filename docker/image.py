@@ -8,8 +8,8 @@ root, `dockerd` is started (Debian's docker.io installed with apt-get when missi
 bridge; every build and container here uses the host's network.
 
 build: `docker build` on BASE_IMAGE (the Dockerfile's default unless given; `standin` for the stand-in below),
-with MODEL_ID, MODEL_REVISION, MODEL_VARIANT, MODEL_CONFIG, MODEL_SHA256, ALLOW_PICKLE, BAKE_DTYPE, REFINER_ID, REBAKE
-from the environment (else the Dockerfile reads build_args.env) and the hub token (HF_TOKEN, or the one
+with MODEL_ID, MODEL_REVISION, MODEL_VARIANT, MODEL_CONFIG, MODEL_SHA256, ALLOW_PICKLE, BAKE_DTYPE, LORAS, REFINER_ID,
+REBAKE from the environment (else the Dockerfile reads build_args.env) and the hub token (HF_TOKEN, or the one
 `hf auth login` stored) as the build secret HF_TOKEN.
 
 test: builds MODEL_ID=tiny-sd with a random dummy HF_TOKEN secret, on the default base if it can be pulled,
@@ -534,6 +534,7 @@ def build_command(args: argparse.Namespace) -> int:
         "MODEL_SHA256",
         "ALLOW_PICKLE",
         "BAKE_DTYPE",
+        "LORAS",
         "REFINER_ID",
         "REBAKE",
     )

@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     )
     model_sha256: str | None = Field(None, description="Pins a single-file MODEL_ID's download.")
     allow_pickle: bool = Field(False, description="Bake pickled checkpoints (.ckpt, .pt, .bin), which can run code.")
+    loras: str | None = Field(None, description="LoRAs to bake beside the model: name=source,name=source.")
     bake_dtype: Literal["float16", "bfloat16"] | None = Field(
         None, description="Store float32 weights in this dtype when baking: half the bytes in the image."
     )

@@ -20,6 +20,7 @@ from PIL import Image
 from .errors import WorkerError
 from .images import decode_image
 from .model import LoadedModel, fit_request
+from .model.loras import apply_loras
 from .schedulers import make_scheduler
 from .schema import MAX_SEED, GenerateInput, check_size
 
@@ -109,6 +110,7 @@ def generate(model: LoadedModel, request: GenerateInput, on_step: StepCallback |
     shapes agree run together as one batch, each image with its own generator, so each gets the image it would
     alone, up to float rounding (a batch's kernels may add up in another order)."""
     request = fit_request(request, model.row, model.distilled, model.refiner is not None)
+    _check_loras(request, model)
     settings, task = model.settings, request.task
     started = time.perf_counter()
     urls = [value for value in (request.image, request.mask_image) if value and value.startswith("http")]
@@ -164,6 +166,28 @@ def generate(model: LoadedModel, request: GenerateInput, on_step: StepCallback |
     )
 
 
+def _check_loras(request: GenerateInput, model: LoadedModel) -> None:
+    """Each LoRA asked for is baked, and asked for once."""
+    seen: set[str] = set()
+    for index, choice in enumerate(request.loras or []):
+        if choice.name not in model.loras:
+            baked = ", ".join(model.loras) or "none (bake them with LORAS)"
+            raise WorkerError(
+                "INVALID_INPUTS",
+                f"loras[{index}].name: no LoRA named {choice.name!r}; baked: {baked}",
+                f"loras[{index}].name",
+            )
+        if choice.name in seen:
+            raise WorkerError(
+                "INVALID_INPUTS", f"loras[{index}].name: {choice.name!r} is asked twice", f"loras[{index}].name"
+            )
+        seen.add(choice.name)
+
+
+def _lora_set(request: GenerateInput) -> tuple[tuple[str, float], ...]:
+    return tuple((choice.name, choice.scale) for choice in request.loras or [])
+
+
 def _batch_key(request: GenerateInput, kwargs: dict[str, Any], scheduler: Any) -> Any:
     """What must agree for requests to share one pipeline call: only text-to-image runs batched. Whether a negative
     prompt was given is part of it: SDXL zeroes a missing negative prompt's embedding, which "" is not."""
@@ -177,6 +201,7 @@ def _batch_key(request: GenerateInput, kwargs: dict[str, Any], scheduler: Any) -
         request.guidance_scale,
         request.negative_prompt is None,
         request.max_sequence_length,
+        _lora_set(request),  # jobs with other LoRAs (or none) never share a batch
         type(scheduler).__name__,
         config,
     )
@@ -254,6 +279,7 @@ def _pipeline_call(model: LoadedModel, batch: list[_Job]) -> None:
     cuda = model.device.startswith("cuda")
     out_of_memory = False
     pipe.scheduler = first.scheduler
+    apply_loras(pipe, list(_lora_set(first.request)), model.loras)  # this batch's set, or every adapter off
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()

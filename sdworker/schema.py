@@ -64,6 +64,15 @@ class OutputTarget(BaseModel):
         return value
 
 
+class LoraChoice(BaseModel):
+    """One baked LoRA to apply, and how strongly."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, description="A LoRA baked with LORAS.")
+    scale: float = Field(1.0, ge=-4, le=4, description="Its weight; 0 is the plain model.")
+
+
 class GenerateInput(BaseModel):
     """What one generation may ask, with diffusers' names. Unknown fields are refused, not ignored."""
 
@@ -79,6 +88,9 @@ class GenerateInput(BaseModel):
     )
     max_sequence_length: int | None = Field(
         None, ge=1, le=512, description="T5 prompt tokens (sd3, flux); default: the pipeline's."
+    )
+    loras: list[LoraChoice] | None = Field(
+        None, max_length=8, description='Baked LoRAs to apply: [{"name": "ink", "scale": 0.8}].'
     )
     refiner: bool = Field(False, description="SDXL text2img: finish with the refiner baked beside the base.")
     high_noise_frac: float | None = Field(
@@ -165,7 +177,8 @@ def parse_request(payload: Any) -> tuple[GenerateInput, dict[str, str]]:
     except ValidationError as err:
         first = err.errors()[0]
         name = str(first["loc"][0]) if first["loc"] else ""
-        field = where.get(name, name) or None
+        inner = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"][1:])
+        field = (where.get(name, name) + inner) or None  # loras[0].scale, as the client wrote it
         got = f" (got {first['input']!r:.60})" if first["type"] != "missing" else ""
         raise WorkerError("INVALID_INPUTS", f"{field}: {first['msg']}{got}", field) from None
     if request.pipeline is not None and request.pipeline not in PIPELINES:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import wait_for
+from conftest import same_picture, wait_for
 
 from sdworker.batching import Batcher
 from sdworker.config import Settings
@@ -61,16 +61,6 @@ def run_together(
         thread.join(timeout=120)
     run_together.returned = returned  # type: ignore[attr-defined]  # when each caller got its answer
     return results
-
-
-def same_picture(a: Generation, b: Generation) -> None:
-    """Equal seeds and equal pixels, save for float rounding: a batch's kernels add up in another order, which
-    moves a few values by one level (of 255); a different seed changes nearly every value."""
-    assert a.seeds == b.seeds
-    for x, y in zip(a.images, b.images, strict=True):
-        x, y = np.asarray(x, dtype=int), np.asarray(y, dtype=int)
-        assert np.abs(x - y).max() <= 1
-        assert (x != y).mean() < 0.001
 
 
 @pytest.mark.parametrize("model_name", ["sd", "sdxl"])

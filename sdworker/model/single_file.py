@@ -54,7 +54,7 @@ def bake_single_file(
         )
     scratch = Path(tempfile.mkdtemp(prefix=".single-file.", dir=dest.parent))
     try:
-        path = _fetch(model_id, scratch, token)
+        path = fetch_file(model_id, scratch, token)
         digest = _sha256(path)
         if sha256 and digest != sha256.strip().lower():
             raise WorkerError(
@@ -67,8 +67,10 @@ def bake_single_file(
     return {"sha256": digest, "config": config}
 
 
-def _fetch(model_id: str, scratch: Path, token: str | None) -> Path:
-    """The checkpoint as a local file: a local path as it is, anything else downloaded into `scratch`."""
+def fetch_file(model_id: str, scratch: Path, token: str | None, field: str = "MODEL_ID") -> Path:
+    """One weights file as a local file: a local path as it is; an http(s) URL, `s3://bucket/key`, a hub repo's
+    file (`owner/repo/path`) or a hub repo holding one .safetensors file (`owner/repo`) downloaded into
+    `scratch`. Errors name `field`."""
     local = Path(model_id).expanduser()
     if local.is_file():
         return local
@@ -88,20 +90,29 @@ def _fetch(model_id: str, scratch: Path, token: str | None) -> Path:
 
             bucket, _, key = model_id[len("s3://") :].partition("/")
             boto3.client("s3").download_file(bucket, key, str(target))
-        elif model_id.count("/") >= 2 and not model_id.startswith((".", "/", "~")):
-            from huggingface_hub import hf_hub_download
+        elif model_id.count("/") >= 1 and not model_id.startswith((".", "/", "~")):
+            from huggingface_hub import HfApi, hf_hub_download
 
-            owner, repo, filename = model_id.split("/", 2)
+            owner, repo, *rest = model_id.split("/", 2)
+            filename = rest[0] if rest else _only_safetensors(HfApi().list_repo_files(f"{owner}/{repo}", token=token))
             return Path(hf_hub_download(f"{owner}/{repo}", filename, token=token, local_dir=scratch))
         else:
-            raise WorkerError("NO_SUCH_MODEL", f"no checkpoint file {model_id!r}", "MODEL_ID")
+            raise WorkerError("NO_SUCH_MODEL", f"no file {model_id!r}", field)
     except WorkerError:
         raise
     except Exception as err:  # HTTP errors, S3 errors, the hub: one line naming the file and the reason
-        raise WorkerError(
-            "DOWNLOAD_FAILED", f"cannot fetch {name}: {type(err).__name__}: {err}"[:400], "MODEL_ID"
-        ) from None
+        raise WorkerError("DOWNLOAD_FAILED", f"cannot fetch {name}: {type(err).__name__}: {err}"[:400], field) from None
     return target
+
+
+def _only_safetensors(files: list[str]) -> str:
+    """The one .safetensors file of a repo (a LoRA's), preferring diffusers' own name."""
+    weights = [name for name in files if name.endswith(".safetensors")]
+    if "pytorch_lora_weights.safetensors" in weights:
+        return "pytorch_lora_weights.safetensors"
+    if len(weights) == 1:
+        return weights[0]
+    raise ValueError(f"the repo holds {len(weights)} .safetensors files; name one: owner/repo/file.safetensors")
 
 
 def _sha256(path: Path) -> str:

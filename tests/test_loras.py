@@ -1,0 +1,145 @@
+"""LoRAs: made here with peft on tiny-sd (random, so they visibly change the picture), baked by download.py with
+LORAS, and chosen per request. What a user sees: pixels change with a LoRA, are exactly the plain model's without
+one or at scale 0, and never leak from one request (or batch) into another."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import download, same_picture
+
+from sdworker.config import Settings
+from sdworker.generate import generate
+from sdworker.handler import handle
+from sdworker.model import LoadedModel, load_model, read_manifest
+from sdworker.model.loras import baked_loras
+from sdworker.schema import GenerateInput
+
+FAST = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 4}
+
+
+def make_lora(model_dir: Path, path: Path, seed: int, text_encoder: bool = True) -> Path:
+    """A random LoRA for tiny-sd's UNet (and text encoder), saved as diffusers saves one."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = DiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
+    torch.manual_seed(seed)
+    unet = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+    pipe.unet.add_adapter(unet)
+    layers = {"unet_lora_layers": get_peft_model_state_dict(pipe.unet)}
+    if text_encoder:
+        clip = LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        pipe.text_encoder.add_adapter(clip)
+        layers["text_encoder_lora_layers"] = get_peft_model_state_dict(pipe.text_encoder)
+    StableDiffusionPipeline.save_lora_weights(path.parent, weight_name=path.name, safe_serialization=True, **layers)
+    return path
+
+
+@pytest.fixture(scope="module")
+def with_loras(baked: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    root = tmp_path_factory.mktemp("loras")
+    ink = make_lora(baked["tiny-sd"], root / "ink.safetensors", seed=1)
+    fog = make_lora(baked["tiny-sd"], root / "fog.safetensors", seed=2, text_encoder=False)
+    model_dir = root / "model"
+    first = download("--model-dir", str(model_dir), MODEL_ID="tiny-sd", LORAS=f"ink={ink}")
+    assert first.returncode == 0, first.stderr
+    baked_at = read_manifest(model_dir)["baked_at"]
+    # Run again with one more LoRA: it is added, the model and the first LoRA are kept.
+    second = download("--model-dir", str(model_dir), MODEL_ID="tiny-sd", LORAS=f"ink={ink},fog={fog}")
+    assert second.returncode == 0 and "baked LoRAs fog" in second.stdout, second.stdout + second.stderr
+    assert read_manifest(model_dir)["baked_at"] == baked_at
+    return {"dir": model_dir, "model": load_model(Settings(model_dir=model_dir, max_batch=4))}
+
+
+def image(model: LoadedModel, **extra: object) -> str:
+    status, body = handle(model, {**FAST, **extra})
+    assert status == 200, body
+    return body["images"][0]["base64"]
+
+
+def test_baked_loras_are_listed_and_loaded_as_adapters(with_loras: dict) -> None:
+    assert set(baked_loras(with_loras["dir"])) == {"ink", "fog"}
+    assert with_loras["model"].loras == ["ink", "fog"]
+
+
+def test_a_lora_changes_the_picture_and_nothing_leaks(with_loras: dict, sd: LoadedModel) -> None:
+    model = with_loras["model"]
+    fresh = image(sd)  # a worker with no LoRA at all
+    assert image(model) == fresh  # adapters loaded but off: exactly the plain model
+    inked = image(model, loras=[{"name": "ink", "scale": 1.0}])
+    assert inked != fresh
+    assert image(model) == fresh  # after a LoRA request, a plain one is a fresh worker's
+    assert image(model, loras=[{"name": "ink", "scale": 0}]) == fresh  # scale 0 is the plain model
+    both = image(model, loras=[{"name": "ink", "scale": 1.0}, {"name": "fog", "scale": 0.5}])
+    assert both not in (inked, fresh)
+    assert image(model, loras=[{"name": "ink", "scale": 1.0}]) == inked  # the same set gives the same pixels
+    _, body = handle(model, {**FAST, "loras": [{"name": "fog", "scale": -0.5}]})
+    assert body["$meta"]["loras"] == [{"name": "fog", "scale": -0.5}]
+
+
+def test_img2img_and_inpaint_take_loras_too(with_loras: dict) -> None:
+    from conftest import png_base64
+
+    model = with_loras["model"]
+    for extra in ({"image": png_base64()}, {"image": png_base64(), "mask_image": png_base64(color=(255, 255, 255))}):
+        plain, inked = image(model, **extra), image(model, **extra, loras=[{"name": "ink"}])
+        assert plain != inked
+
+
+def test_concurrent_requests_with_other_loras_never_share_a_batch(with_loras: dict) -> None:
+    model = with_loras["model"]
+    shape = {"prompt": "a lighthouse", "num_inference_steps": 3, "width": 64, "height": 64}
+    sets = [
+        None,
+        [{"name": "ink"}],
+        [{"name": "fog", "scale": 0.7}],
+        None,
+        [{"name": "ink"}],
+        [{"name": "ink", "scale": 0.5}],
+    ]
+    requests = [GenerateInput(**shape, seed=index, loras=chosen) for index, chosen in enumerate(sets)]
+    alone = [generate(model, request) for request in requests]
+    together: list[object] = [None] * len(requests)
+
+    def run(index: int) -> None:
+        together[index] = generate(model, requests[index])
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    for mine, solo in zip(together, alone, strict=True):
+        same_picture(mine, solo)  # its own LoRAs (or none), whatever ran beside it
+    inked, plain = alone[1].images[0], alone[0].images[0]
+    assert np.abs(np.asarray(inked, dtype=int) - np.asarray(plain, dtype=int)).max() > 10  # a LoRA is no rounding
+
+
+def test_an_unknown_lora_or_a_bad_scale_is_a_422_naming_the_entry(with_loras: dict, sd: LoadedModel) -> None:
+    model = with_loras["model"]
+    for loras, field in (
+        ([{"name": "nope"}], "loras[0].name"),
+        ([{"name": "ink"}, {"name": "ink"}], "loras[1].name"),
+        ([{"name": "ink", "scale": 5}], "loras[0].scale"),
+        ([{"name": "ink", "weight": 1}], "loras[0].weight"),
+    ):
+        status, body = handle(model, {**FAST, "loras": loras})
+        assert status == 422 and body["$error"]["field"] == field, (loras, body)
+    status, body = handle(sd, {**FAST, "loras": [{"name": "ink"}]})
+    assert status == 422 and "bake them with LORAS" in body["$error"]["message"]
+
+
+def test_a_file_that_is_not_a_lora_is_refused_at_bake(baked: dict[str, Path], tmp_path: Path) -> None:
+    not_a_lora = next((baked["tiny-sd"] / "vae").glob("*.safetensors"))
+    result = download("--model-dir", str(tmp_path / "m"), MODEL_ID="tiny-sd", LORAS=f"vae={not_a_lora}")
+    assert result.returncode == 1 and "LORAS: vae does not load as a LoRA" in result.stderr, result.stderr
+    pickled = download("--model-dir", str(tmp_path / "m"), MODEL_ID="tiny-sd", LORAS="old=https://example.com/x.ckpt")
+    assert pickled.returncode == 1 and "only .safetensors" in pickled.stderr
+    bad = download("--model-dir", str(tmp_path / "m"), MODEL_ID="tiny-sd", LORAS="no name here")
+    assert bad.returncode == 1 and "name=source" in bad.stderr
