@@ -16,7 +16,7 @@ import sys
 from sdworker.config import Settings
 from sdworker.errors import WorkerError
 from sdworker.model import BakeResult, bake_model, family_of
-from sdworker.model.loras import bake_loras, parse_named_sources
+from sdworker.model.loras import bake_named, parse_named_sources
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-config", help="a checkpoint file's family configuration (MODEL_CONFIG)")
     parser.add_argument("--refiner-id", help="an SDXL refiner to bake beside the base (REFINER_ID)")
     parser.add_argument("--loras", help="LoRAs to bake beside the model: name=source,... (LORAS)")
+    parser.add_argument("--embeddings", help="textual-inversion embeddings to bake: name=source,... (EMBEDDINGS)")
     parser.add_argument("--revision", help="hub branch, tag or commit")
     parser.add_argument("--variant", help="weight variant such as fp16")
     parser.add_argument("--model-dir", help="where to write the pipeline")
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         "refiner_id": args.refiner_id,
         "model_config_id": args.model_config,
         "loras": args.loras,
+        "embeddings": args.embeddings,
     }
     settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
     token = settings.hf_token.get_secret_value() if settings.hf_token else None
@@ -84,14 +86,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"download.py: cannot bake {model_id}: {err.__class__.__name__}: {err}", file=sys.stderr)
             return 1
         report(result, token)
-    try:
-        named = parse_named_sources(settings.loras, "LORAS")
-        added = bake_loras(settings.model_dir, named, token, not args.no_verify) if named else []
-    except WorkerError as err:
-        print(f"download.py: cannot bake the LoRAs: {err.message}", file=sys.stderr)
-        return 1
-    if added:
-        print(f"baked LoRAs {', '.join(added)} into {settings.model_dir / 'loras'}")
+    for kind, value in (("loras", settings.loras), ("embeddings", settings.embeddings)):
+        try:
+            named = parse_named_sources(value, kind.upper())
+            added = bake_named(settings.model_dir, kind, named, token, not args.no_verify) if named else []
+        except WorkerError as err:
+            print(f"download.py: cannot bake the {kind}: {err.message}", file=sys.stderr)
+            return 1
+        if added:
+            print(f"baked {kind} {', '.join(added)} into {settings.model_dir / kind}")
     return 0
 
 

@@ -8,9 +8,9 @@ root, `dockerd` is started (Debian's docker.io installed with apt-get when missi
 bridge; every build and container here uses the host's network.
 
 build: `docker build` on BASE_IMAGE (the Dockerfile's default unless given; `standin` for the stand-in below),
-with MODEL_ID, MODEL_REVISION, MODEL_VARIANT, MODEL_CONFIG, MODEL_SHA256, ALLOW_PICKLE, BAKE_DTYPE, LORAS, REFINER_ID,
-REBAKE from the environment (else the Dockerfile reads build_args.env) and the hub token (HF_TOKEN, or the one
-`hf auth login` stored) as the build secret HF_TOKEN.
+with MODEL_ID, MODEL_REVISION, MODEL_VARIANT, MODEL_CONFIG, MODEL_SHA256, ALLOW_PICKLE, BAKE_DTYPE, LORAS, EMBEDDINGS,
+REFINER_ID, REBAKE from the environment (else the Dockerfile reads build_args.env) and the hub token (HF_TOKEN,
+or the one `hf auth login` stored) as the build secret HF_TOKEN.
 
 test: builds MODEL_ID=tiny-sd with a random dummy HF_TOKEN secret, on the default base if it can be pulled,
 else on a stand-in made by docker/standin-base.sh (Debian from its mirror, for machines without Docker Hub),
@@ -535,6 +535,7 @@ def build_command(args: argparse.Namespace) -> int:
         "ALLOW_PICKLE",
         "BAKE_DTYPE",
         "LORAS",
+        "EMBEDDINGS",
         "REFINER_ID",
         "REBAKE",
     )

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     model_sha256: str | None = Field(None, description="Pins a single-file MODEL_ID's download.")
     allow_pickle: bool = Field(False, description="Bake pickled checkpoints (.ckpt, .pt, .bin), which can run code.")
     loras: str | None = Field(None, description="LoRAs to bake beside the model: name=source,name=source.")
+    embeddings: str | None = Field(
+        None, description="Textual-inversion embeddings to bake: name=source,...; a prompt uses each by its name."
+    )
     bake_dtype: Literal["float16", "bfloat16"] | None = Field(
         None, description="Store float32 weights in this dtype when baking: half the bytes in the image."
     )
@@ -95,6 +98,15 @@ class Settings(BaseSettings):
     max_input_image_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_input_image_pixels: int = Field(4096 * 4096, ge=64 * 64)
     image_fetch_timeout: float = Field(15.0, gt=0, description="Seconds an image URL's whole download may take.")
+    allow_lora_urls: bool = Field(False, description="Let requests name LoRAs by URL (public hosts only).")
+    max_lora_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="Largest LoRA file a request may name.")
+    lora_fetch_timeout: float = Field(120.0, gt=0, description="Seconds a LoRA URL's whole download may take.")
+    lora_cache_bytes: int = Field(
+        4 * 1024**3, ge=0, description="Disk for LoRAs fetched by URL (DATA_DIR/lora-cache), least recent out first."
+    )
+    max_loaded_loras: int = Field(
+        8, ge=1, description="LoRAs fetched by URL held loaded at once, least recently used out first."
+    )
 
     # URLs a request names (images, masks, webhooks) are fetched only from public addresses (sdworker/urls.py).
     allow_private_urls: bool = Field(

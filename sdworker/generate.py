@@ -11,6 +11,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ from PIL import Image
 from .errors import WorkerError
 from .images import decode_image
 from .model import LoadedModel, fit_request
-from .model.loras import apply_loras
+from .model.loras import UrlLoras, apply_loras
 from .schedulers import make_scheduler
 from .schema import MAX_SEED, GenerateInput, check_size
 
@@ -89,6 +90,7 @@ class _Job:
     key: Any  # requests with equal keys may run as one batch
     on_step: StepCallback | None
     on_latents: LatentsCallback | None
+    lora_files: list[tuple[str, Path, str]] = field(default_factory=list)  # URL LoRAs: adapter, file, field
     images: list[Image.Image] | None = None
     nsfw: list[bool] | None = None
     error: WorkerError | None = None
@@ -114,10 +116,19 @@ def generate(model: LoadedModel, request: GenerateInput, on_step: StepCallback |
     settings, task = model.settings, request.task
     started = time.perf_counter()
     urls = [value for value in (request.image, request.mask_image) if value and value.startswith("http")]
-    hook = fetch_hook.get() if urls else None
-    with hook() if hook else nullcontext(None) as check:
+    lora_urls = [(index, choice.url) for index, choice in enumerate(request.loras or []) if choice.url]
+    hook = fetch_hook.get() if urls or lora_urls else None
+    with hook() if hook else nullcontext(None) as check:  # downloads hold no model slot
         init = decode_image(request.image, "image", settings, check) if request.image else None
         mask = decode_image(request.mask_image, "mask_image", settings, check) if request.mask_image else None
+        lora_files = [
+            (
+                model.url_loras.adapter_name(url),
+                model.url_loras.fetch(url, f"loras[{index}].url", check),
+                f"loras[{index}].url",
+            )
+            for index, url in lora_urls
+        ]
     multiple = model.size_multiple
     width = request.width or (init.width // multiple * multiple if init else model.default_size)
     height = request.height or (init.height // multiple * multiple if init else model.default_size)
@@ -145,6 +156,7 @@ def generate(model: LoadedModel, request: GenerateInput, on_step: StepCallback |
         key=_batch_key(request, kwargs, scheduler),
         on_step=on_step or step_hook.get(),
         on_latents=preview_hook.get(),
+        lora_files=lora_files,
         timings={"decode": _ms(started)},
     )
     model.batcher.run(job, lambda batch: _run_batch(model, batch))
@@ -167,9 +179,21 @@ def generate(model: LoadedModel, request: GenerateInput, on_step: StepCallback |
 
 
 def _check_loras(request: GenerateInput, model: LoadedModel) -> None:
-    """Each LoRA asked for is baked, and asked for once."""
+    """Each LoRA asked for is baked (or named by a URL, where ALLOW_LORA_URLS), and asked for once."""
     seen: set[str] = set()
     for index, choice in enumerate(request.loras or []):
+        if choice.url is not None:
+            if not model.settings.allow_lora_urls:
+                raise WorkerError(
+                    "INVALID_INPUTS",
+                    f"loras[{index}].url: this worker takes baked LoRAs only (ALLOW_LORA_URLS is off)",
+                    f"loras[{index}].url",
+                )
+            name = model.url_loras.adapter_name(choice.url)
+            if name in seen:
+                raise WorkerError("INVALID_INPUTS", f"loras[{index}].url is asked twice", f"loras[{index}].url")
+            seen.add(name)
+            continue
         if choice.name not in model.loras:
             baked = ", ".join(model.loras) or "none (bake them with LORAS)"
             raise WorkerError(
@@ -185,7 +209,10 @@ def _check_loras(request: GenerateInput, model: LoadedModel) -> None:
 
 
 def _lora_set(request: GenerateInput) -> tuple[tuple[str, float], ...]:
-    return tuple((choice.name, choice.scale) for choice in request.loras or [])
+    """The request's LoRAs as (adapter name, scale): a baked one's name, a URL's digest."""
+    return tuple(
+        (choice.name or UrlLoras.adapter_name(choice.url or ""), choice.scale) for choice in request.loras or []
+    )
 
 
 def _batch_key(request: GenerateInput, kwargs: dict[str, Any], scheduler: Any) -> Any:
@@ -279,7 +306,10 @@ def _pipeline_call(model: LoadedModel, batch: list[_Job]) -> None:
     cuda = model.device.startswith("cuda")
     out_of_memory = False
     pipe.scheduler = first.scheduler
-    apply_loras(pipe, list(_lora_set(first.request)), model.loras)  # this batch's set, or every adapter off
+    wanted = list(_lora_set(first.request))
+    for name, path, where in first.lora_files:  # URL LoRAs: loaded now, in the model's turn, if not already
+        model.url_loras.ensure_loaded(pipe, name, path, where, keep={name for name, _ in wanted})
+    apply_loras(pipe, wanted, bool(model.loras or model.url_loras.loaded))  # this batch's set, or all off
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()

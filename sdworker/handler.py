@@ -114,7 +114,7 @@ def handle(model: LoadedModel, payload: Any, on_step: StepCallback | None = None
         "safety_checker": result.nsfw is not None,
         "output_format": request.output_format,
         "batch_jobs": result.batch,
-        "loras": [{"name": choice.name, "scale": choice.scale} for choice in request.loras or []],
+        "loras": [choice.model_dump(exclude_none=True) for choice in request.loras or []],
         "refiner": request.refiner,
         "high_noise_frac": request.high_noise_frac,
     }

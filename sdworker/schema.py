@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .config import Settings
 from .errors import WorkerError
@@ -69,8 +69,17 @@ class LoraChoice(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=64, description="A LoRA baked with LORAS.")
+    name: str | None = Field(None, min_length=1, max_length=64, description="A LoRA baked with LORAS.")
+    url: str | None = Field(
+        None, max_length=2048, pattern=r"^https?://", description="A LoRA's .safetensors URL (ALLOW_LORA_URLS)."
+    )
     scale: float = Field(1.0, ge=-4, le=4, description="Its weight; 0 is the plain model.")
+
+    @model_validator(mode="after")
+    def _name_or_url(self) -> LoraChoice:
+        if (self.name is None) == (self.url is None):
+            raise ValueError("give a LoRA's name or its url, one of them")
+        return self
 
 
 class GenerateInput(BaseModel):

@@ -1,4 +1,4 @@
-"""The one guard for every URL a request names: input images, masks and webhooks (and the LoRA URLs to come).
+"""The one guard for every URL a request names: input images, masks, webhooks and LoRAs.
 
 A URL passes when it is http(s) and its host resolves to a public unicast address. The connection then goes to
 that very address (requests-hardened pins it), so a DNS answer that changes between the check and the connection
@@ -106,14 +106,21 @@ def check_url(url: str, field: str, settings: Settings) -> None:
 
 
 def fetch(
-    url: str, field: str, settings: Settings, limit: int, code: str, check: Callable[[], None] | None = None
+    url: str,
+    field: str,
+    settings: Settings,
+    limit: int,
+    code: str,
+    check: Callable[[], None] | None = None,
+    timeout: float | None = None,
 ) -> bytes:
-    """GET `url` through the guard, all of it within IMAGE_FETCH_TIMEOUT seconds and `limit` bytes.
+    """GET `url` through the guard, all of it within `timeout` (default IMAGE_FETCH_TIMEOUT) seconds and `limit`
+    bytes.
 
     `check` is called while the fetch runs (every 0.25 s) and may raise to end it, as a job's cancellation or
     execution timeout does. Every failure is the same WorkerError `code`, naming `field`.
     """
-    timeout = settings.image_fetch_timeout
+    timeout = timeout or settings.image_fetch_timeout
     failed = WorkerError(
         code, f"{field}: could not fetch the URL (a public http(s) URL answering 200 within {timeout:g} s)", field
     )
@@ -157,7 +164,8 @@ def fetch(
                 for chunk in response.iter_content(64 * 1024):
                     data += chunk
                     if len(data) > limit:
-                        raise WorkerError("INVALID_IMAGE", f"{field} is larger than the {limit} byte limit", field)
+                        too_big = "INVALID_IMAGE" if code == "IMAGE_FETCH_FAILED" else code
+                        raise WorkerError(too_big, f"{field} is larger than the {limit} byte limit", field)
                     if reason:
                         break
         if reason:

@@ -4,7 +4,9 @@ one or at scale 0, and never leak from one request (or batch) into another."""
 
 from __future__ import annotations
 
+import http.server
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from sdworker.config import Settings
 from sdworker.generate import generate
 from sdworker.handler import handle
 from sdworker.model import LoadedModel, load_model, read_manifest
-from sdworker.model.loras import baked_loras
+from sdworker.model.loras import baked
 from sdworker.schema import GenerateInput
 
 FAST = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 4}
@@ -52,7 +54,7 @@ def with_loras(baked: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
     baked_at = read_manifest(model_dir)["baked_at"]
     # Run again with one more LoRA: it is added, the model and the first LoRA are kept.
     second = download("--model-dir", str(model_dir), MODEL_ID="tiny-sd", LORAS=f"ink={ink},fog={fog}")
-    assert second.returncode == 0 and "baked LoRAs fog" in second.stdout, second.stdout + second.stderr
+    assert second.returncode == 0 and "baked loras fog" in second.stdout, second.stdout + second.stderr
     assert read_manifest(model_dir)["baked_at"] == baked_at
     return {"dir": model_dir, "model": load_model(Settings(model_dir=model_dir, max_batch=4))}
 
@@ -64,7 +66,7 @@ def image(model: LoadedModel, **extra: object) -> str:
 
 
 def test_baked_loras_are_listed_and_loaded_as_adapters(with_loras: dict) -> None:
-    assert set(baked_loras(with_loras["dir"])) == {"ink", "fog"}
+    assert set(baked(with_loras["dir"], "loras")) == {"ink", "fog"}
     assert with_loras["model"].loras == ["ink", "fog"]
 
 
@@ -143,3 +145,106 @@ def test_a_file_that_is_not_a_lora_is_refused_at_bake(baked: dict[str, Path], tm
     assert pickled.returncode == 1 and "only .safetensors" in pickled.stderr
     bad = download("--model-dir", str(tmp_path / "m"), MODEL_ID="tiny-sd", LORAS="no name here")
     assert bad.returncode == 1 and "name=source" in bad.stderr
+
+
+# --- LoRAs by URL (ALLOW_LORA_URLS) ---------------------------------------------------------------------------
+@pytest.fixture
+def lora_server(with_loras: dict, baked: dict[str, Path]) -> Iterator[str]:
+    """The LoRA files (and a file that is not one) over HTTP on loopback."""
+    folder = Path(with_loras["dir"]) / "loras"
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, directory=str(folder), **kwargs)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_lora_by_url_is_the_same_lora_as_baked_and_is_cached(
+    with_loras: dict, lora_server: str, sd: LoadedModel, tmp_path: Path
+) -> None:
+    settings = Settings(
+        model_dir=with_loras["dir"],
+        data_dir=tmp_path,
+        allow_lora_urls=True,
+        allow_private_urls=True,
+        max_loaded_loras=1,
+    )
+    model = load_model(settings)
+    baked_ink = image(with_loras["model"], loras=[{"name": "ink"}])
+    ink, fog = f"{lora_server}/ink.safetensors", f"{lora_server}/fog.safetensors"
+    assert image(model, loras=[{"url": ink}]) == baked_ink
+    fog_image = image(model, loras=[{"url": fog, "scale": 0.7}])  # past MAX_LOADED_LORAS=1: ink's adapter goes
+    assert model.url_loras is not None and list(model.url_loras.loaded) == [model.url_loras.adapter_name(fog)]
+    assert image(model, loras=[{"url": ink}]) == baked_ink  # loaded again from the disk cache
+    assert image(model, loras=[{"url": fog, "scale": 0.7}]) == fog_image
+    assert image(model) == image(sd)  # and a plain request is still the plain model
+    assert len(list((tmp_path / "lora-cache").glob("*.safetensors"))) == 2
+    _, body = handle(model, {**FAST, "loras": [{"url": ink, "scale": 0.5}]})
+    assert body["$meta"]["loras"] == [{"url": ink, "scale": 0.5}]
+
+
+def test_lora_urls_are_refused_unless_allowed_and_public_and_a_lora(
+    with_loras: dict, lora_server: str, baked: dict[str, Path], sd: LoadedModel, tmp_path: Path
+) -> None:
+    url = f"{lora_server}/ink.safetensors"
+    off = load_model(Settings(model_dir=with_loras["dir"], data_dir=tmp_path / "a"))
+    status, body = handle(off, {**FAST, "loras": [{"url": url}]})
+    assert (
+        status == 422 and body["$error"]["field"] == "loras[0].url" and "ALLOW_LORA_URLS" in body["$error"]["message"]
+    )
+    guarded = load_model(Settings(model_dir=with_loras["dir"], data_dir=tmp_path / "b", allow_lora_urls=True))
+    status, body = handle(guarded, {**FAST, "loras": [{"url": url}]})  # 127.0.0.1 is not a public address
+    assert status == 422 and body["$error"]["code"] == "LORA_FETCH_FAILED" and "127.0.0.1" not in str(body)
+    status, body = handle(guarded, {**FAST, "loras": [{"name": "ink", "url": url}]})
+    assert status == 422 and body["$error"]["field"] == "loras[0]"
+    settings = Settings(
+        model_dir=with_loras["dir"], data_dir=tmp_path / "c", allow_lora_urls=True, allow_private_urls=True
+    )
+    model = load_model(settings)
+    not_a_lora = f"{lora_server}/index.json"
+    status, body = handle(model, {**FAST, "loras": [{"url": not_a_lora}]})
+    assert status == 422 and body["$error"]["code"] == "NOT_A_LORA" and body["$error"]["field"] == "loras[0].url"
+    assert image(model) == image(sd)  # a failed load leaves nothing behind
+    small = Settings(
+        model_dir=with_loras["dir"],
+        data_dir=tmp_path / "d",
+        allow_lora_urls=True,
+        allow_private_urls=True,
+        max_lora_bytes=1024,
+    )
+    status, body = handle(load_model(small), {**FAST, "loras": [{"url": url}]})
+    assert status == 422 and "1024 byte limit" in body["$error"]["message"]
+
+
+# --- textual-inversion embeddings -----------------------------------------------------------------------------
+def test_a_baked_embedding_is_used_by_its_token_in_either_prompt(
+    baked: dict[str, Path], sd: LoadedModel, tmp_path: Path
+) -> None:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(5)
+    save_file({"emb_params": torch.randn(2, 32)}, str(tmp_path / "ink-style.safetensors"))  # two vectors, A1111's form
+    model_dir = tmp_path / "model"
+    result = download(
+        "--model-dir", str(model_dir), MODEL_ID="tiny-sd", EMBEDDINGS=f"ink-style={tmp_path / 'ink-style.safetensors'}"
+    )
+    assert result.returncode == 0 and "baked embeddings ink-style" in result.stdout, result.stderr
+    model = load_model(Settings(model_dir=model_dir))
+    assert model.embeddings == ["ink-style"]
+    plain = image(sd, prompt="a lighthouse")
+    assert image(model, prompt="a lighthouse") == plain  # no token, no change
+    assert image(model, prompt="a lighthouse, ink-style") != image(sd, prompt="a lighthouse, ink-style")
+    assert image(model, negative_prompt="ink-style") != image(sd, negative_prompt="ink-style")
+    vae = next((baked["tiny-sd"] / "vae").glob("*.safetensors"))
+    refused = download("--model-dir", str(model_dir), MODEL_ID="tiny-sd", EMBEDDINGS=f"bad={vae}")
+    assert (
+        refused.returncode == 1 and "EMBEDDINGS: bad does not load as a textual-inversion embedding" in refused.stderr
+    )

@@ -16,7 +16,7 @@ from ..config import Settings
 from ..errors import WorkerError
 from ..manifest import read_manifest
 from .families import FAMILIES, Family, family_of
-from .loras import load_loras
+from .loras import UrlLoras, load_baked
 from .sources import _variant_of
 
 log = logging.getLogger("sdworker")
@@ -167,6 +167,8 @@ class LoadedModel:
     batcher: Batcher = field(default_factory=lambda: Batcher(1, 1))
     refiner: Any = None  # the refiner baked beside the base (REFINER_ID), sharing its VAE and text encoder
     loras: list[str] = field(default_factory=list)  # the baked LoRAs, loaded as adapters (all off between calls)
+    url_loras: UrlLoras | None = None  # LoRAs requests name by URL (ALLOW_LORA_URLS), loaded when first used
+    embeddings: list[str] = field(default_factory=list)  # baked textual-inversion tokens
 
     @property
     def row(self) -> Family:
@@ -221,7 +223,8 @@ def load_model(settings: Settings) -> LoadedModel:
     dtype = resolve_dtype(settings.dtype, family, device)  # the GPU's dtype, wherever the weights wait
     dtype_name = str(dtype).removeprefix("torch.")
     base = load_pipeline(settings.model_dir, load_on, attention, dtype_name)
-    loras = load_loras(base, settings.model_dir)  # before compiling or fusing: adapters change the layers
+    loras = load_baked(base, settings.model_dir, "loras")  # before compiling or fusing: they change the layers
+    embeddings = load_baked(base, settings.model_dir, "embeddings")
     apply_speed_options(base, settings, device)
     # The safety checker runs on its own after generation, so each request can turn it on or off.
     checker, extractor = getattr(base, "safety_checker", None), getattr(base, "feature_extractor", None)
@@ -256,6 +259,8 @@ def load_model(settings: Settings) -> LoadedModel:
         distilled=family.is_distilled(denoiser_config, str(manifest.get("model_id", ""))),
         refiner=refiner,
         loras=loras,
+        url_loras=UrlLoras(settings),
+        embeddings=embeddings,
         pipes=pipes,
         baked_scheduler=base.scheduler,
         safety_checker=checker,

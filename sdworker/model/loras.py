@@ -1,7 +1,8 @@
-"""LoRAs baked beside the model (`LORAS=name=source,...`) and chosen per request by name and scale.
+"""LoRAs baked beside the model (`LORAS=name=source,...`) and chosen per request by name and scale, LoRAs named
+by URL, and textual-inversion embeddings (`EMBEDDINGS=name=source,...`, used by their token in a prompt).
 
-Each LoRA is fetched at build time into `MODEL_DIR/loras/<name>.safetensors` (safetensors only) and listed in
-`MODEL_DIR/loras/loras.json`. At start every baked LoRA is loaded once as a named adapter (peft, through
+Each is fetched at build time into `MODEL_DIR/loras/<name>.safetensors` (or `embeddings/`; safetensors only) and
+listed in that folder's `index.json`. At start every baked LoRA is loaded once as a named adapter (peft, through
 diffusers) on the shared UNet or transformer and text encoders, then disabled. A request's set is switched on
 just before its pipeline call and off again for a request without one: a plain request's pixels are exactly a
 fresh worker's, and scale 0 is exactly the plain model.
@@ -9,19 +10,54 @@ fresh worker's, and scale 0 is exactly the plain model.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
 import re
 import shutil
 import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .. import urls
+from ..config import Settings
 from ..errors import WorkerError
 from .single_file import _sha256, fetch_file
 
-LORA_DIR = "loras"
-INDEX = "loras.json"
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.<>-]{0,63}$")
+
+
+def _load_lora(pipe: Any, name: str, path: Path) -> None:
+    pipe.load_lora_weights(str(path), adapter_name=name)
+
+
+def _load_embedding(pipe: Any, name: str, path: Path) -> None:
+    """A textual-inversion embedding under the token `name`: into both text encoders for SDXL's two-part files
+    (`clip_l`, `clip_g`), else into the one text encoder."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    if {"clip_l", "clip_g"} <= state.keys() and getattr(pipe, "text_encoder_2", None) is not None:
+        pipe.load_textual_inversion(
+            state["clip_l"], token=name, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
+        )
+        pipe.load_textual_inversion(
+            state["clip_g"], token=name, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
+        )
+    else:
+        pipe.load_textual_inversion(str(path), token=name)
+
+
+KINDS: dict[str, tuple[str, str, str, Callable[[Any, str, Path], None]]] = {
+    "loras": ("LORAS", "NOT_A_LORA", "a LoRA", _load_lora),
+    "embeddings": ("EMBEDDINGS", "NOT_AN_EMBEDDING", "a textual-inversion embedding", _load_embedding),
+}
+"""What may be baked beside a model by name: folder -> (setting, error code, what it is, how it loads)."""
+INDEX = "index.json"
 
 
 def parse_named_sources(value: str | None, setting: str) -> dict[str, str]:
@@ -34,37 +70,39 @@ def parse_named_sources(value: str | None, setting: str) -> dict[str, str]:
         if not NAME.match(name) or not source:
             raise WorkerError(
                 "INVALID_SETTINGS",
-                f"{setting}: {entry.strip()!r} is not name=source (name: letters, digits, _.-)",
+                f"{setting}: {entry.strip()!r} is not name=source (name: letters, digits, _.<>-)",
                 setting,
             )
         named[name] = source.strip()
     return named
 
 
-def baked_loras(model_dir: Path) -> dict[str, dict[str, Any]]:
-    """The LoRAs baked in `model_dir`: name -> {source, sha256, bytes}."""
-    index = Path(model_dir) / LORA_DIR / INDEX
+def baked(model_dir: Path, kind: str = "loras") -> dict[str, dict[str, Any]]:
+    """The LoRAs (or embeddings) baked in `model_dir`: name -> {source, sha256, bytes}."""
+    index = Path(model_dir) / kind / INDEX
     return json.loads(index.read_text()) if index.is_file() else {}
 
 
-def bake_loras(model_dir: Path, loras: dict[str, str], token: str | None, verify: bool = True) -> list[str]:
-    """Fetch the LoRAs not yet baked in `model_dir` (the ones there are kept); answers the names added. With
-    `verify`, each is loaded into the baked model first, so one that is not a LoRA of its family stops the build."""
-    folder = Path(model_dir) / LORA_DIR
+def bake_named(model_dir: Path, kind: str, named: dict[str, str], token: str | None, verify: bool = True) -> list[str]:
+    """Fetch the LoRAs or embeddings (`kind`) not yet baked in `model_dir` (the ones there are kept); answers the
+    names added. With `verify`, each is loaded into the baked model first, so a file that is not one for this
+    model stops the build with its name."""
+    setting = KINDS[kind][0]
+    folder = Path(model_dir) / kind
     folder.mkdir(exist_ok=True)
-    index = baked_loras(model_dir)
+    index = baked(model_dir, kind)
     added = []
-    for name, source in loras.items():
+    for name, source in named.items():
         if name in index and index[name]["source"] == source:
             continue
         suffix = Path(source.split("?")[0]).suffix.lower()
         if suffix and suffix != ".safetensors":
-            raise WorkerError("NOT_SAFETENSORS", f"LORAS: {name}: only .safetensors files are baked", "LORAS")
-        scratch = Path(tempfile.mkdtemp(prefix=".lora.", dir=folder))
+            raise WorkerError("NOT_SAFETENSORS", f"{setting}: {name}: only .safetensors files are baked", setting)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{kind}.", dir=folder))
         try:
-            path = fetch_file(source, scratch, token, "LORAS")
+            path = fetch_file(source, scratch, token, setting)
             if verify:
-                _check_loads(model_dir, name, path)
+                _check_loads(model_dir, kind, name, path)
             shutil.copyfile(path, folder / f"{name}.safetensors")
             (folder / f"{name}.safetensors").chmod(0o644)
             index[name] = {"source": source, "sha256": _sha256(path), "bytes": path.stat().st_size}
@@ -77,36 +115,111 @@ def bake_loras(model_dir: Path, loras: dict[str, str], token: str | None, verify
     return added
 
 
-def _check_loads(model_dir: Path, name: str, path: Path) -> None:
+def _check_loads(model_dir: Path, kind: str, name: str, path: Path) -> None:
     from .load import load_pipeline
 
+    setting, code, what, load = KINDS[kind]
     pipe = load_pipeline(model_dir, device="cpu")
     try:
-        pipe.load_lora_weights(str(path), adapter_name=name)
+        load(pipe, name, path)
     except Exception as err:
         raise WorkerError(
-            "NOT_A_LORA",
-            f"LORAS: {name} does not load as a LoRA of this model: {type(err).__name__}: {err}"[:400],
-            "LORAS",
+            code, f"{setting}: {name} does not load as {what} of this model: {type(err).__name__}: {err}"[:400], setting
         ) from None
 
 
-def load_loras(pipe: Any, model_dir: Path) -> list[str]:
-    """Load every baked LoRA into `pipe` as a named adapter, all off; answers their names."""
-    names = list(baked_loras(model_dir))
+def load_baked(pipe: Any, model_dir: Path, kind: str) -> list[str]:
+    """Load every baked LoRA (as a named adapter, all off) or embedding (under its token) into `pipe`; answers
+    their names."""
+    names = list(baked(model_dir, kind))
     for name in names:
-        pipe.load_lora_weights(str(Path(model_dir) / LORA_DIR / f"{name}.safetensors"), adapter_name=name)
-    if names:
+        KINDS[kind][3](pipe, name, Path(model_dir) / kind / f"{name}.safetensors")
+    if names and kind == "loras":
         pipe.disable_lora()
     return names
 
 
-def apply_loras(pipe: Any, loras: list[tuple[str, float]], loaded: list[str]) -> None:
-    """Switch on exactly `loras` (name, scale) for the next call, or every adapter off when there are none."""
-    if not loaded:
+def apply_loras(pipe: Any, loras: list[tuple[str, float]], has_adapters: bool) -> None:
+    """Switch on exactly `loras` (adapter name, scale) for the next call, or every adapter off when there are
+    none. `has_adapters`: whether any adapter is loaded at all (else there is nothing to switch)."""
+    if not has_adapters:
         return
     if not loras:
         pipe.disable_lora()
         return
     pipe.enable_lora()
     pipe.set_adapters([name for name, _ in loras], adapter_weights=[scale for _, scale in loras])
+
+
+class UrlLoras:
+    """LoRAs a request names by URL (ALLOW_LORA_URLS): fetched through the URL guard into DATA_DIR/lora-cache
+    (LORA_CACHE_BYTES, least recently used out first), loaded as adapters when first used and held up to
+    MAX_LOADED_LORAS (least recently used deleted first)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.loaded: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def adapter_name(url: str) -> str:
+        """The adapter name of a URL's LoRA: the same URL is the same adapter."""
+        return "url-" + hashlib.sha256(url.encode()).hexdigest()[:16]
+
+    def fetch(self, url: str, field: str, check: Callable[[], None] | None = None) -> Path:
+        """The LoRA at `url` on disk, fetched once (off the model: the caller holds no model slot)."""
+        folder = self.settings.private_data_dir() / "lora-cache"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        path = folder / f"{self.adapter_name(url)}.safetensors"
+        if path.exists():
+            os.utime(path)  # recently used: evicted last
+            return path
+        data = urls.fetch(
+            url,
+            field,
+            self.settings,
+            self.settings.max_lora_bytes,
+            "LORA_FETCH_FAILED",
+            check,
+            timeout=self.settings.lora_fetch_timeout,
+        )
+        staged = path.with_suffix(".part")
+        descriptor = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+        os.replace(staged, path)
+        self._evict(folder, keep=path)
+        return path
+
+    def _evict(self, folder: Path, keep: Path) -> None:
+        files = sorted(folder.glob("*.safetensors"), key=lambda file: file.stat().st_mtime)
+        total = sum(file.stat().st_size for file in files)
+        for file in files:
+            if total <= self.settings.lora_cache_bytes:
+                break
+            if file != keep:
+                total -= file.stat().st_size
+                file.unlink(missing_ok=True)
+
+    def ensure_loaded(self, pipe: Any, name: str, path: Path, field: str, keep: set[str]) -> None:
+        """Load the adapter `name` if it is not (in the model's turn), then delete the least recently used ones
+        past MAX_LOADED_LORAS, never one in `keep` (the batch's own)."""
+        with self._lock:
+            if name in self.loaded:
+                self.loaded.move_to_end(name)
+                return
+            try:
+                pipe.load_lora_weights(str(path), adapter_name=name)
+            except Exception as err:
+                with contextlib.suppress(Exception):
+                    pipe.delete_adapters(name)
+                path.unlink(missing_ok=True)
+                raise WorkerError(
+                    "NOT_A_LORA", f"{field}: not a LoRA of this model ({type(err).__name__})", field
+                ) from None
+            self.loaded[name] = None
+            for old in [old for old in self.loaded if old not in keep][
+                : max(0, len(self.loaded) - self.settings.max_loaded_loras)
+            ]:
+                pipe.delete_adapters(old)
+                del self.loaded[old]
