@@ -183,7 +183,7 @@ class UrlLoras:
             check,
             timeout=self.settings.lora_fetch_timeout,
         )
-        staged = path.with_suffix(".part")
+        staged = path.with_suffix(f".{os.getpid()}-{threading.get_ident()}.part")  # two fetches never share one
         descriptor = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(descriptor, "wb") as file:
             file.write(data)
