@@ -88,7 +88,7 @@ def test_s3_without_a_bucket_or_with_a_bad_prefix_says_which(sd: LoadedModel, s3
     assert status == 422 and body["$error"]["code"] == "S3_NOT_CONFIGURED" and "S3_BUCKET" in body["$error"]["message"]
     assert body["$error"]["field"] == "output.type"
     status, body = handle(sd, {**FAST, "output": {"type": "s3", "prefix": "../elsewhere/"}})
-    assert status == 422 and body["$error"]["field"] == "output"
+    assert status == 422 and body["$error"]["field"] == "output.prefix"
 
 
 def test_runpods_bucket_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
