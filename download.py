@@ -16,7 +16,7 @@ import sys
 from sdworker.config import Settings
 from sdworker.errors import WorkerError
 from sdworker.model import BakeResult, bake_model, family_of
-from sdworker.model.loras import bake_named, parse_named_sources
+from sdworker.model.bake import bake_named, parse_named_sources
 
 
 def main(argv: list[str] | None = None) -> int:

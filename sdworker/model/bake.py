@@ -1,4 +1,5 @@
-"""Baking: write a pipeline into MODEL_DIR at build time, staged and swapped in whole, with a manifest."""
+"""Baking: write a pipeline into MODEL_DIR at build time, staged and swapped in whole, with a manifest; and the
+LoRAs and embeddings baked beside it by name."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from pathlib import Path
 from ..errors import WorkerError
 from ..manifest import MANIFEST, read_manifest
 from .load import load_pipeline
+from .loras import INDEX, KINDS, NAME, baked
 from .recipes import RECIPES
-from .single_file import bake_single_file, is_single_file
+from .single_file import _sha256, bake_single_file, fetch_file, is_single_file
 from .sources import _copy_local, _fetch_hub, _fetch_s3, _variant_of
 
 
@@ -145,3 +147,64 @@ def bake_model(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return BakeResult(model_dir, manifest, skipped=False, seconds=time.perf_counter() - started)
+
+
+def parse_named_sources(value: str | None, setting: str) -> dict[str, str]:
+    """`name=source,name=source` as a dict; a bad entry is an error naming the setting."""
+    named: dict[str, str] = {}
+    for entry in (value or "").split(","):
+        if not entry.strip():
+            continue
+        name, _, source = entry.strip().partition("=")
+        if not NAME.match(name) or not source:
+            raise WorkerError(
+                "INVALID_SETTINGS",
+                f"{setting}: {entry.strip()!r} is not name=source (name: letters, digits, _.<>-)",
+                setting,
+            )
+        named[name] = source.strip()
+    return named
+
+
+def bake_named(model_dir: Path, kind: str, named: dict[str, str], token: str | None, verify: bool = True) -> list[str]:
+    """Fetch the LoRAs or embeddings (`kind`) not yet baked in `model_dir` (the ones there are kept); answers the
+    names added. With `verify`, each is loaded into the baked model first, so a file that is not one for this
+    model stops the build with its name."""
+    setting = KINDS[kind][0]
+    folder = Path(model_dir) / kind
+    folder.mkdir(exist_ok=True)
+    index = baked(model_dir, kind)
+    added = []
+    for name, source in named.items():
+        if name in index and index[name]["source"] == source:
+            continue
+        suffix = Path(source.split("?")[0]).suffix.lower()
+        if suffix and suffix != ".safetensors":
+            raise WorkerError("NOT_SAFETENSORS", f"{setting}: {name}: only .safetensors files are baked", setting)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{kind}.", dir=folder))
+        try:
+            path = fetch_file(source, scratch, token, setting)
+            if verify:
+                _check_loads(model_dir, kind, name, path)
+            shutil.copyfile(path, folder / f"{name}.safetensors")
+            (folder / f"{name}.safetensors").chmod(0o644)
+            index[name] = {"source": source, "sha256": _sha256(path), "bytes": path.stat().st_size}
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        added.append(name)
+    (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    (folder / INDEX).chmod(0o644)
+    folder.chmod(0o755)
+    return added
+
+
+def _check_loads(model_dir: Path, kind: str, name: str, path: Path) -> None:
+    """Load the file into the baked model as what it claims to be; a WorkerError naming the setting if it is not."""
+    setting, code, what, load = KINDS[kind]
+    pipe = load_pipeline(model_dir, device="cpu")
+    try:
+        load(pipe, name, path)
+    except Exception as err:
+        raise WorkerError(
+            code, f"{setting}: {name} does not load as {what} of this model: {type(err).__name__}: {err}"[:400], setting
+        ) from None

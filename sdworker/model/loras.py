@@ -15,8 +15,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -26,7 +24,6 @@ from typing import Any
 from .. import urls
 from ..config import Settings
 from ..errors import WorkerError
-from .single_file import _sha256, fetch_file
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.<>-]{0,63}$")
 
@@ -60,72 +57,10 @@ KINDS: dict[str, tuple[str, str, str, Callable[[Any, str, Path], None]]] = {
 INDEX = "index.json"
 
 
-def parse_named_sources(value: str | None, setting: str) -> dict[str, str]:
-    """`name=source,name=source` as a dict; a bad entry is an error naming the setting."""
-    named: dict[str, str] = {}
-    for entry in (value or "").split(","):
-        if not entry.strip():
-            continue
-        name, _, source = entry.strip().partition("=")
-        if not NAME.match(name) or not source:
-            raise WorkerError(
-                "INVALID_SETTINGS",
-                f"{setting}: {entry.strip()!r} is not name=source (name: letters, digits, _.<>-)",
-                setting,
-            )
-        named[name] = source.strip()
-    return named
-
-
 def baked(model_dir: Path, kind: str = "loras") -> dict[str, dict[str, Any]]:
     """The LoRAs (or embeddings) baked in `model_dir`: name -> {source, sha256, bytes}."""
     index = Path(model_dir) / kind / INDEX
     return json.loads(index.read_text()) if index.is_file() else {}
-
-
-def bake_named(model_dir: Path, kind: str, named: dict[str, str], token: str | None, verify: bool = True) -> list[str]:
-    """Fetch the LoRAs or embeddings (`kind`) not yet baked in `model_dir` (the ones there are kept); answers the
-    names added. With `verify`, each is loaded into the baked model first, so a file that is not one for this
-    model stops the build with its name."""
-    setting = KINDS[kind][0]
-    folder = Path(model_dir) / kind
-    folder.mkdir(exist_ok=True)
-    index = baked(model_dir, kind)
-    added = []
-    for name, source in named.items():
-        if name in index and index[name]["source"] == source:
-            continue
-        suffix = Path(source.split("?")[0]).suffix.lower()
-        if suffix and suffix != ".safetensors":
-            raise WorkerError("NOT_SAFETENSORS", f"{setting}: {name}: only .safetensors files are baked", setting)
-        scratch = Path(tempfile.mkdtemp(prefix=f".{kind}.", dir=folder))
-        try:
-            path = fetch_file(source, scratch, token, setting)
-            if verify:
-                _check_loads(model_dir, kind, name, path)
-            shutil.copyfile(path, folder / f"{name}.safetensors")
-            (folder / f"{name}.safetensors").chmod(0o644)
-            index[name] = {"source": source, "sha256": _sha256(path), "bytes": path.stat().st_size}
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        added.append(name)
-    (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    (folder / INDEX).chmod(0o644)
-    folder.chmod(0o755)
-    return added
-
-
-def _check_loads(model_dir: Path, kind: str, name: str, path: Path) -> None:
-    from .load import load_pipeline
-
-    setting, code, what, load = KINDS[kind]
-    pipe = load_pipeline(model_dir, device="cpu")
-    try:
-        load(pipe, name, path)
-    except Exception as err:
-        raise WorkerError(
-            code, f"{setting}: {name} does not load as {what} of this model: {type(err).__name__}: {err}"[:400], setting
-        ) from None
 
 
 def load_baked(pipe: Any, model_dir: Path, kind: str) -> list[str]:
