@@ -21,7 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .. import urls
 from ..config import Settings
 from ..errors import WorkerError
 
@@ -109,6 +108,8 @@ class UrlLoras:
         if path.exists():
             os.utime(path)  # recently used: evicted last
             return path
+        from .. import urls  # here, not at the top: the image's bake layer holds no URL guard
+
         data = urls.fetch(
             url,
             field,
