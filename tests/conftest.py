@@ -189,6 +189,21 @@ class HookTarget(http.server.ThreadingHTTPServer):
         self.server_close()
 
 
+def serve_folder(folder: Path) -> http.server.ThreadingHTTPServer:
+    """A static-file HTTP server for `folder` on a loopback port, running; `close()` it with shutdown()."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, directory=str(folder), **kwargs)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 @pytest.fixture
 def hooks() -> Iterator[HookTarget]:
     """A webhook receiver for one test."""

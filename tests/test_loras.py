@@ -4,7 +4,6 @@ one or at scale 0, and never leak from one request (or batch) into another."""
 
 from __future__ import annotations
 
-import http.server
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import download, same_picture
+from conftest import download, same_picture, serve_folder
 
 from sdworker.config import Settings
 from sdworker.generate import generate
@@ -151,17 +150,7 @@ def test_a_file_that_is_not_a_lora_is_refused_at_bake(baked: dict[str, Path], tm
 @pytest.fixture
 def lora_server(with_loras: dict, baked: dict[str, Path]) -> Iterator[str]:
     """The LoRA files (and a file that is not one) over HTTP on loopback."""
-    folder = Path(with_loras["dir"]) / "loras"
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            super().__init__(*args, directory=str(folder), **kwargs)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve_folder(Path(with_loras["dir"]) / "loras")
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()

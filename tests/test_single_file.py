@@ -5,15 +5,13 @@ family configuration from a local folder (MODEL_CONFIG), so nothing is fetched f
 from __future__ import annotations
 
 import hashlib
-import http.server
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 import pytest
 import torch
-from conftest import download
+from conftest import download, serve_folder
 from safetensors.torch import load_file
 from single_file import write_original_checkpoint
 
@@ -35,16 +33,7 @@ def checkpoint(baked: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
 @pytest.fixture
 def served(checkpoint: Path) -> Iterator[str]:
     """The checkpoint's folder over plain HTTP on loopback."""
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            super().__init__(*args, directory=str(checkpoint.parent), **kwargs)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve_folder(checkpoint.parent)
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()

@@ -143,22 +143,36 @@ def _bake_tiny_sd(dest: Path) -> None:
     pipe.save_pretrained(dest, safe_serialization=True)
 
 
-def _bake_tiny_sdxl(dest: Path) -> None:
-    """SDXL layout with random weights: two text encoders, text-time conditioning, Euler."""
-    import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(0)
-    unet = _tiny_unet(
+def _tiny_sdxl_unet(time_ids: int, cross_attention_dim: int) -> Any:
+    """SDXL's UNet layout: text-time conditioning over `time_ids` ids (6 for the base; 5, with the aesthetic
+    score, for the refiner) and the pooled text embedding (32)."""
+    return _tiny_unet(
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=6 * 8 + 32,
-        cross_attention_dim=64,
+        projection_class_embeddings_input_dim=time_ids * 8 + 32,
+        cross_attention_dim=cross_attention_dim,
     )
+
+
+def _sdxl_scheduler() -> Any:
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1
+    )
+
+
+def _bake_tiny_sdxl(dest: Path) -> None:
+    """SDXL layout with random weights: two text encoders, text-time conditioning, Euler."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    unet = _tiny_sdxl_unet(time_ids=6, cross_attention_dim=64)
     pipe = StableDiffusionXLPipeline(
         unet=unet,
         vae=_tiny_vae(force_upcast=True),
@@ -166,13 +180,7 @@ def _bake_tiny_sdxl(dest: Path) -> None:
         text_encoder_2=CLIPTextModelWithProjection(_tiny_text_config(projection_dim=32)),
         tokenizer=_tiny_tokenizer(),
         tokenizer_2=_tiny_tokenizer(),
-        scheduler=EulerDiscreteScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            timestep_spacing="leading",
-            steps_offset=1,
-        ),
+        scheduler=_sdxl_scheduler(),
     )
     pipe.save_pretrained(dest, safe_serialization=True)
 
@@ -182,19 +190,11 @@ def _bake_tiny_sdxl_refiner(dest: Path) -> None:
     aesthetic score in its time conditioning (5 time ids, not 6). Its text encoder and VAE have tiny-sdxl's
     shapes, so a worker shares tiny-sdxl's, as it does the real base's with the real refiner."""
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
+    from diffusers import StableDiffusionXLImg2ImgPipeline
     from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(1)
-    unet = _tiny_unet(
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=5 * 8 + 32,
-        cross_attention_dim=32,
-    )
+    unet = _tiny_sdxl_unet(time_ids=5, cross_attention_dim=32)
     pipe = StableDiffusionXLImg2ImgPipeline(
         unet=unet,
         vae=_tiny_vae(force_upcast=True),
@@ -202,13 +202,7 @@ def _bake_tiny_sdxl_refiner(dest: Path) -> None:
         text_encoder_2=CLIPTextModelWithProjection(_tiny_text_config(projection_dim=32)),
         tokenizer=None,
         tokenizer_2=_tiny_tokenizer(),
-        scheduler=EulerDiscreteScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            timestep_spacing="leading",
-            steps_offset=1,
-        ),
+        scheduler=_sdxl_scheduler(),
         requires_aesthetics_score=True,
         force_zeros_for_empty_prompt=False,
     )
