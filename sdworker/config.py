@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     max_side: int = Field(2048, ge=64)
     max_pixels: int = Field(1536 * 1536, ge=64 * 64)
     max_prompt_chars: int = Field(4000, ge=1)
+    prompt_syntax: Literal["a1111", "compel", "plain"] = Field(
+        "a1111", description="How prompts are read when a request does not say: A1111 weights, compel's, or as text."
+    )
     max_input_image_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_input_image_pixels: int = Field(4096 * 4096, ge=64 * 64)
     image_fetch_timeout: float = Field(15.0, gt=0, description="Seconds an image URL's whole download may take.")

@@ -22,6 +22,7 @@ from .errors import WorkerError
 from .images import decode_image
 from .model import LoadedModel, fit_request
 from .model.loras import UrlLoras, apply_loras
+from .prompts import PromptPlan, encode, plan
 from .schedulers import make_scheduler
 from .schema import MAX_SEED, GenerateInput, check_size
 
@@ -59,6 +60,9 @@ class Generation:
     timings: dict[str, float] = field(default_factory=dict)
     mem_usage: float | None = None
     batch: int = 1
+    prompt_syntax: str = "plain"
+    prompt_tokens: int = 0
+    truncated: bool = False
 
 
 def _ms(since: float) -> float:
@@ -84,6 +88,7 @@ class _Job:
     """One request, prepared and waiting for its turn on the model, then its outcome."""
 
     request: GenerateInput
+    prompts: PromptPlan
     kwargs: dict[str, Any]
     seeds: list[int]
     scheduler: Any
@@ -114,6 +119,7 @@ def generate(model: LoadedModel, request: GenerateInput, on_step: StepCallback |
     request = fit_request(request, model.row, model.distilled, model.refiner is not None)
     _check_loras(request, model)
     settings, task = model.settings, request.task
+    prompts = plan(model.pipes[task], model.family, request, settings.prompt_syntax, request.max_sequence_length)
     started = time.perf_counter()
     urls = [value for value in (request.image, request.mask_image) if value and value.startswith("http")]
     lora_urls = [(index, choice.url) for index, choice in enumerate(request.loras or []) if choice.url]
@@ -141,6 +147,8 @@ def generate(model: LoadedModel, request: GenerateInput, on_step: StepCallback |
     kwargs: dict[str, Any] = {}
     if request.max_sequence_length is not None:
         kwargs["max_sequence_length"] = request.max_sequence_length
+    if request.clip_skip and not prompts.embeds:  # SDXL and SD3 pipelines skip layers themselves
+        kwargs["clip_skip"] = request.clip_skip
     if init is not None:
         kwargs.update(image=init.resize((width, height), Image.LANCZOS), strength=request.strength)
     if mask is not None:
@@ -150,10 +158,11 @@ def generate(model: LoadedModel, request: GenerateInput, on_step: StepCallback |
     scheduler, scheduler_name = make_scheduler(request.scheduler, model.baked_scheduler)
     job = _Job(
         request=request,
+        prompts=prompts,
         kwargs=kwargs,
         seeds=_seeds(request.seed, request.num_images_per_prompt),
         scheduler=scheduler,
-        key=_batch_key(request, kwargs, scheduler),
+        key=_batch_key(request, prompts, kwargs, scheduler),
         on_step=on_step or step_hook.get(),
         on_latents=preview_hook.get(),
         lora_files=lora_files,
@@ -175,6 +184,9 @@ def generate(model: LoadedModel, request: GenerateInput, on_step: StepCallback |
         timings=job.timings,
         mem_usage=job.mem_usage,
         batch=job.batch,
+        prompt_syntax=prompts.syntax,
+        prompt_tokens=prompts.tokens,
+        truncated=prompts.truncated,
     )
 
 
@@ -215,7 +227,7 @@ def _lora_set(request: GenerateInput) -> tuple[tuple[str, float], ...]:
     )
 
 
-def _batch_key(request: GenerateInput, kwargs: dict[str, Any], scheduler: Any) -> Any:
+def _batch_key(request: GenerateInput, prompts: PromptPlan, kwargs: dict[str, Any], scheduler: Any) -> Any:
     """What must agree for requests to share one pipeline call: only text-to-image runs batched. Whether a negative
     prompt was given is part of it: SDXL zeroes a missing negative prompt's embedding, which "" is not."""
     if request.task != "text2img" or request.refiner:
@@ -228,6 +240,7 @@ def _batch_key(request: GenerateInput, kwargs: dict[str, Any], scheduler: Any) -
         request.guidance_scale,
         request.negative_prompt is None,
         request.max_sequence_length,
+        prompts.key,  # text, or embeddings of one length
         _lora_set(request),  # jobs with other LoRAs (or none) never share a batch
         type(scheduler).__name__,
         config,
@@ -277,15 +290,32 @@ def _run_batch(model: LoadedModel, batch: list[_Job]) -> None:
             job.timings["safety"] = _ms(started)
 
 
+def _conditioning(model: LoadedModel, pipe: Any, batch: list[_Job], counts: list[int]) -> dict[str, Any]:
+    """The batch's prompts for `pipe`: as text, or as compel's embeddings (one row per image)."""
+    first = batch[0]
+    if not first.prompts.embeds:
+        if len(batch) == 1:
+            return {"prompt": first.prompts.text, "negative_prompt": first.prompts.negative_text}
+        texts = [job.prompts.text for job, n in zip(batch, counts, strict=True) for _ in range(n)]
+        negatives = None
+        if first.prompts.negative_text is not None:
+            negatives = [job.prompts.negative_text for job, n in zip(batch, counts, strict=True) for _ in range(n)]
+        return {"prompt": texts, "negative_prompt": negatives}
+    length = first.request.max_sequence_length
+    encoded = [encode(pipe, model.family, job.prompts, length) for job in batch]
+    if len(batch) == 1:
+        return encoded[0]
+    return {
+        name: torch.cat([part[name].repeat_interleave(n, dim=0) for part, n in zip(encoded, counts, strict=True)])
+        for name in encoded[0]
+    }
+
+
 def _pipeline_call(model: LoadedModel, batch: list[_Job]) -> None:
     """One pipeline call for every image of `batch`; fills in each job's images, or its error."""
     first = batch[0]
     pipe = model.pipes[first.request.task]
     counts = [len(job.seeds) for job in batch]
-    prompts = [job.request.prompt for job, n in zip(batch, counts, strict=True) for _ in range(n)]
-    negatives = None
-    if first.request.negative_prompt is not None:
-        negatives = [job.request.negative_prompt or "" for job, n in zip(batch, counts, strict=True) for _ in range(n)]
 
     def step_end(pipeline: Any, step: int, timestep: Any, tensors: dict) -> dict:
         offset = 0
@@ -316,8 +346,7 @@ def _pipeline_call(model: LoadedModel, batch: list[_Job]) -> None:
     try:
         with torch.inference_mode():
             common = {
-                "prompt": prompts if len(batch) > 1 else first.request.prompt,
-                "negative_prompt": negatives if len(batch) > 1 else first.request.negative_prompt,
+                **_conditioning(model, pipe, batch, counts),
                 "num_inference_steps": first.request.num_inference_steps,
                 "guidance_scale": first.request.guidance_scale,
                 "num_images_per_prompt": 1 if len(batch) > 1 else counts[0],
@@ -328,6 +357,8 @@ def _pipeline_call(model: LoadedModel, batch: list[_Job]) -> None:
                 split = first.request.high_noise_frac
                 latents = pipe(**common, **first.kwargs, denoising_end=split, output_type="latent").images
                 model.refiner.scheduler = type(first.scheduler).from_config(first.scheduler.config)
+                if first.prompts.embeds:  # the refiner reads the prompt with its own text encoder
+                    common.update(encode(model.refiner, model.family, first.prompts, None))
                 images = model.refiner(**common, image=latents, denoising_start=split).images
             else:
                 images = pipe(**common, **first.kwargs).images

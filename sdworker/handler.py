@@ -115,6 +115,10 @@ def handle(model: LoadedModel, payload: Any, on_step: StepCallback | None = None
         "output_format": request.output_format,
         "batch_jobs": result.batch,
         "loras": [choice.model_dump(exclude_none=True) for choice in request.loras or []],
+        "prompt_syntax": result.prompt_syntax,
+        "prompt_tokens": result.prompt_tokens,
+        "truncated": result.truncated,
+        "clip_skip": request.clip_skip,
         "refiner": request.refiner,
         "high_noise_frac": request.high_noise_frac,
     }

@@ -89,6 +89,12 @@ class GenerateInput(BaseModel):
 
     prompt: str = Field(min_length=1, description="What to draw.")
     negative_prompt: str | None = Field(None, description="What to steer away from.")
+    prompt_syntax: Literal["a1111", "compel", "plain"] | None = Field(
+        None, description="a1111: (word:1.3), [word], a:0.25 b:0.75; compel: word++, .blend(); default PROMPT_SYNTAX."
+    )
+    clip_skip: int | None = Field(
+        None, ge=0, le=11, description="CLIP layers to skip before the one read (A1111's 'Clip skip 2' is 1)."
+    )
     num_inference_steps: int | None = Field(
         None, ge=1, description="Denoising steps (limit: MAX_STEPS); default: the family's (50 for SD, 4 distilled)."
     )

@@ -182,6 +182,22 @@ def test_refiner_true_finishes_with_the_refiner(refined: dict) -> None:
     assert again["images"][0]["base64"] == refined_body["images"][0]["base64"]  # seeded, both stages
 
 
+def test_the_refiner_reads_weighted_and_long_prompts_too(refined: dict) -> None:
+    model = refined["model"]
+    request = {**FAST, "num_inference_steps": 4, "refiner": True}
+
+    def picture(prompt: str) -> str:
+        status, body = handle(model, {**request, "prompt": prompt})
+        assert status == 200, body
+        return body["images"][0]["base64"]
+
+    plain = picture("a red cat")
+    assert picture("a red (cat:1.0)") == plain
+    assert picture("a red (cat:1.3)") != plain
+    long = "a lighthouse on a cliff at dusk, waves, gulls, " * 2
+    assert picture(long + "a red boat") != picture(long + "a blue boat")  # past 77 tokens, in both stages
+
+
 def test_the_refiner_is_refused_where_it_cannot_run(refined: dict, sd: LoadedModel) -> None:
     status, body = handle(sd, {**FAST, "refiner": True})
     assert status == 422 and body["$error"]["field"] == "refiner" and "sd1" in body["$error"]["message"]

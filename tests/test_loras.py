@@ -23,8 +23,14 @@ from sdworker.schema import GenerateInput
 FAST = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 4}
 
 
-def make_lora(model_dir: Path, path: Path, seed: int, text_encoder: bool = True) -> Path:
-    """A random LoRA for tiny-sd's UNet (and text encoder), saved as diffusers saves one."""
+def make_lora(
+    model_dir: Path,
+    path: Path,
+    seed: int,
+    text_encoder: bool = True,
+    clip_modules: tuple[str, ...] = ("q_proj", "v_proj"),
+) -> Path:
+    """A random LoRA for tiny-sd's UNet (and text encoder's `clip_modules`), saved as diffusers saves one."""
     from diffusers import DiffusionPipeline, StableDiffusionPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -35,7 +41,7 @@ def make_lora(model_dir: Path, path: Path, seed: int, text_encoder: bool = True)
     pipe.unet.add_adapter(unet)
     layers = {"unet_lora_layers": get_peft_model_state_dict(pipe.unet)}
     if text_encoder:
-        clip = LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        clip = LoraConfig(r=4, lora_alpha=4, target_modules=list(clip_modules), init_lora_weights=False)
         pipe.text_encoder.add_adapter(clip)
         layers["text_encoder_lora_layers"] = get_peft_model_state_dict(pipe.text_encoder)
     StableDiffusionPipeline.save_lora_weights(path.parent, weight_name=path.name, safe_serialization=True, **layers)
@@ -146,6 +152,36 @@ def test_a_file_that_is_not_a_lora_is_refused_at_bake(baked: dict[str, Path], tm
     assert bad.returncode == 1 and "name=source" in bad.stderr
 
 
+def kohya(diffusers_file: Path, path: Path) -> Path:
+    """The same LoRA in Kohya's (A1111's) layout: `lora_unet_*` and `lora_te_text_model_*` modules with
+    `lora_down`, `lora_up` and `alpha` tensors."""
+    from safetensors.torch import load_file, save_file
+
+    out = {}
+    for key, tensor in load_file(str(diffusers_file)).items():
+        part, rest = key.split(".", 1)
+        module, kind = rest.rsplit(".lora_", 1)
+        name = ("lora_unet_" if part == "unet" else "lora_te_text_model_") + module.replace(".", "_")
+        down = kind.startswith("A")
+        out[f"{name}.{'lora_down' if down else 'lora_up'}.weight"] = tensor
+        out[f"{name}.alpha"] = torch.tensor(float(tensor.shape[0] if down else tensor.shape[1]))  # scale 1
+    save_file(out, str(path))
+    return path
+
+
+def test_a_kohya_format_lora_is_the_same_lora_as_its_diffusers_form(baked: dict[str, Path], tmp_path: Path) -> None:
+    attention = ("q_proj", "k_proj", "v_proj", "out_proj")  # what Kohya's trainer adapts in the text encoder
+    ours = make_lora(baked["tiny-sd"], tmp_path / "ours.safetensors", seed=3, clip_modules=attention)
+    theirs = kohya(ours, tmp_path / "theirs.safetensors")
+    model_dir = tmp_path / "model"
+    result = download("--model-dir", str(model_dir), MODEL_ID="tiny-sd", LORAS=f"ours={ours},theirs={theirs}")
+    assert result.returncode == 0, result.stderr
+    model = load_model(Settings(model_dir=model_dir))
+    as_kohya = image(model, loras=[{"name": "theirs", "scale": 0.9}])
+    assert as_kohya == image(model, loras=[{"name": "ours", "scale": 0.9}])
+    assert as_kohya != image(model)
+
+
 # --- LoRAs by URL (ALLOW_LORA_URLS) ---------------------------------------------------------------------------
 @pytest.fixture
 def lora_server(with_loras: dict, baked: dict[str, Path]) -> Iterator[str]:
@@ -232,6 +268,10 @@ def test_a_baked_embedding_is_used_by_its_token_in_either_prompt(
     assert image(model, prompt="a lighthouse") == plain  # no token, no change
     assert image(model, prompt="a lighthouse, ink-style") != image(sd, prompt="a lighthouse, ink-style")
     assert image(model, negative_prompt="ink-style") != image(sd, negative_prompt="ink-style")
+    # Weighted (compel encodes it): the token still stands for its two vectors, and weight 1 is no weight.
+    assert image(model, prompt="a lighthouse, (ink-style:1.0)") == image(model, prompt="a lighthouse, ink-style")
+    weighted = image(model, prompt="a lighthouse, (ink-style:1.3)")
+    assert weighted not in (image(sd, prompt="a lighthouse, (ink-style:1.3)"), image(model, prompt="a lighthouse"))
     vae = next((baked["tiny-sd"] / "vae").glob("*.safetensors"))
     refused = download("--model-dir", str(model_dir), MODEL_ID="tiny-sd", EMBEDDINGS=f"bad={vae}")
     assert (

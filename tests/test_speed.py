@@ -3,64 +3,21 @@ each with its own seeds, and come out as the pictures they would have been alone
 
 from __future__ import annotations
 
-import dataclasses
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import same_picture, wait_for
+from conftest import batched, run_together, same_picture
 
-from sdworker.batching import Batcher
 from sdworker.config import Settings
 from sdworker.errors import WorkerError
-from sdworker.generate import Generation, generate
+from sdworker.generate import generate
 from sdworker.model import LoadedModel, load_model
 from sdworker.schema import GenerateInput
 
 SHAPE = {"width": 64, "height": 64, "num_inference_steps": 3}
-
-
-def batched(model: LoadedModel, max_jobs: int = 4, max_images: int = 8) -> LoadedModel:
-    """The same loaded pipelines behind a batcher of its own."""
-    return dataclasses.replace(model, batcher=Batcher(max_jobs, max_images))
-
-
-def run_together(
-    model: LoadedModel, requests: list[GenerateInput], hooks: dict[int, Callable[[int, int], None]] | None = None
-) -> dict[int, Generation | WorkerError]:
-    """Hold the model with one job until every request waits for it, then let them all go at once."""
-    gate, results = threading.Event(), {}
-    returned = {}
-
-    def hold(step: int, total: int) -> None:
-        gate.wait()
-
-    def call(index: int, request: GenerateInput) -> None:
-        try:
-            results[index] = generate(model, request, (hooks or {}).get(index))
-        except WorkerError as err:
-            results[index] = err
-        returned[index] = time.monotonic()
-
-    holder = threading.Thread(target=generate, args=(model, GenerateInput(prompt="hold", **SHAPE), hold), daemon=True)
-    holder.start()
-    threads = []
-    try:
-        wait_for(lambda: model.batcher._busy)
-        for index, request in enumerate(requests):  # one at a time, so the queue order is the list's
-            threads.append(threading.Thread(target=call, args=(index, request), daemon=True))
-            threads[-1].start()
-            wait_for(lambda n=index + 1: len(model.batcher._waiting) == n)
-    finally:
-        gate.set()
-    for thread in [holder, *threads]:
-        thread.join(timeout=120)
-    run_together.returned = returned  # type: ignore[attr-defined]  # when each caller got its answer
-    return results
 
 
 @pytest.mark.parametrize("model_name", ["sd", "sdxl"])

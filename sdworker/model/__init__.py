@@ -12,7 +12,7 @@ component, safetensors weights only) and a small manifest, `sdworker.json`, that
 
 from ..manifest import read_manifest
 from .bake import BakeResult, bake_model
-from .families import FAMILIES, TASK_PIPELINES, TASKS, Family, detect_family, family_of, fit_request
+from .families import FAMILIES, TASKS, Family, family_of, fit_request
 from .load import LoadedModel, apply_speed_options, load_model, load_pipeline, weight_bytes
 from .recipes import RECIPES
 from .sources import select_files
@@ -21,13 +21,11 @@ __all__ = [
     "FAMILIES",
     "RECIPES",
     "TASKS",
-    "TASK_PIPELINES",
     "BakeResult",
     "Family",
     "LoadedModel",
     "apply_speed_options",
     "bake_model",
-    "detect_family",
     "family_of",
     "fit_request",
     "load_model",

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 TASKS = ("text2img", "img2img", "inpaint")
 
-OPTIONAL_FIELDS = ("negative_prompt", "max_sequence_length")
+OPTIONAL_FIELDS = ("negative_prompt", "max_sequence_length", "clip_skip")
 """Request fields that only some families take: a family without one refuses it by name."""
 
 
@@ -61,7 +61,7 @@ FAMILIES = {
             "float16",
             50,
             7.5,
-            frozenset({"negative_prompt"}),
+            frozenset({"negative_prompt", "clip_skip"}),
         ),
         Family(
             "sd2",
@@ -71,7 +71,7 @@ FAMILIES = {
             "float16",
             50,
             7.5,
-            frozenset({"negative_prompt"}),
+            frozenset({"negative_prompt", "clip_skip"}),
         ),
         Family(
             "sdxl",
@@ -85,7 +85,7 @@ FAMILIES = {
             "float16",
             50,
             7.5,
-            frozenset({"negative_prompt"}),
+            frozenset({"negative_prompt", "clip_skip"}),
             distilled_steps=4,
             refiner="StableDiffusionXLImg2ImgPipeline",
         ),
@@ -101,7 +101,7 @@ FAMILIES = {
             "bfloat16",
             28,
             7.0,
-            frozenset({"negative_prompt", "max_sequence_length"}),
+            frozenset({"negative_prompt", "max_sequence_length", "clip_skip"}),
             distilled_steps=4,
             sized_img2img=True,
         ),
@@ -121,8 +121,6 @@ FAMILIES = {
 }
 """Pipeline classes are named rather than found through diffusers' AutoPipeline classes, whose import pulls in
 every pipeline family (half a second of cold start)."""
-
-TASK_PIPELINES = {name: family.pipelines for name, family in FAMILIES.items()}
 
 
 def family_of(model_dir: Path, refiner: bool = False) -> Family:
@@ -154,17 +152,6 @@ def family_of(model_dir: Path, refiner: bool = False) -> Family:
     raise WorkerError(
         "UNSUPPORTED_MODEL", f"a {class_name or 'pipeline'} is not a family this worker serves ({known})", "MODEL_ID"
     )
-
-
-def detect_family(pipe: Any) -> str:
-    """The family name of a loaded pipeline."""
-    name = type(pipe).__name__
-    if name == "StableDiffusionPipeline":
-        return "sd2" if pipe.unet.config.cross_attention_dim == 1024 else "sd1"
-    for family in FAMILIES.values():
-        if name in family.pipeline_classes or name in family.pipelines.values():
-            return family.name
-    raise WorkerError("UNSUPPORTED_MODEL", f"a {name} is not a family this worker serves", "MODEL_ID")
 
 
 def fit_request(request: GenerateInput, family: Family, distilled: bool, refiner: bool = False) -> GenerateInput:

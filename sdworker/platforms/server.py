@@ -684,11 +684,3 @@ def _banana(body: Banana | None, message: str, job: Job | None = None, finished:
         if job.progress and not job.final:
             answer["progress"] = job.progress
     return answer
-
-
-def run_worker_thread(target: Callable[[threading.Event], None]) -> tuple[threading.Thread, threading.Event]:
-    """Start `target(stop)` in a daemon thread; answers the thread and its stop event."""
-    stop = threading.Event()
-    thread = threading.Thread(target=target, args=(stop,), name="worker", daemon=True)
-    thread.start()
-    return thread, stop
