@@ -285,4 +285,6 @@ def load_model(settings: Settings) -> LoadedModel:
         attention,
         model.load_ms,
     )
+    if loras or embeddings:
+        log.info("baked LoRAs: %s; embeddings: %s", ", ".join(loras) or "none", ", ".join(embeddings) or "none")
     return model

@@ -76,6 +76,9 @@ def plan(pipe: Any, family: str, request: Any, default: Syntax, max_sequence_len
         below = encoder.config.num_hidden_layers - (0 if family in NORMALIZED else 1)
         if clip_skip >= below:
             raise WorkerError("INVALID_INPUTS", f"clip_skip must be below {below} for this model", "clip_skip")
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):  # its "indexing errors" warning is not true here
+        if (each := getattr(pipe, name, None)) is not None:
+            each.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
     tokenizer, limit = _main_tokenizer(pipe, family, max_sequence_length)
     tokens = _count(pipe, tokenizer, prompt)
     negative_tokens = _count(pipe, tokenizer, negative) if negative is not None else 0
