@@ -12,7 +12,7 @@ from contextlib import AbstractContextManager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,9 +22,11 @@ from .errors import WorkerError
 from .images import decode_image
 from .model import LoadedModel, fit_request
 from .model.loras import UrlLoras, apply_loras
-from .prompts import PromptPlan, encode, plan
 from .schedulers import make_scheduler
 from .schema import MAX_SEED, GenerateInput, check_size
+
+if TYPE_CHECKING:
+    from .prompts import PromptPlan
 
 log = logging.getLogger("sdworker")
 
@@ -119,6 +121,8 @@ def generate(model: LoadedModel, request: GenerateInput, on_step: StepCallback |
     request = fit_request(request, model.row, model.distilled, model.refiner is not None)
     _check_loras(request, model)
     settings, task = model.settings, request.task
+    from .prompts import plan  # compel imports diffusers' pipelines: only a process that generates pays for it
+
     prompts = plan(model.pipes[task], model.family, request, settings.prompt_syntax, request.max_sequence_length)
     started = time.perf_counter()
     urls = [value for value in (request.image, request.mask_image) if value and value.startswith("http")]
@@ -301,6 +305,8 @@ def _conditioning(model: LoadedModel, pipe: Any, batch: list[_Job], counts: list
         if first.prompts.negative_text is not None:
             negatives = [job.prompts.negative_text for job, n in zip(batch, counts, strict=True) for _ in range(n)]
         return {"prompt": texts, "negative_prompt": negatives}
+    from .prompts import encode
+
     length = first.request.max_sequence_length
     encoded = [encode(pipe, model.family, job.prompts, length) for job in batch]
     if len(batch) == 1:
@@ -357,8 +363,7 @@ def _pipeline_call(model: LoadedModel, batch: list[_Job]) -> None:
                 split = first.request.high_noise_frac
                 latents = pipe(**common, **first.kwargs, denoising_end=split, output_type="latent").images
                 model.refiner.scheduler = type(first.scheduler).from_config(first.scheduler.config)
-                if first.prompts.embeds:  # the refiner reads the prompt with its own text encoder
-                    common.update(encode(model.refiner, model.family, first.prompts, None))
+                common.update(_conditioning(model, model.refiner, batch, counts))  # its own text encoder's
                 images = model.refiner(**common, image=latents, denoising_start=split).images
             else:
                 images = pipe(**common, **first.kwargs).images

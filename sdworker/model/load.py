@@ -275,6 +275,8 @@ def load_model(settings: Settings) -> LoadedModel:
         with torch.inference_mode():
             pipes["text2img"](prompt="warm-up", num_inference_steps=2, output_type="pil")
         log.info("torch.compile warm-up took %.0f ms", (time.perf_counter() - warm_started) * 1000)
+    from .. import prompts  # noqa: F401  compel imports more of diffusers: at load, not in the first request
+
     model.load_ms = (time.perf_counter() - started) * 1000
     log.info(
         "loaded %s (%s) on %s in %s with %s attention in %.0f ms",
