@@ -13,6 +13,12 @@ $(VENV)/.dev: $(VENV)/.run requirements-dev.txt
 	$(VENV)/bin/pip install -q -r requirements-dev.txt
 	touch $@
 
+# The seed systems' clients whose pins clash with the worker's (requirements-clients.txt): a virtualenv of their own.
+.venv-clients/.installed: requirements-clients.txt
+	$(PYTHON) -m venv .venv-clients
+	.venv-clients/bin/pip install -q -r requirements-clients.txt
+	touch $@
+
 # newman, which runs postman_collection.json in the tests: exactly the versions package-lock.json pins.
 node_modules/.installed: package.json package-lock.json
 	@command -v $(NPM) >/dev/null || { echo "npm is not installed: install Node.js 18+ (apt-get install nodejs npm)" >&2; exit 1; }
@@ -43,7 +49,7 @@ redis-server:
 	  command -v redis-server >/dev/null || { echo "apt-get did not install redis-server" >&2; exit 1; }; \
 	}
 
-test: lint node_modules/.installed redis-server  ## lint, then the whole test suite
+test: lint node_modules/.installed redis-server .venv-clients/.installed  ## lint, then the whole test suite
 	$(PY) -m pytest
 
 # The Docker image. Both start a Docker engine when none answers (as root). BASE_IMAGE=... builds on another base,

@@ -141,6 +141,9 @@ class Settings(BaseSettings):
     banana_wait_s: float = Field(50.0, ge=0, description="How long start/v4 and a long-polled check/v4 wait.")
     runsync_wait_s: float = Field(90.0, ge=0, description="How long /runsync waits before answering IN_PROGRESS.")
     direct_wait_s: float = Field(600.0, gt=0, description="How long a direct POST / waits for its job.")
+    idle_shutdown_s: float | None = Field(
+        None, gt=0, description="serve mode: exit 0 after this long with no request and no job (default off)."
+    )
     result_ttl_s: int = Field(1800, ge=1, description="How long a finished job's result is kept.")
     runsync_result_ttl_s: int = Field(60, ge=1, description="How long a /runsync result is kept.")
     job_ttl_s: int = Field(86400, ge=1, description="Default for policy.ttl: a job not started by then times out.")

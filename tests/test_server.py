@@ -283,7 +283,8 @@ def test_bad_input_is_a_422_naming_the_field_on_every_protocol(server: str) -> N
 def test_a_wrong_method_on_a_route_is_405_with_allow_and_an_unknown_route_404(server: str) -> None:
     headers = {"Authorization": f"Bearer {KEY}", "X-BANANA-API-KEY": KEY}
     for method, path, allowed in (
-        ("GET", "/", "POST"),
+        ("DELETE", "/", "GET, POST"),
+        ("GET", "/infer", "POST"),
         ("POST", "/health", "GET"),
         ("POST", "/v2/tiny-sd/status/some-id", "GET"),
         ("GET", "/v2/tiny-sd/run", "POST"),

@@ -112,6 +112,11 @@ def run(app: Any, argv: list[str] | None = None) -> None:
     except WorkerError as err:
         parser.exit(1, f"error: {err.message}\n")
 
+    if settings.idle_shutdown_s and settings.mode == "serve":
+        from .octoai import watch_idle
+
+        watch_idle(server.state.jobs, settings.idle_shutdown_s)
+
     def drain() -> None:
         server.state.jobs.draining = True
         log.info("SIGTERM: taking no new jobs; running ones get %g s to finish", settings.shutdown_grace_s)

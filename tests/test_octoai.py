@@ -1,0 +1,135 @@
+"""Seed 003's service: `GET /` readiness (what its `wait_for_server` polls), `POST /infer` driven by the unmodified
+octoai-sdk client (in a virtualenv of its own: its pins clash with the worker's; `make test` builds it), and
+IDLE_SHUTDOWN_S."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import ROOT, decode, free_port, start_process, wait_for
+from fastapi.testclient import TestClient
+
+from sdworker.config import Settings
+from sdworker.jobs import open_store
+from sdworker.platforms.server import create_server
+
+KEY = "octo-key"
+CLIENT_PYTHON = ROOT / ".venv-clients" / "bin" / "python"
+SEEDED = {"num_inference_steps": 2, "seed": 11}
+
+
+def start_worker(baked: dict[str, Path], data: Path, **extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "MODEL_ID": "tiny-sd",
+        "MODEL_DIR": str(baked["tiny-sd"]),
+        "DATA_DIR": str(data),
+        "API_KEYS": KEY,
+        "PORT": str(port),
+        "HOST": "127.0.0.1",
+        **extra,
+    }
+    url = f"http://127.0.0.1:{port}"
+    return start_process([sys.executable, "app.py"], f"{url}/health", env), url
+
+
+@pytest.fixture(scope="module")
+def worker(baked: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    process, url = start_worker(baked, tmp_path_factory.mktemp("octo-data"))
+    yield url
+    process.terminate()
+    process.wait(10)
+
+
+def test_get_root_is_503_until_the_model_is_loaded_then_200(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, api_keys=KEY)
+    loaded = {"yes": False}
+    client = TestClient(create_server(settings, open_store(settings), {"/": False}, lambda: loaded["yes"]))
+    answer = client.get("/")
+    assert answer.status_code == 503 and answer.json() == {"status": "loading"}
+    loaded["yes"] = True
+    answer = client.get("/")
+    assert answer.status_code == 200 and answer.json() == {"status": "ready"}
+
+
+def seed_wait_for_server(url: str, retries: int, timeout: float, delay: float = 1.0) -> None:
+    """The seed's own readiness loop, as it is written there (no key: GET / needs none)."""
+    for i in range(retries):
+        try:
+            r = requests.get(url, timeout=timeout)
+            r.raise_for_status()
+            return
+        except (requests.exceptions.ConnectionError, requests.exceptions.HTTPError, requests.exceptions.Timeout):
+            if i == retries - 1:
+                raise
+            time.sleep(delay)
+
+
+def test_the_octoai_client_gets_image_b64_and_it_is_the_direct_calls_image(worker: str) -> None:
+    if not CLIENT_PYTHON.exists():
+        pytest.fail(f"{CLIENT_PYTHON.relative_to(ROOT)} is missing: `make test` builds it (requirements-clients.txt)")
+    seed_wait_for_server(worker, retries=10, timeout=1.0)
+    script = (
+        "import json, sys\n"
+        "from octoai.client import Client\n"
+        "inputs = {'prompt': {'text': 'a lighthouse'}, **json.loads(sys.argv[2])}\n"
+        "print(json.dumps(Client().infer(endpoint_url=sys.argv[1] + '/infer', inputs=inputs)))\n"
+    )
+    command = [str(CLIENT_PYTHON), "-c", script, worker, json.dumps(SEEDED)]
+    env = {**os.environ, "OCTOAI_TOKEN": KEY}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    direct = requests.post(worker, json={"prompt": "a lighthouse", **SEEDED}, headers={"X-BANANA-API-KEY": KEY})
+    assert answer["output"]["image_b64"] == direct.json()["images"][0]["base64"]
+    assert decode(answer["output"]["image_b64"]).size == (64, 64)
+    assert answer["$meta"]["seed"] == 11
+
+
+def test_infer_refuses_a_bad_key_and_names_bad_fields(worker: str) -> None:
+    body = {"prompt": {"text": "a lighthouse"}, **SEEDED}
+    assert requests.post(f"{worker}/infer", json=body, timeout=30).status_code == 401
+    wrong = requests.post(f"{worker}/infer", json=body, headers={"Authorization": "Bearer nope"}, timeout=30)
+    assert wrong.status_code == 401
+    bearer = {"Authorization": f"Bearer {KEY}"}
+    for bad, field in (
+        ({"prompt": {"words": "x"}}, "prompt"),
+        ({"prompt": {"text": "x"}, "num_inference_steps": 0}, "num_inference_steps"),
+        ({"prompt": {"text": "x"}, "nope": 1}, "nope"),
+    ):
+        answer = requests.post(f"{worker}/infer", json=bad, headers=bearer, timeout=30)
+        assert answer.status_code == 422 and field in answer.json()["$error"]["field"], answer.text
+
+
+def test_an_idle_worker_exits_0_but_never_while_a_job_runs(baked: dict[str, Path], tmp_path: Path) -> None:
+    process, url = start_worker(baked, tmp_path, IDLE_SHUTDOWN_S="2", MAX_STEPS="5000")
+    try:
+        wait_for(lambda: requests.get(url, timeout=5).status_code == 200, timeout=60)
+        started = time.monotonic()
+        slow = requests.post(  # about 5 s of denoising on a CPU: longer than IDLE_SHUTDOWN_S
+            f"{url}/infer",
+            json={"prompt": {"text": "slow"}, "num_inference_steps": 300},
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=120,
+        )
+        assert slow.status_code == 200 and slow.json()["output"]["image_b64"]
+        assert time.monotonic() - started > 2  # it ran longer than the idle time, and the worker stayed up
+        while process.poll() is None and time.monotonic() - started < 60:
+            try:
+                requests.get(url, timeout=5)  # readiness probes are not use: they do not keep it up
+            except requests.ConnectionError:
+                break  # it has stopped listening
+            time.sleep(0.2)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
