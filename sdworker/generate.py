@@ -151,6 +151,8 @@ def generate(model: LoadedModel, request: GenerateInput, on_step: StepCallback |
     kwargs: dict[str, Any] = {}
     if request.max_sequence_length is not None:
         kwargs["max_sequence_length"] = request.max_sequence_length
+    if request.eta is not None:
+        kwargs["eta"] = request.eta
     if request.clip_skip and not prompts.embeds:  # SDXL and SD3 pipelines skip layers themselves
         kwargs["clip_skip"] = request.clip_skip
     if init is not None:
@@ -244,6 +246,7 @@ def _batch_key(request: GenerateInput, prompts: PromptPlan, kwargs: dict[str, An
         request.guidance_scale,
         request.negative_prompt is None,
         request.max_sequence_length,
+        request.eta,
         prompts.key,  # text, or embeddings of one length
         _lora_set(request),  # jobs with other LoRAs (or none) never share a batch
         type(scheduler).__name__,

@@ -119,6 +119,7 @@ def handle(model: LoadedModel, payload: Any, on_step: StepCallback | None = None
         "prompt_tokens": result.prompt_tokens,
         "truncated": result.truncated,
         "clip_skip": request.clip_skip,
+        "eta": request.eta,
         "refiner": request.refiner,
         "high_noise_frac": request.high_noise_frac,
     }

@@ -101,6 +101,7 @@ class GenerateInput(BaseModel):
     guidance_scale: float | None = Field(
         None, ge=0, le=50, description="Classifier-free guidance; <= 1 turns it off; default: the family's."
     )
+    eta: float | None = Field(None, ge=0, le=1, description="DDIM's eta (sd1, sd2, sdxl): 0 is deterministic.")
     max_sequence_length: int | None = Field(
         None, ge=1, le=512, description="T5 prompt tokens (sd3, flux); default: the pipeline's."
     )

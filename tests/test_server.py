@@ -157,9 +157,14 @@ def test_runpod_run_sync_and_health(clients: str) -> None:
     assert health["jobs"]["completed"] >= 1 and health["workers"]["idle"] + health["workers"]["running"] == 1
 
 
-def test_runpod_stream_yields_the_output_once(clients: str) -> None:
-    chunks = list(runpod.Endpoint("tiny-sd").run(FAST).stream())
-    assert len(chunks) == 1 and chunks[0]["images"][0]["seed"] == 7
+def test_runpod_stream_yields_progress_while_running_then_the_output_once(clients: str) -> None:
+    chunks = list(runpod.Endpoint("tiny-sd").run({**FAST, "num_inference_steps": 250}).stream())
+    progress, last = chunks[:-1], chunks[-1]
+    assert last["images"][0]["seed"] == 7  # the output, once, at the end
+    assert progress and all(set(chunk) == {"progress"} for chunk in progress), chunks
+    steps = [chunk["progress"]["step"] for chunk in progress]
+    totals = {chunk["progress"]["total"] for chunk in progress}  # PNDM's 250 steps are 251 timesteps
+    assert steps == sorted(set(steps)) and len(totals) == 1 and max(steps) <= totals.pop()
 
 
 def test_runpod_cancel_stops_a_running_job_at_the_next_step(clients: str) -> None:

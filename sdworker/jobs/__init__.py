@@ -41,9 +41,11 @@ class Job(BaseModel):
     result_ttl_s: int = 1800
     idempotency_key: str | None = None
     owner: str | None = None  # who made it: a digest of the API key (never the key); None for jobs of no key
+    view: dict[str, Any] | None = None  # how the way in that made it shows it (seed 002's return_base64, ...)
     webhook_queued: bool = False  # its final state is in the webhook outbox
     attempts: int = 0
     streamed: bool = False
+    streamed_step: int = 0  # the last progress step /stream handed out
     retries: int = 0
     worker_id: str | None = None
     created_at: float = Field(default_factory=time.time)
@@ -163,8 +165,9 @@ class JobStore(ABC):
         written) when the job is no longer this worker's."""
 
     @abstractmethod
-    def mark_streamed(self, job_id: str) -> bool:
-        """True the first time only: a completed job's output goes out on /stream once."""
+    def mark_streamed(self, job_id: str, step: int | None = None) -> bool:
+        """True the first time only: a completed job's output goes out on /stream once. With `step`: True when
+        the running job's progress at `step` has not gone out yet (each step once, in order)."""
 
     @abstractmethod
     def cancel(self, job_id: str) -> Job | None:
@@ -182,6 +185,10 @@ class JobStore(ABC):
     @abstractmethod
     def purge(self, model_key: str, owner: str | None = None) -> int:
         """Cancel every queued job for `model_key` (only `owner`'s when given); answers how many."""
+
+    @abstractmethod
+    def recent(self, owner: str, limit: int) -> list[Job]:
+        """`owner`'s last `limit` completed jobs, newest first, among those whose results are still kept."""
 
     @abstractmethod
     def stats(self, model_key: str) -> dict[str, int]:

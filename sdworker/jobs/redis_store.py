@@ -78,6 +78,10 @@ def _job_key(job_id: str) -> str:
     return f"sdw:job:{job_id}"
 
 
+def _recent_key(owner: str) -> str:
+    return f"sdw:recent:{owner}"
+
+
 def _queue_key(model_key: str) -> str:
     return f"sdw:queue:{model_key}"
 
@@ -164,6 +168,11 @@ class RedisStore(JobStore):
                 pipe.xack(_queue_key(job.model_key), GROUP, entry)
                 pipe.xdel(_queue_key(job.model_key), entry)
             pipe.hincrby(f"sdw:stats:{job.model_key}", job.status, 1)
+            if job.status == "COMPLETED" and job.owner:  # the owner's recent jobs, newest last, the last 100
+                recent = _recent_key(job.owner)
+                pipe.zadd(recent, {job.id: job.finished_at or time.time()})
+                pipe.zremrangebyrank(recent, 0, -101)
+                pipe.expire(recent, max(self._ttl(job), self.settings.result_ttl_s))
             pipe.publish(DONE_CHANNEL, job.id)
             pipe.execute()
         self._notify()
@@ -331,12 +340,28 @@ class RedisStore(JobStore):
             self._redis.xdel(_queue_key(job.model_key), entry)
         return owned
 
-    def mark_streamed(self, job_id: str) -> bool:
+    def recent(self, owner: str, limit: int) -> list[Job]:
+        jobs = []
+        for job_id in self._redis.zrevrange(_recent_key(owner), 0, -1):
+            job = self.get(job_id)
+            if job is not None and job.status == "COMPLETED":  # a retried job is queued again under its id
+                jobs.append(job)
+            if len(jobs) == limit:
+                break
+        return jobs
+
+    def mark_streamed(self, job_id: str, step: int | None = None) -> bool:
         def streamed(job: Job) -> Job:
-            job.streamed = True
+            if step is None:
+                job.streamed = True
+            else:
+                job.streamed_step = step
             return job
 
-        return self._update_if(job_id, lambda job: not job.streamed, streamed)[1]
+        def fresh(job: Job) -> bool:
+            return not job.streamed if step is None else not job.final and step > job.streamed_step
+
+        return self._update_if(job_id, fresh, streamed)[1]
 
     def _holds(self, job: Job, entry: str) -> bool:
         """Whether this job's worker still holds the stream entry (another may have claimed it after a lease)."""

@@ -198,14 +198,26 @@ class SQLiteStore(JobStore):
         self._notify()
         return True
 
-    def mark_streamed(self, job_id: str) -> bool:
+    def mark_streamed(self, job_id: str, step: int | None = None) -> bool:
         with self._mutex:
             job = self.get(job_id)
-            if job is None or job.streamed:
+            if job is None or (job.streamed if step is None else job.final or step <= job.streamed_step):
                 return False
-            job.streamed = True
+            if step is None:
+                job.streamed = True
+            else:
+                job.streamed_step = step
             self._save(job)
             return True
+
+    def recent(self, owner: str, limit: int) -> list[Job]:
+        with self._mutex:
+            rows = self._db.execute(
+                "SELECT data FROM jobs WHERE status = 'COMPLETED' AND expires_at >= ? "
+                "AND json_extract(data, '$.owner') = ? ORDER BY json_extract(data, '$.finished_at') DESC LIMIT ?",
+                (time.time(), owner, limit),
+            ).fetchall()
+        return [Job.model_validate_json(data) for (data,) in rows]
 
     def cancel(self, job_id: str) -> Job | None:
         with self._mutex:

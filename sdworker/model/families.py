@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 TASKS = ("text2img", "img2img", "inpaint")
 
-OPTIONAL_FIELDS = ("negative_prompt", "max_sequence_length", "clip_skip")
+OPTIONAL_FIELDS = ("negative_prompt", "max_sequence_length", "clip_skip", "eta")
 """Request fields that only some families take: a family without one refuses it by name."""
 
 
@@ -61,7 +61,7 @@ FAMILIES = {
             "float16",
             50,
             7.5,
-            frozenset({"negative_prompt", "clip_skip"}),
+            frozenset({"negative_prompt", "clip_skip", "eta"}),
         ),
         Family(
             "sd2",
@@ -71,7 +71,7 @@ FAMILIES = {
             "float16",
             50,
             7.5,
-            frozenset({"negative_prompt", "clip_skip"}),
+            frozenset({"negative_prompt", "clip_skip", "eta"}),
         ),
         Family(
             "sdxl",
@@ -85,7 +85,7 @@ FAMILIES = {
             "float16",
             50,
             7.5,
-            frozenset({"negative_prompt", "clip_skip"}),
+            frozenset({"negative_prompt", "clip_skip", "eta"}),
             distilled_steps=4,
             refiner="StableDiffusionXLImg2ImgPipeline",
         ),

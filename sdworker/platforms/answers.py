@@ -50,7 +50,8 @@ class JobStatus(BaseModel):
 
 
 class StreamAnswer(BaseModel):
-    """RunPod's stream body: the output, handed out once."""
+    """RunPod's stream body: while the job runs, `{"output": {"progress": {"step", "total"}}}` for each new step;
+    then the output, handed out once."""
 
     id: str
     status: str

@@ -126,8 +126,8 @@ class Activity:
 
 
 def watch_idle(state: State, idle_s: float) -> threading.Thread:
-    """Start a thread that, once the worker has had no request and no job (queued or running) for `idle_s`,
-    sends this process SIGTERM: the server drains (nothing is running) and exits 0."""
+    """Start a thread that, once the loaded worker has had no request and no job (queued or running) for
+    `idle_s`, sends this process SIGTERM: the server drains (nothing is running) and exits 0."""
 
     def watch() -> None:
         while True:
@@ -137,8 +137,8 @@ def watch_idle(state: State, idle_s: float) -> threading.Thread:
             except Exception:  # the store unreachable: not idle, as far as anyone knows
                 state.last_activity = time.monotonic()
                 continue
-            if counts.get("inQueue", 0) or counts.get("inProgress", 0):
-                state.last_activity = time.monotonic()
+            if counts.get("inQueue", 0) or counts.get("inProgress", 0) or not state.ready():
+                state.last_activity = time.monotonic()  # busy, or still loading: idle time starts when ready
             elif time.monotonic() - state.last_activity >= idle_s:
                 log.info("idle for %g s (IDLE_SHUTDOWN_S): shutting down", idle_s)
                 os.kill(os.getpid(), signal.SIGTERM)

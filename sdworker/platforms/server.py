@@ -5,6 +5,7 @@
 - `/v2/{endpoint_id}/run|runsync|status|stream|cancel|retry|purge-queue|health`: RunPod's endpoint API.
 - `POST /_k/warmup`, `GET /__status__`, `GET /_k/status`: Potassium's own routes; `GET /health`: readiness.
 - `GET /` (readiness) and `POST /infer`: seed 003's OctoAI service (octoai.py).
+- `POST /generate`, `/img2img`, `GET /status/<id>`, `/recent`: seed 002's Flask+Celery API (dockerized.py).
 
 Every way in makes the same job in the same store; the worker loop runs it. The server holds no model.
 A job belongs to the API key that made it: another key is told it does not exist (404, or Banana's "no job"),
@@ -27,16 +28,18 @@ import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from ..config import Settings
 from ..errors import WorkerError
 from ..jobs import Job, JobStore
 from ..urls import check_url
-from . import octoai
+from . import dockerized, octoai
 from .access import (
     BANANA_KEY,
     BEARER,
@@ -207,7 +210,16 @@ def create_server(
         if exc.status_code == 413:
             message = str(exc.detail)
         error = WorkerError(code, message, status=exc.status_code)
-        return error_answer(error, exc.headers)  # a 405 keeps its Allow header
+        headers = exc.headers
+        if exc.status_code == 405:  # every method the path takes (Starlette names only its first route's)
+            methods = {
+                method
+                for route in server.router.routes
+                if isinstance(route, APIRoute) and route.matches(request.scope)[0] != Match.NONE
+                for method in route.methods or ()
+            }
+            headers = {**(headers or {}), "Allow": ", ".join(sorted(methods - {"HEAD"}))}
+        return error_answer(error, headers)
 
     @server.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -273,6 +285,7 @@ def create_server(
         }
 
     octoai.add_routes(server, state)  # seed 003: GET / (readiness) and POST /infer
+    dockerized.add_routes(server, state)  # seed 002: /generate, /img2img, /status/<id>, /recent, /image/<id>/<n>
 
     # Banana start/check v4.
     def model_key_of(given: str | None) -> str:
@@ -415,12 +428,15 @@ def create_server(
     @server.get(
         "/v2/{endpoint_id}/stream/{job_id}",
         **runpod(ok=StreamAnswer),
-        summary="A job's output, handed out once",
+        summary="A job's progress while it runs, then its output, each handed out once",
         operation_id="stream",
     )
     async def stream(job_id: str, ep: Endpoint = Depends(endpoint)) -> dict:
         job = await job_of(ep, job_id)
         chunks = []
+        step = (job.progress or {}).get("step")
+        if job.status == "IN_PROGRESS" and step and await state.call(state.store.mark_streamed, job.id, step):
+            chunks.append({"output": {"progress": job.progress}})  # while it runs: each new step, once
         if job.status == "COMPLETED" and await state.call(state.store.mark_streamed, job.id):
             chunks.append({"output": job.output})
         return {"id": job.id, "status": job.status, "stream": chunks}
