@@ -13,6 +13,7 @@ from sdworker.config import Settings
 from sdworker.handler import handle
 from sdworker.model import load_model
 from sdworker.platforms import run
+from sdworker.stages import run_stage
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 app = Potassium("sd-worker")
@@ -28,6 +29,27 @@ def init() -> dict:
 def handler(context: dict, request: Request) -> Response:
     """Runs per request: txt2img, img2img or inpaint, by the inputs given."""
     status, body = handle(context["model"], request.json)
+    return Response(status=status, json=body)
+
+
+@app.handler("/stages/encode")
+def encode(context: dict, request: Request) -> Response:
+    """Seed 001's split, stage 1: the text encoders, prompt -> embeddings (see sdworker/stages.py)."""
+    status, body = run_stage(context["model"], "encode", request.json)
+    return Response(status=status, json=body)
+
+
+@app.handler("/stages/denoise")
+def denoise(context: dict, request: Request) -> Response:
+    """Stage 2: the UNet, embeddings -> latents."""
+    status, body = run_stage(context["model"], "denoise", request.json)
+    return Response(status=status, json=body)
+
+
+@app.handler("/stages/decode")
+def decode(context: dict, request: Request) -> Response:
+    """Stage 3: the VAE, latents -> the image, as POST / answers it."""
+    status, body = run_stage(context["model"], "decode", request.json)
     return Response(status=status, json=body)
 
 

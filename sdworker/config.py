@@ -141,6 +141,11 @@ class Settings(BaseSettings):
     banana_wait_s: float = Field(50.0, ge=0, description="How long start/v4 and a long-polled check/v4 wait.")
     runsync_wait_s: float = Field(90.0, ge=0, description="How long /runsync waits before answering IN_PROGRESS.")
     direct_wait_s: float = Field(600.0, gt=0, description="How long a direct POST / waits for its job.")
+    stages: str = Field(
+        "all",
+        pattern=r"^\s*(all|(encode|denoise|decode)(\s*,\s*(encode|denoise|decode))*)\s*$",
+        description="Seed 001's split: which of encode, denoise, decode this worker loads and serves (or all).",
+    )
     idle_shutdown_s: float | None = Field(
         None, gt=0, description="serve mode: exit 0 after this long with no request and no job (default off)."
     )
@@ -219,6 +224,11 @@ class Settings(BaseSettings):
         """
         baked = read_manifest(self.model_dir)
         return str(baked["model_id"]) if baked and baked.get("model_id") else self.model_id
+
+    def served_stages(self) -> tuple[str, ...]:
+        """The split stages STAGES names: encode, denoise and decode, all three by default."""
+        names = tuple(name.strip() for name in self.stages.split(",") if name.strip())
+        return ("encode", "denoise", "decode") if names in ((), ("all",)) else names
 
     def model_keys(self) -> list[str]:
         """The model keys jobs may name: MODEL_KEY (comma-separated), else one derived from the served model."""

@@ -65,6 +65,7 @@ class Generation:
     prompt_syntax: str = "plain"
     prompt_tokens: int = 0
     truncated: bool = False
+    latents: torch.Tensor | None = None  # with `latent`: the denoised latents, not decoded (images is empty)
 
 
 def _ms(since: float) -> float:
@@ -90,7 +91,7 @@ class _Job:
     """One request, prepared and waiting for its turn on the model, then its outcome."""
 
     request: GenerateInput
-    prompts: PromptPlan
+    prompts: PromptPlan | None  # None: the conditioning came encoded (seed 001's split stages)
     kwargs: dict[str, Any]
     seeds: list[int]
     scheduler: Any
@@ -98,6 +99,7 @@ class _Job:
     on_step: StepCallback | None
     on_latents: LatentsCallback | None
     lora_files: list[tuple[str, Path, str]] = field(default_factory=list)  # URL LoRAs: adapter, file, field
+    conditioning: dict[str, torch.Tensor] | None = None
     images: list[Image.Image] | None = None
     nsfw: list[bool] | None = None
     error: WorkerError | None = None
@@ -112,8 +114,16 @@ class _Job:
         return len(self.seeds)
 
 
-def generate(model: LoadedModel, request: GenerateInput, on_step: StepCallback | None = None) -> Generation:
+def generate(
+    model: LoadedModel,
+    request: GenerateInput,
+    on_step: StepCallback | None = None,
+    conditioning: dict[str, torch.Tensor] | None = None,
+    latent: bool = False,
+) -> Generation:
     """Make the images `request` asks for. Raises WorkerError for bad input and for failures in the pipeline.
+    `conditioning`: the prompt already encoded (prompt_embeds and the rest), read instead of `request.prompt`;
+    `latent`: answer the denoised latents instead of images (the split stages of seed 001).
 
     Calls from several threads take turns on the model; with MAX_BATCH > 1, text-to-image calls waiting whose
     shapes agree run together as one batch, each image with its own generator, so each gets the image it would
@@ -123,7 +133,9 @@ def generate(model: LoadedModel, request: GenerateInput, on_step: StepCallback |
     settings, task = model.settings, request.task
     from .prompts import plan  # compel imports diffusers' pipelines: only a process that generates pays for it
 
-    prompts = plan(model.pipes[task], model.family, request, settings.prompt_syntax, request.max_sequence_length)
+    prompts = None
+    if conditioning is None:
+        prompts = plan(model.pipes[task], model.family, request, settings.prompt_syntax, request.max_sequence_length)
     started = time.perf_counter()
     urls = [value for value in (request.image, request.mask_image) if value and value.startswith("http")]
     lora_urls = [(index, choice.url) for index, choice in enumerate(request.loras or []) if choice.url]
@@ -153,10 +165,12 @@ def generate(model: LoadedModel, request: GenerateInput, on_step: StepCallback |
         kwargs["max_sequence_length"] = request.max_sequence_length
     if request.eta is not None:
         kwargs["eta"] = request.eta
-    if request.clip_skip and not prompts.embeds:  # SDXL and SD3 pipelines skip layers themselves
+    if request.clip_skip and prompts and not prompts.embeds:  # SDXL and SD3 pipelines skip layers themselves
         kwargs["clip_skip"] = request.clip_skip
     if init is not None:
         kwargs.update(image=init.resize((width, height), Image.LANCZOS), strength=request.strength)
+    if latent:
+        kwargs["output_type"] = "latent"
     if mask is not None:
         kwargs["mask_image"] = mask.resize((width, height), Image.NEAREST)
     if task != "img2img" or model.row.sized_img2img:  # SD's img2img takes its size from the image
@@ -168,10 +182,11 @@ def generate(model: LoadedModel, request: GenerateInput, on_step: StepCallback |
         kwargs=kwargs,
         seeds=_seeds(request.seed, request.num_images_per_prompt),
         scheduler=scheduler,
-        key=_batch_key(request, prompts, kwargs, scheduler),
+        key=object() if prompts is None else _batch_key(request, prompts, kwargs, scheduler),
         on_step=on_step or step_hook.get(),
         on_latents=preview_hook.get(),
         lora_files=lora_files,
+        conditioning=conditioning,
         timings={"decode": _ms(started)},
     )
     model.batcher.run(job, lambda batch: _run_batch(model, batch))
@@ -180,7 +195,8 @@ def generate(model: LoadedModel, request: GenerateInput, on_step: StepCallback |
     if job.images is None:  # never expected: _run_batch sets images or an error for every job
         raise WorkerError("INTERNAL_ERROR", "internal error; the worker's log has the details", status=500)
     return Generation(
-        images=job.images,
+        images=[] if latent else job.images,
+        latents=job.images if latent else None,
         seeds=job.seeds,
         nsfw=job.nsfw,
         pipeline=type(model.pipes[task]).__name__,
@@ -190,9 +206,9 @@ def generate(model: LoadedModel, request: GenerateInput, on_step: StepCallback |
         timings=job.timings,
         mem_usage=job.mem_usage,
         batch=job.batch,
-        prompt_syntax=prompts.syntax,
-        prompt_tokens=prompts.tokens,
-        truncated=prompts.truncated,
+        prompt_syntax=prompts.syntax if prompts else "plain",
+        prompt_tokens=prompts.tokens if prompts else 0,
+        truncated=prompts.truncated if prompts else False,
     )
 
 
@@ -300,6 +316,9 @@ def _run_batch(model: LoadedModel, batch: list[_Job]) -> None:
 def _conditioning(model: LoadedModel, pipe: Any, batch: list[_Job], counts: list[int]) -> dict[str, Any]:
     """The batch's prompts for `pipe`: as text, or as compel's embeddings (one row per image)."""
     first = batch[0]
+    if first.conditioning is not None:
+        return first.conditioning
+    assert first.prompts is not None
     if not first.prompts.embeds:
         if len(batch) == 1:
             return {"prompt": first.prompts.text, "negative_prompt": first.prompts.negative_text}

@@ -28,6 +28,13 @@ def handle(model: LoadedModel, payload: Any, on_step: StepCallback | None = None
     started = time.perf_counter()
     where: dict[str, str] = {}
     try:
+        if len(stages := model.settings.served_stages()) < 3:
+            raise WorkerError(
+                "STAGE_NOT_SERVED",
+                f"this worker serves STAGES={','.join(stages)} (POST /stages/...), not whole generations",
+                "STAGES",
+                status=404,
+            )
         request, where = parse_request(payload)
         request = fit_request(request, model.row, model.distilled, model.refiner is not None)
         check_limits(request, model.settings)

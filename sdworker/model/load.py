@@ -70,6 +70,24 @@ def load_pipeline(
     return pipe if mapped else pipe.to(device)
 
 
+def _unserved(settings: Settings, family: Family) -> dict[str, None]:
+    """The components a STAGES worker leaves unloaded: text encoders without `encode`, the UNet without
+    `denoise`, the VAE (and safety checker) without `decode`."""
+    stages = settings.served_stages()
+    skip: dict[str, None] = {}
+    if "encode" not in stages:
+        skip.update(text_encoder=None, tokenizer=None)
+        if family.name == "sdxl":
+            skip.update(text_encoder_2=None, tokenizer_2=None)
+    if "denoise" not in stages:
+        skip[family.denoiser] = None
+    if "decode" not in stages:
+        skip.update(vae=None)
+        if family.name in ("sd1", "sd2"):
+            skip.update(safety_checker=None, feature_extractor=None)
+    return skip
+
+
 def weight_bytes(model_dir: Path) -> int:
     """Bytes of the weight files `load_pipeline` reads from a baked directory."""
     variant = (read_manifest(model_dir) or {}).get("weights_variant")
@@ -96,8 +114,10 @@ def apply_speed_options(pipe: Any, settings: Settings, device: str) -> None:
     """Apply the speed settings to a freshly loaded pipeline (its components are shared by every task)."""
     import torch
 
-    denoiser = getattr(pipe, "unet", None) or pipe.transformer
-    if settings.quantize != "none":  # first: what is compiled below is the quantized model
+    # A STAGES worker may lack the denoiser or the VAE: each option applies to what is loaded.
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    vae = getattr(pipe, "vae", None)
+    if settings.quantize != "none" and denoiser is not None:  # first: what is compiled below is the quantized model
         _quantize(denoiser, settings.quantize)
 
     if settings.tf32 and device.startswith("cuda"):
@@ -114,12 +134,13 @@ def apply_speed_options(pipe: Any, settings: Settings, device: str) -> None:
             raise WorkerError("INVALID_SETTINGS", f"FUSE_QKV: {type(pipe).__name__} cannot fuse them", "FUSE_QKV")
         pipe.fuse_qkv_projections()
     if settings.channels_last:
-        denoiser.to(memory_format=torch.channels_last)
-        pipe.vae.to(memory_format=torch.channels_last)
-    if settings.vae_slicing:
-        pipe.vae.enable_slicing()
-    if settings.vae_tiling:
-        pipe.vae.enable_tiling()
+        for part in (denoiser, vae):
+            if part is not None:
+                part.to(memory_format=torch.channels_last)
+    if settings.vae_slicing and vae is not None:
+        vae.enable_slicing()
+    if settings.vae_tiling and vae is not None:
+        vae.enable_tiling()
     if settings.torch_compile:
         # Inductor's caches in DATA_DIR: a restart on the same volume traces the model again but reuses the
         # compiled kernels. Assigned, not defaulted: torch writes its own default into the environment the first
@@ -129,8 +150,9 @@ def apply_speed_options(pipe: Any, settings: Settings, device: str) -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
         os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
         os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
-        denoiser.compile(mode=settings.compile_mode, fullgraph=True)
-        pipe.vae.decoder.compile(mode=settings.compile_mode, fullgraph=True)
+        for part in (denoiser, vae.decoder if vae is not None else None):
+            if part is not None:
+                part.compile(mode=settings.compile_mode, fullgraph=True)
 
 
 def _quantize(module: Any, kind: str) -> None:
@@ -196,7 +218,10 @@ class LoadedModel:
     @property
     def dtype(self) -> Any:
         """The dtype the weights run in."""
-        return getattr(self.pipes["text2img"], self.row.denoiser).dtype
+        pipe = self.pipes["text2img"]
+        parts = (self.row.denoiser, "vae", "text_encoder", "text_encoder_2")
+        part = next(got for name in parts if (got := getattr(pipe, name, None)) is not None)
+        return part.dtype  # a STAGES worker may lack the denoiser (decode only) or more
 
 
 def load_model(settings: Settings) -> LoadedModel:
@@ -222,9 +247,10 @@ def load_model(settings: Settings) -> LoadedModel:
     load_on = "cpu" if settings.enable_model_cpu_offload else device
     dtype = resolve_dtype(settings.dtype, family, device)  # the GPU's dtype, wherever the weights wait
     dtype_name = str(dtype).removeprefix("torch.")
-    base = load_pipeline(settings.model_dir, load_on, attention, dtype_name)
+    base = load_pipeline(settings.model_dir, load_on, attention, dtype_name, **_unserved(settings, family))
+    whole = base.text_encoder is not None or getattr(base, "text_encoder_2", None) is not None
     loras = load_baked(base, settings.model_dir, "loras")  # before compiling or fusing: they change the layers
-    embeddings = load_baked(base, settings.model_dir, "embeddings")
+    embeddings = load_baked(base, settings.model_dir, "embeddings") if whole else []
     apply_speed_options(base, settings, device)
     # The safety checker runs on its own after generation, so each request can turn it on or off.
     checker, extractor = getattr(base, "safety_checker", None), getattr(base, "feature_extractor", None)
@@ -250,7 +276,8 @@ def load_model(settings: Settings) -> LoadedModel:
         if hasattr(pipe, "safety_checker"):
             pipe.safety_checker = None
     manifest = read_manifest(settings.model_dir) or {}
-    denoiser_config = dict(getattr(base, family.denoiser).config)
+    denoiser = getattr(base, family.denoiser, None)
+    denoiser_config = dict(denoiser.config) if denoiser is not None else {}
     model = LoadedModel(
         settings=settings,
         manifest=manifest,
@@ -270,7 +297,7 @@ def load_model(settings: Settings) -> LoadedModel:
         # A batch holds MAX_BATCH jobs, and as many images as MAX_BATCH or one request's MAX_IMAGES, whichever is more.
         batcher=Batcher(settings.max_batch, max(settings.max_batch, settings.max_images)),
     )
-    if settings.torch_compile:  # compile now, at the model's own size, rather than in the first request
+    if settings.torch_compile and len(settings.served_stages()) == 3:  # compile now, not in the first request
         warm_started = time.perf_counter()
         with torch.inference_mode():
             pipes["text2img"](prompt="warm-up", num_inference_steps=2, output_type="pil")

@@ -1,0 +1,324 @@
+"""Seed 001's split of Stable Diffusion into its three models, each its own endpoint and, with STAGES, its own
+worker: `encode` (the text encoders: prompt -> embeddings), `denoise` (the UNet: embeddings -> latents) and
+`decode` (the VAE: latents -> the image, answered as a direct call answers it).
+
+Tensors travel as base64 of a safetensors file and are checked on arrival against this model: a tensor that does
+not fit is a 422 naming it. Through encode -> denoise -> decode a seed gives the all-in-one image, on one worker
+or across three. Families: sd1, sd2 and sdxl (its pooled embeddings travel with the rest, its time ids are made
+from width and height as the all-in-one call makes them). SD3 and FLUX.1 are not split here: their embeddings are
+T5's and two CLIPs' (a 4096-wide, up to 512-token tensor, and pooled ones), their latents are packed (FLUX.1) and
+shifted as well as scaled, so each stage would need its own tensor names, shape rules and VAE arithmetic.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import WorkerError
+from .images import encode_image
+from .schema import GenerateInput, check_limits
+
+STAGES = ("encode", "denoise", "decode")
+SPLIT = ("sd1", "sd2", "sdxl")
+POOLED = ("pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+EMBEDDINGS = ("prompt_embeds", "negative_prompt_embeds")
+MAX_BODY_TENSOR_BYTES = 256 * 1024 * 1024
+
+
+class EncodeInput(BaseModel):
+    """`POST /stages/encode`."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1)
+    negative_prompt: str | None = None
+    prompt_syntax: str | None = None
+    clip_skip: int | None = None
+
+
+class DenoiseInput(BaseModel):
+    """`POST /stages/denoise`: the embeddings from encode, and what a generation takes besides its prompt."""
+
+    model_config = ConfigDict(extra="forbid")
+    embeddings: str = Field(min_length=1, description="encode's answer: base64 of a safetensors file")
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    num_images_per_prompt: int = 1
+    scheduler: str | None = None
+    eta: float | None = None
+
+
+class DecodeInput(BaseModel):
+    """`POST /stages/decode`: the latents from denoise."""
+
+    model_config = ConfigDict(extra="forbid")
+    latents: str = Field(min_length=1, description="denoise's answer: base64 of a safetensors file")
+    output_format: str = "png"
+    output_quality: int = 90
+    safety_checker: bool = True
+
+
+@dataclass(eq=False)
+class _Turn:
+    """A stage's turn on the model, through the batcher that gives generations theirs (never batched)."""
+
+    key: object
+    done: bool = False
+    size: int = 1
+
+
+def run_stage(model: Any, stage: str, payload: Any) -> tuple[int, dict]:
+    """Run one stage; answers (HTTP status, body) and never raises, as `handle` does."""
+    started = time.perf_counter()
+    try:
+        _check_served(model, stage)
+        body = {"encode": _encode, "denoise": _denoise, "decode": _decode}[stage](model, payload)
+    except WorkerError as err:
+        return err.status, {"$error": err.to_dict()}
+    except Exception:
+        import logging
+
+        logging.getLogger("sdworker").exception("stage %s failed", stage)
+        error = WorkerError("INTERNAL_ERROR", "internal error; the worker's log has the details", status=500)
+        return error.status, {"$error": error.to_dict()}
+    body["$timings"] = {"total": round((time.perf_counter() - started) * 1000, 1)}
+    return 200, body
+
+
+def _check_served(model: Any, stage: str) -> None:
+    stages = model.settings.served_stages()
+    if stage not in stages:
+        raise WorkerError(
+            "STAGE_NOT_SERVED", f"this worker serves STAGES={','.join(stages)}, not {stage}", "STAGES", status=404
+        )
+    if model.family not in SPLIT:
+        raise WorkerError(
+            "STAGE_NOT_SERVED",
+            f"the {model.family} family is not split into stages here (sd1, sd2 and sdxl are)",
+            "STAGES",
+            status=404,
+        )
+
+
+def _parse(model_type: type[BaseModel], payload: Any) -> Any:
+    try:
+        return model_type.model_validate(payload)
+    except ValidationError as err:
+        problem = err.errors()[0]
+        field = ".".join(str(part) for part in problem["loc"]) or "body"
+        raise WorkerError("INVALID_INPUTS", f"{field}: {problem['msg']}", field) from None
+
+
+def pack(tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> str:
+    """Tensors as base64 of a safetensors file; `metadata` rides in its header as JSON."""
+    from safetensors.torch import save
+
+    data = save(
+        {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()},
+        {"sdworker": json.dumps(metadata)},
+    )
+    return base64.b64encode(data).decode("ascii")
+
+
+def unpack(data: str, field: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and metadata of `pack`'s answer; anything else is a 422 naming `field`."""
+    from safetensors.torch import load
+
+    try:
+        raw = base64.b64decode(data, validate=True)
+        if len(raw) > MAX_BODY_TENSOR_BYTES:
+            raise ValueError("too large")
+        tensors = load(raw)
+    except Exception:
+        raise WorkerError("INVALID_INPUTS", f"{field}: not base64 of a safetensors file", field) from None
+    try:  # the header (8 bytes of length, then JSON) holds the metadata
+        header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+        metadata = json.loads(header.get("__metadata__", {}).get("sdworker", "{}"))
+    except (ValueError, AttributeError):
+        metadata = {}
+    return tensors, metadata if isinstance(metadata, dict) else {}
+
+
+def _generation(**fields: Any) -> GenerateInput:
+    """A generation's fields, checked by the one schema: a bad one is a 422 naming it."""
+    try:
+        return GenerateInput(**fields)
+    except ValidationError as err:
+        problem = err.errors()[0]
+        field = str(problem["loc"][0]) if problem["loc"] else "body"
+        raise WorkerError("INVALID_INPUTS", f"{field}: {problem['msg']}", field) from None
+
+
+def _in_turn(model: Any, work: Any) -> Any:
+    """Run `work()` in the model's turn: stages never overlap a generation on the same weights."""
+    result: dict[str, Any] = {}
+
+    def execute(batch: list[Any]) -> None:
+        result["value"] = work()
+
+    model.batcher.run(_Turn(key=object()), execute)
+    return result["value"]
+
+
+def _encode(model: Any, payload: Any) -> dict:
+    from .model import fit_request
+    from .prompts import encode, plan
+
+    asked = _parse(EncodeInput, payload)
+    request = fit_request(_generation(**asked.model_dump(exclude_none=True)), model.row, model.distilled)
+    check_limits(request, model.settings)
+    pipe = model.pipes["text2img"]
+    prompts = plan(pipe, model.family, request, model.settings.prompt_syntax, None)
+
+    def work() -> dict[str, torch.Tensor]:
+        with torch.inference_mode():
+            if prompts.embeds:
+                return encode(pipe, model.family, prompts, None)
+            answer = pipe.encode_prompt(
+                prompt=prompts.text,
+                device=pipe._execution_device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=True,
+                negative_prompt=prompts.negative_text,
+                **({"clip_skip": request.clip_skip} if request.clip_skip else {}),
+            )
+        return dict(zip((*EMBEDDINGS, *POOLED), answer, strict=False))
+
+    tensors = _in_turn(model, work)
+    meta = {"family": model.family, "model_key": model.settings.model_keys()[0], "dtype": str(model.dtype)}
+    return {
+        "embeddings": pack(tensors, meta),
+        "$meta": {**meta, "prompt_tokens": prompts.tokens, "truncated": prompts.truncated, "syntax": prompts.syntax},
+    }
+
+
+def _check(tensors: dict[str, torch.Tensor], names: tuple[str, ...], field: str) -> None:
+    missing = [name for name in names if name not in tensors]
+    extra = sorted(set(tensors) - set(names))
+    if missing or extra:
+        raise WorkerError(
+            "INVALID_INPUTS",
+            f"{field}: this model's {field} are {', '.join(names)}"
+            + (f"; missing {', '.join(missing)}" if missing else "")
+            + (f"; not {', '.join(extra)}" if extra else ""),
+            field,
+        )
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise WorkerError("INVALID_INPUTS", f"{field}.{name}: a floating-point tensor, not {tensor.dtype}", field)
+        if not torch.isfinite(tensor).all():
+            raise WorkerError("INVALID_INPUTS", f"{field}.{name}: has NaN or infinite values", f"{field}.{name}")
+
+
+def _denoise(model: Any, payload: Any) -> dict:
+    from .generate import generate
+
+    asked = _parse(DenoiseInput, payload)
+    tensors, _ = unpack(asked.embeddings, "embeddings")
+    names = (*EMBEDDINGS, *(POOLED if model.family == "sdxl" else ()))
+    _check(tensors, names, "embeddings")
+    config = model.pipes["text2img"].unet.config
+    tokens = tensors["prompt_embeds"].shape[1] if tensors["prompt_embeds"].ndim == 3 else 0
+    expected = {name: (1, tokens, config.cross_attention_dim) for name in EMBEDDINGS}
+    if model.family == "sdxl":  # what the UNet's added conditioning takes, less its six time ids
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        expected.update({name: (1, pooled) for name in POOLED})
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape or not tokens or tokens % 77:
+            wanted = list(shape) if tokens and not tokens % 77 else f"[1, 77 x n, {config.cross_attention_dim}]"
+            raise WorkerError(
+                "INVALID_INPUTS",
+                f"embeddings.{name}: this model takes {wanted}, not {list(tensors[name].shape)}",
+                f"embeddings.{name}",
+            )
+    fields = asked.model_dump(exclude_none=True, exclude={"embeddings"})
+    request = _generation(prompt="(encoded)", safety_checker=False, **fields)
+    check_limits(request, model.settings)
+    conditioning = {name: tensor.to(model.device, model.dtype) for name, tensor in tensors.items()}
+    result = generate(model, request, conditioning=conditioning, latent=True)
+    meta = {
+        "family": model.family,
+        "seeds": result.seeds,
+        "width": result.width,
+        "height": result.height,
+        "scheduler": result.scheduler,
+    }
+    return {"latents": pack({"latents": result.latents}, meta), "$meta": {**meta, "batch_jobs": result.batch}}
+
+
+def _decode(model: Any, payload: Any) -> dict:
+    from .generate import _check_safety
+
+    asked = _parse(DecodeInput, payload)
+    request = _generation(prompt="(decoded)", output_format=asked.output_format, output_quality=asked.output_quality)
+    tensors, meta = unpack(asked.latents, "latents")
+    _check(tensors, ("latents",), "latents")
+    pipe = model.pipes["text2img"]
+    vae = pipe.vae
+    latents = tensors["latents"]
+    channels = vae.config.latent_channels
+    if (
+        latents.ndim != 4
+        or latents.shape[1] != channels
+        or not 1 <= latents.shape[0] <= model.settings.max_images
+        or min(latents.shape[2:]) < 8
+    ):
+        raise WorkerError(
+            "INVALID_INPUTS",
+            f"latents.latents: this model takes [images (1 to {model.settings.max_images}), {channels}, h, w]"
+            " (h and w at least 8), "
+            f"not {list(latents.shape)}",
+            "latents.latents",
+        )
+    factor = pipe.vae_scale_factor
+    width, height = latents.shape[3] * factor, latents.shape[2] * factor
+    check_limits(_generation(prompt="(decoded)", width=width, height=height), model.settings)
+
+    def work() -> tuple[list[Any], list[bool] | None]:
+        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        with torch.inference_mode():
+            if upcast:
+                vae.to(torch.float32)
+            try:
+                scaled = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
+                image = vae.decode(scaled, return_dict=False)[0]
+            finally:
+                if upcast:
+                    vae.to(torch.float16)
+            images = pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True] * len(image))
+            if asked.safety_checker and model.safety_checker is not None:
+                return _check_safety(model, images)  # as a whole generation checks it: flagged images black
+        return images, None
+
+    images, nsfw = _in_turn(model, work)
+    seeds = meta.get("seeds") or [None] * len(images)
+    encoded = [encode_image(image, request.output_format, request.output_quality) for image in images]
+    as_text = [base64.b64encode(data).decode("ascii") for data in encoded]
+    body: dict[str, Any] = {
+        "images": [
+            {
+                "base64": text,
+                "seed": seed,
+                "width": image.width,
+                "height": image.height,
+                "format": request.output_format,
+            }
+            for text, seed, image in zip(as_text, seeds, images, strict=False)
+        ],
+        "image_base64": as_text[0],
+    }
+    if len(as_text) > 1:
+        body["images_base64"] = as_text
+    if nsfw is not None:
+        body["nsfw_content_detected"] = nsfw
+    body["$meta"] = {"family": model.family, "stage": "decode"}
+    return body
