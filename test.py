@@ -2,13 +2,16 @@
 
     python test.py --url http://localhost:8000 --api-key KEY [--model-key KEY] [--prompt "..."] [--steps 25]
                    [--seed 42] [--out outputs] [--timeout 600]
+    python test.py --split ENCODE_URL DENOISE_URL DECODE_URL --api-key KEY [...]
 
 It calls the worker three ways, as the clients in the wild do:
   1. Banana v4: POST /start/v4/ (startOnly), then POST /check/v4/ with longPoll until the call is done;
   2. a direct call: POST / with the key in X-BANANA-API-KEY;
   3. RunPod v2: POST /v2/{model-key}/runsync, then GET /v2/{model-key}/status/{id} while the job is still
      running when runsync answers (it waits RUNSYNC_WAIT_S, 90 s by default).
-The model key is --model-key, else the first one GET /health lists.
+The model key is --model-key, else the first one GET /health lists. With --split it instead runs seed 001's three
+stages, each on its own worker (STAGES=encode, denoise, decode; or one URL three times), and prints the bytes each
+stage sends and receives.
 
 Exits 0 when every call answered with valid images, 1 with a one-line reason on stderr otherwise.
 """
@@ -19,6 +22,7 @@ import argparse
 import base64
 import binascii
 import io
+import json
 import sys
 import time
 import uuid
@@ -194,6 +198,30 @@ def runpod(client: Client, model_key: str, inputs: dict[str, Any]) -> StepResult
     return StepResult("runpod", time.monotonic() - started, answer["output"], notes)
 
 
+def split(urls: list[str], api_key: str, timeout: float, inputs: dict[str, Any]) -> StepResult:
+    """Seed 001's stages: POST /stages/encode, /stages/denoise and /stages/decode, on three workers."""
+    started = time.monotonic()
+    headers = {"X-BANANA-API-KEY": api_key}
+    notes, answer = [], {}
+    stages = [
+        ("encode", {"prompt": inputs["prompt"]}, "embeddings"),
+        ("denoise", {k: v for k, v in inputs.items() if k != "prompt"}, "latents"),
+        ("decode", {}, None),
+    ]
+    carried: dict[str, Any] = {}
+    for url, (stage, body, produces) in zip(urls, stages, strict=True):
+        client = Client(url=url.rstrip("/"), api_key=api_key, timeout=timeout)
+        sent = {**body, **carried}
+        step_started = time.monotonic()
+        status, answer = client.call("POST", f"/stages/{stage}", step_started + timeout, json=sent, headers=headers)
+        if status != 200 or not isinstance(answer, dict) or "$error" in answer:
+            raise SmokeError(f"POST {url}/stages/{stage}: {describe_error(status, answer)}")
+        size_in, size_out = len(json.dumps(sent)), len(json.dumps(answer))
+        notes.append(f"{stage} {size_in} B in, {size_out} B out, {(time.monotonic() - step_started) * 1000:.0f} ms")
+        carried = {produces: answer[produces]} if produces else {}
+    return StepResult("split", time.monotonic() - started, answer, notes)
+
+
 def save_images(step: StepResult, out: Path) -> None:
     """Check each image of the answer decodes to the size it claims, and save it under `out`."""
     images = step.output.get("images")
@@ -234,6 +262,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--url", default="http://localhost:8000", help="the worker's base URL")
+    parser.add_argument(
+        "--split", nargs=3, metavar=("ENCODE_URL", "DENOISE_URL", "DECODE_URL"), help="run seed 001's three stages"
+    )
     parser.add_argument("--api-key", required=True, help="one of the server's API_KEYS")
     parser.add_argument("--model-key", help="model key for Banana's modelKey and RunPod's /v2/{key}; default: /health")
     parser.add_argument("--prompt", default="a watercolour lighthouse on a cliff at dawn")
@@ -256,12 +287,15 @@ def main(argv: list[str] | None = None) -> int:
     inputs = {"prompt": args.prompt, "num_inference_steps": args.steps, "seed": args.seed}
     started = time.monotonic()
     try:
-        model_key = args.model_key or model_key_from_health(client)
-        steps: list[Callable[[], StepResult]] = [
-            lambda: banana(client, model_key, inputs),
-            lambda: direct(client, inputs),
-            lambda: runpod(client, model_key, inputs),
-        ]
+        if args.split:
+            steps: list[Callable[[], StepResult]] = [lambda: split(args.split, args.api_key, args.timeout, inputs)]
+        else:
+            model_key = args.model_key or model_key_from_health(client)
+            steps = [
+                lambda: banana(client, model_key, inputs),
+                lambda: direct(client, inputs),
+                lambda: runpod(client, model_key, inputs),
+            ]
         saved = 0
         for step in steps:
             result = step()
@@ -275,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         print("FAIL: interrupted", file=sys.stderr)
         return 1
     elapsed = time.monotonic() - started
-    print(f"PASS: {len(steps)} APIs answered; {saved} image(s) saved in {args.out}; {elapsed:.1f} s in all")
+    what = "the three stages" if args.split else f"{len(steps)} APIs"
+    print(f"PASS: {what} answered; {saved} image(s) saved in {args.out}; {elapsed:.1f} s in all")
     return 0
 
 

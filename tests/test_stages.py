@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import os
+import re
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 import requests
 import torch
-from conftest import decode, free_port, start_process
+from conftest import ROOT, decode, free_port, start_process
 
 from sdworker.config import Settings
 from sdworker.handler import handle
@@ -147,3 +149,14 @@ def test_a_stage_worker_loads_only_its_part(baked: dict[str, Path]) -> None:
     decoder = load_model(Settings(model_dir=baked["tiny-sdxl"], stages="decode"))
     pipe = decoder.pipes["text2img"]
     assert pipe.unet is None and pipe.text_encoder is None and pipe.text_encoder_2 is None and pipe.vae is not None
+
+
+def test_the_smoke_script_runs_the_three_stages_on_three_workers(three_workers: dict[str, str], tmp_path: Path) -> None:
+    urls = [three_workers[stage] for stage in ("encode", "denoise", "decode")]
+    command = [sys.executable, "test.py", "--split", *urls, "--api-key", KEY, "--steps", "3", "--seed", "7"]
+    result = subprocess.run([*command, "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "PASS: the three stages answered; 1 image(s) saved" in result.stdout
+    for stage in ("encode", "denoise", "decode"):
+        assert re.search(rf"{stage} \d+ B in, \d+ B out, \d+ ms", result.stdout), result.stdout
+    assert (tmp_path / "split-0-seed-7.png").exists()
