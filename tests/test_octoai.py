@@ -133,3 +133,10 @@ def test_an_idle_worker_exits_0_but_never_while_a_job_runs(baked: dict[str, Path
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_seed_002s_dummy_key_is_refused_where_api_keys_does_not_name_it(worker: str) -> None:
+    body = json.loads((ROOT / "tests" / "seeds" / "sd_dockerized_generate.json").read_text())  # api_key: the dummy
+    answer = requests.post(f"{worker}/generate", json=body, timeout=30)
+    assert answer.status_code == 401 and answer.json()["$error"]["field"] == "api_key"
+    assert requests.get(f"{worker}/recent", params={"api_key": body["api_key"]}, timeout=30).status_code == 401

@@ -1,0 +1,121 @@
+"""Seed 001's split stages: bytes on the wire per stage, and the split's overhead over an all-in-one call.
+
+    python bench/split.py [--rounds 10] [--size 256] [--steps 20] [--threads 1] [--out FILE]
+
+Bakes tiny-sd and starts `python app.py` (all stages served) once. Each round times, one after the other, a
+direct `POST /` and encode -> denoise -> decode through `/stages/*` with the same inputs (safety checker off on
+both), and records the JSON bytes each stage sends and receives. Prints the medians and the split's ratio to the
+direct call. tiny-sd's text embeddings are 32 wide; the bytes the real models' tensors take (fp16, base64) are
+computed from their shapes beside the measured ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.jobs import KEY, start  # noqa: E402
+
+REAL = {  # tensors seed 001's stages carry for one 512 (SD 1.5) or 1024 (SDXL) image, fp16
+    "sd1.5 512x512": {"embeddings": [(1, 77, 768), (1, 77, 768)], "latents": [(1, 4, 64, 64)]},
+    "sdxl 1024x1024": {
+        "embeddings": [(1, 77, 2048), (1, 77, 2048), (1, 1280), (1, 1280)],
+        "latents": [(1, 4, 128, 128)],
+    },
+}
+
+
+def base64_bytes(shapes: list[tuple[int, ...]]) -> int:
+    """fp16 tensors of `shapes` as base64 (the safetensors header aside)."""
+    raw = sum(2 * math.prod(shape) for shape in shapes)
+    return (raw + 2) // 3 * 4
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in the server")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    from sdworker.model import bake_model
+
+    work = Path(tempfile.mkdtemp(prefix="bench-split-"))
+    model_dir = bake_model("tiny-sd", work / "models").model_dir
+    env = {key: value for key, value in os.environ.items() if key not in ("REDIS_URL", "MODE", "STAGES")}
+    env.update(
+        MODEL_ID="tiny-sd",
+        MODEL_DIR=str(model_dir),
+        API_KEYS=KEY,
+        HOST="127.0.0.1",
+        DATA_DIR=str(work / "data"),
+        OMP_NUM_THREADS=str(args.threads),
+    )
+    url, server = start(env)
+    session = requests.Session()
+    headers = {"X-BANANA-API-KEY": KEY}
+    shape = {"num_inference_steps": args.steps, "width": args.size, "height": args.size, "seed": 1}
+    prompt = "a lighthouse on a cliff at dawn"
+    wire: dict[str, list[int]] = {}
+
+    def post(path: str, body: dict) -> dict:
+        answer = session.post(f"{url}{path}", json=body, headers=headers, timeout=300)
+        assert answer.status_code == 200, answer.text
+        wire[path] = [len(json.dumps(body)), len(answer.content)]
+        return answer.json()
+
+    def direct() -> None:
+        post("/", {"prompt": prompt, **shape, "safety_checker": False})
+
+    def split() -> None:
+        embeddings = post("/stages/encode", {"prompt": prompt})["embeddings"]
+        latents = post("/stages/denoise", {"embeddings": embeddings, **shape})["latents"]
+        post("/stages/decode", {"latents": latents, "safety_checker": False})
+
+    times: dict[str, list[float]] = {"direct": [], "split": []}
+    try:
+        for round_ in range(args.rounds + 1):
+            for name, call in (("direct", direct), ("split", split)):
+                began = time.perf_counter()
+                call()
+                if round_:  # round 0 warms up
+                    times[name].append(time.perf_counter() - began)
+    finally:
+        server.kill()
+        server.wait()
+    ratio = statistics.median(s / d for s, d in zip(times["split"], times["direct"], strict=True))
+    report = {
+        "machine": f"{os.cpu_count()} CPU cores, no GPU",
+        "model": "tiny-sd",
+        "size": args.size,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "command": " ".join(["python", "bench/split.py", *sys.argv[1:]]),
+        "median_ms": {name: round(statistics.median(values) * 1000, 1) for name, values in times.items()},
+        "split_over_direct": round(ratio, 3),
+        "bytes_in_out": {path: sizes for path, sizes in wire.items() if path != "/"},
+        "real_model_tensor_bytes_base64": {
+            model: {name: base64_bytes(shapes) for name, shapes in tensors.items()} for model, tensors in REAL.items()
+        },
+        "rounds_ms": {name: [round(value * 1000, 1) for value in values] for name, values in times.items()},
+    }
+    print(json.dumps({key: value for key, value in report.items() if key != "rounds_ms"}, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
