@@ -276,3 +276,21 @@ def run_together(
         thread.join(timeout=120)
     run_together.returned = returned  # type: ignore[attr-defined]  # when each caller got its answer
     return results
+
+
+def start_worker(model_dir: Path, data: Path, api_keys: str, **extra: str) -> tuple[subprocess.Popen, str]:
+    """`python app.py` (HTTP and the worker, SQLite unless REDIS_URL is given) on a baked tiny-sd, on a free
+    loopback port, once /health answers; answers the process and its base URL."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "MODEL_ID": "tiny-sd",
+        "MODEL_DIR": str(model_dir),
+        "DATA_DIR": str(data),
+        "API_KEYS": api_keys,
+        "PORT": str(port),
+        "HOST": "127.0.0.1",
+        **extra,
+    }
+    url = f"http://127.0.0.1:{port}"
+    return start_process([sys.executable, "app.py"], f"{url}/health", env), url

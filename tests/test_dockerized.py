@@ -7,8 +7,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import numpy as np
 import pytest
 import redis
 import requests
-from conftest import ROOT, decode, free_port, start_process, wait_for
+from conftest import ROOT, decode, start_worker, wait_for
 from PIL import Image
 
 SEED_KEY = "lksalsdfjliadfds"  # the seed's dummy key: accepted here only because API_KEYS names it
@@ -30,20 +28,7 @@ def seed_body(name: str) -> dict:
 
 
 def start(baked: dict[str, Path], data: Path, **extra: str) -> tuple:
-    port = free_port()
-    env = {
-        **os.environ,
-        "MODEL_ID": "tiny-sd",
-        "MODEL_DIR": str(baked["tiny-sd"]),
-        "DATA_DIR": str(data),
-        "API_KEYS": f"{SEED_KEY},{OTHER}",
-        "PORT": str(port),
-        "HOST": "127.0.0.1",
-        "MAX_STEPS": "5000",
-        **extra,
-    }
-    url = f"http://127.0.0.1:{port}"
-    return start_process([sys.executable, "app.py"], f"{url}/health", env), url
+    return start_worker(baked["tiny-sd"], data, f"{SEED_KEY},{OTHER}", MAX_STEPS="5000", **extra)
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT, decode, free_port, start_process, wait_for
+from conftest import ROOT, decode, start_worker, wait_for
 from fastapi.testclient import TestClient
 
 from sdworker.config import Settings
@@ -26,25 +25,13 @@ CLIENT_PYTHON = ROOT / ".venv-clients" / "bin" / "python"
 SEEDED = {"num_inference_steps": 2, "seed": 11}
 
 
-def start_worker(baked: dict[str, Path], data: Path, **extra: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "MODEL_ID": "tiny-sd",
-        "MODEL_DIR": str(baked["tiny-sd"]),
-        "DATA_DIR": str(data),
-        "API_KEYS": KEY,
-        "PORT": str(port),
-        "HOST": "127.0.0.1",
-        **extra,
-    }
-    url = f"http://127.0.0.1:{port}"
-    return start_process([sys.executable, "app.py"], f"{url}/health", env), url
+def start(baked: dict[str, Path], data: Path, **extra: str) -> tuple[subprocess.Popen, str]:
+    return start_worker(baked["tiny-sd"], data, KEY, **extra)
 
 
 @pytest.fixture(scope="module")
 def worker(baked: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    process, url = start_worker(baked, tmp_path_factory.mktemp("octo-data"))
+    process, url = start(baked, tmp_path_factory.mktemp("octo-data"))
     yield url
     process.terminate()
     process.wait(10)
@@ -111,7 +98,7 @@ def test_infer_refuses_a_bad_key_and_names_bad_fields(worker: str) -> None:
 
 
 def test_an_idle_worker_exits_0_but_never_while_a_job_runs(baked: dict[str, Path], tmp_path: Path) -> None:
-    process, url = start_worker(baked, tmp_path, IDLE_SHUTDOWN_S="2", MAX_STEPS="5000")
+    process, url = start(baked, tmp_path, IDLE_SHUTDOWN_S="2", MAX_STEPS="5000")
     try:
         wait_for(lambda: requests.get(url, timeout=5).status_code == 200, timeout=60)
         started = time.monotonic()

@@ -5,7 +5,6 @@ naming them; a STAGES worker loads only its part and refuses the rest."""
 from __future__ import annotations
 
 import base64
-import os
 import re
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import requests
 import torch
-from conftest import ROOT, decode, free_port, start_process
+from conftest import ROOT, decode, start_worker
 
 from sdworker.config import Settings
 from sdworker.handler import handle
@@ -98,19 +97,8 @@ def test_tensors_that_do_not_fit_are_422s_naming_them(sd: LoadedModel, sdxl: Loa
 def three_workers(baked: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     processes, urls = [], {}
     for stage in ("encode", "denoise", "decode"):
-        port = free_port()
-        env = {
-            **os.environ,
-            "MODEL_ID": "tiny-sd",
-            "MODEL_DIR": str(baked["tiny-sd"]),
-            "DATA_DIR": str(tmp_path_factory.mktemp(stage)),
-            "API_KEYS": KEY,
-            "PORT": str(port),
-            "HOST": "127.0.0.1",
-            "STAGES": stage,
-        }
-        urls[stage] = f"http://127.0.0.1:{port}"
-        processes.append(start_process([sys.executable, "app.py"], f"{urls[stage]}/health", env))
+        process, urls[stage] = start_worker(baked["tiny-sd"], tmp_path_factory.mktemp(stage), KEY, STAGES=stage)
+        processes.append(process)
     yield urls
     for process in processes:
         process.terminate()
