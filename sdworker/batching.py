@@ -27,12 +27,16 @@ class Batcher:
         self.max_jobs, self.max_images = max_jobs, max_images
         self._changed = threading.Condition()
         self._waiting: list[Job] = []
+        self._runs: dict[int, Callable[[list[Job]], None]] = {}  # each waiting job's own way to run its batch
         self._busy = False
 
     def run(self, job: Job, execute: Callable[[list[Job]], None]) -> None:
-        """Return once `job` is done, having run it (and perhaps others) or waited while another caller did."""
+        """Return once `job` is done, having run it (and perhaps others) or waited while another caller did.
+        A batch runs with the `execute` its first job came with (jobs of one key share one), whichever caller
+        takes the turn."""
         with self._changed:
             self._waiting.append(job)
+            self._runs[id(job)] = execute
             while True:
                 while self._busy and not job.done:
                     self._changed.wait()
@@ -40,13 +44,17 @@ class Batcher:
                     return
                 self._busy = True
                 batch = self._take()
+                execute_batch = self._runs[id(batch[0])]
+                for member in batch:
+                    del self._runs[id(member)]
                 self._changed.release()
                 try:
-                    execute(batch)
+                    execute_batch(batch)
                 except BaseException:
                     with self._changed:
                         if job in self._waiting:  # it raised while running others' jobs: this caller leaves now
                             self._waiting.remove(job)
+                            self._runs.pop(id(job), None)
                     raise
                 finally:
                     self._changed.acquire()

@@ -227,8 +227,12 @@ class Settings(BaseSettings):
 
     def served_stages(self) -> tuple[str, ...]:
         """The split stages STAGES names: encode, denoise and decode, all three by default."""
-        names = tuple(name.strip() for name in self.stages.split(",") if name.strip())
-        return ("encode", "denoise", "decode") if names in ((), ("all",)) else names
+        names = {name.strip() for name in self.stages.split(",") if name.strip()}
+        return tuple(stage for stage in ("encode", "denoise", "decode") if not names - {"all"} or stage in names)
+
+    def whole(self) -> bool:
+        """Whether this worker serves whole generations (STAGES names every stage, or all)."""
+        return len(self.served_stages()) == 3
 
     def model_keys(self) -> list[str]:
         """The model keys jobs may name: MODEL_KEY (comma-separated), else one derived from the served model."""

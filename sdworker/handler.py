@@ -28,7 +28,8 @@ def handle(model: LoadedModel, payload: Any, on_step: StepCallback | None = None
     started = time.perf_counter()
     where: dict[str, str] = {}
     try:
-        if len(stages := model.settings.served_stages()) < 3:
+        if not model.settings.whole():
+            stages = model.settings.served_stages()
             raise WorkerError(
                 "STAGE_NOT_SERVED",
                 f"this worker serves STAGES={','.join(stages)} (POST /stages/...), not whole generations",

@@ -171,6 +171,7 @@ def _in_turn(model: Any, work: Any) -> Any:
 
 def _encode(model: Any, payload: Any) -> dict:
     from .model import fit_request
+    from .model.loras import apply_loras
     from .prompts import encode, plan
 
     asked = _parse(EncodeInput, payload)
@@ -180,6 +181,7 @@ def _encode(model: Any, payload: Any) -> dict:
     prompts = plan(pipe, model.family, request, model.settings.prompt_syntax, None)
 
     def work() -> dict[str, torch.Tensor]:
+        apply_loras(pipe, [], bool(model.loras or model.url_loras.loaded))  # a generation's LoRAs stay off here
         with torch.inference_mode():
             if prompts.embeds:
                 return encode(pipe, model.family, prompts, None)
@@ -213,8 +215,10 @@ def _check(tensors: dict[str, torch.Tensor], names: tuple[str, ...], field: str)
             field,
         )
     for name, tensor in tensors.items():
-        if not tensor.is_floating_point():
-            raise WorkerError("INVALID_INPUTS", f"{field}.{name}: a floating-point tensor, not {tensor.dtype}", field)
+        if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise WorkerError(
+                "INVALID_INPUTS", f"{field}.{name}: float16, bfloat16 or float32, not {tensor.dtype}", f"{field}.{name}"
+            )
         if not torch.isfinite(tensor).all():
             raise WorkerError("INVALID_INPUTS", f"{field}.{name}: has NaN or infinite values", f"{field}.{name}")
 
@@ -300,7 +304,9 @@ def _decode(model: Any, payload: Any) -> dict:
         return images, None
 
     images, nsfw = _in_turn(model, work)
-    seeds = meta.get("seeds") or [None] * len(images)
+    seeds = meta.get("seeds")  # denoise's, in the file's metadata: used only when it is what denoise writes
+    if not (isinstance(seeds, list) and len(seeds) == len(images) and all(type(s) is int for s in seeds)):
+        seeds = [None] * len(images)
     encoded = [encode_image(image, request.output_format, request.output_quality) for image in images]
     as_text = [base64.b64encode(data).decode("ascii") for data in encoded]
     body: dict[str, Any] = {

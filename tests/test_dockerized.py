@@ -182,6 +182,10 @@ def test_recent_links_the_keys_last_ten_images_each_fetchable_with_the_key(
     recent = requests.get(f"{url}/recent", params={"api_key": SEED_KEY}, timeout=30).json()["recent"]
     assert [link["task_id"] for link in recent] == [task["task_id"] for task in reversed(mine)][:10]
     assert theirs["task_id"] not in {link["task_id"] for link in recent}
+    direct = requests.post(url, json={"prompt": "x", "num_inference_steps": 2}, headers={"X-BANANA-API-KEY": SEED_KEY})
+    assert direct.status_code == 200  # the key's job through another way in: not this API's to list
+    again = requests.get(f"{url}/recent", params={"api_key": SEED_KEY}, timeout=30).json()["recent"]
+    assert [link["task_id"] for link in again] == [link["task_id"] for link in recent]
     newest = requests.get(f"{url}{recent[0]['url']}", params={"api_key": SEED_KEY}, timeout=30)
     assert newest.headers["content-type"] == "image/png"
     assert newest.content == base64.b64decode(mine[-1]["images"][0]["base64"])

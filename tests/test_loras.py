@@ -277,3 +277,13 @@ def test_a_baked_embedding_is_used_by_its_token_in_either_prompt(
     assert (
         refused.returncode == 1 and "EMBEDDINGS: bad does not load as a textual-inversion embedding" in refused.stderr
     )
+
+
+def test_a_stage_encode_after_a_lora_request_reads_the_plain_text_encoder(with_loras: dict, sd: LoadedModel) -> None:
+    from sdworker.stages import run_stage
+
+    model = with_loras["model"]
+    image(model, loras=[{"name": "ink", "scale": 1.0}])  # ink adapts the text encoder too
+    status, after = run_stage(model, "encode", {"prompt": "a lighthouse"})
+    assert status == 200
+    assert after["embeddings"] == run_stage(sd, "encode", {"prompt": "a lighthouse"})[1]["embeddings"]

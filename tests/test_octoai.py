@@ -127,3 +127,13 @@ def test_seed_002s_dummy_key_is_refused_where_api_keys_does_not_name_it(worker: 
     answer = requests.post(f"{worker}/generate", json=body, timeout=30)
     assert answer.status_code == 401 and answer.json()["$error"]["field"] == "api_key"
     assert requests.get(f"{worker}/recent", params={"api_key": body["api_key"]}, timeout=30).status_code == 401
+
+
+def test_infer_refuses_a_body_nested_too_deep(worker: str) -> None:
+    deep: object = 1
+    for _ in range(300):
+        deep = [deep]
+    body = json.dumps({"prompt": {"text": "a"}, "x": deep})
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    answer = requests.post(f"{worker}/infer", data=body, headers=headers, timeout=30)
+    assert answer.status_code == 400 and answer.json()["$error"]["code"] == "INVALID_JSON", answer.text

@@ -66,6 +66,7 @@ def test_seed_002_sub_prompts_blend_by_weight() -> None:
     assert blend.weights == [0.25, 0.75, 1.0]
     assert weights("(a cat:1.3) on a mat") == [("a cat", 1.3), (" on a mat", 1.0)]  # inside brackets: a weight
     assert weights("a cat:0.5") == [("a cat:0.5", 1.0)]  # one sub-prompt alone is the text as written
+    assert weights("a clock at 10:30 pm, 16:9 frame") == [("a clock at 10:30 pm, 16:9 frame", 1.0)]  # times, ratios
 
 
 def test_compel_syntax_and_plain() -> None:
@@ -77,7 +78,8 @@ def test_compel_syntax_and_plain() -> None:
     ("text", "syntax", "says"),
     [
         ("a (cat:11)", "a1111", "outside 0..10"),
-        ("cat:1 dog:-1", "a1111", "add up to 0"),
+        ("cat:1 dog:-1", "a1111", "add up to more than 0"),
+        ("((((((a))))))", "compel", "nest deeper"),
         ("a cat.swap(dog)", "compel", ".swap()"),
         ("a cat withLora(ink, 1)", "compel", "loras field"),
     ],

@@ -5,9 +5,11 @@ naming them; a STAGES worker loads only its part and refuses the rest."""
 from __future__ import annotations
 
 import base64
+import os
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,11 +17,13 @@ import numpy as np
 import pytest
 import requests
 import torch
-from conftest import ROOT, decode, start_worker
+from conftest import ROOT, batched, decode, start_worker, wait_for
 
 from sdworker.config import Settings
+from sdworker.generate import generate
 from sdworker.handler import handle
 from sdworker.model import LoadedModel, load_model
+from sdworker.schema import GenerateInput
 from sdworker.stages import pack, run_stage, unpack
 
 KEY = "stage-key"
@@ -91,6 +95,10 @@ def test_tensors_that_do_not_fit_are_422s_naming_them(sd: LoadedModel, sdxl: Loa
     assert status == 422 and answer["$error"]["field"].startswith("embeddings"), answer
     status, answer = run_stage(sd, "decode", {"latents": pack({"latents": torch.zeros(1, 3, 8, 8)}, {})})
     assert status == 422 and answer["$error"]["field"] == "latents.latents"
+    status, answer = run_stage(sd, "decode", {"latents": pack({"latents": torch.zeros(1, 4, 8, 8).double()}, {})})
+    assert status == 422 and "float64" in answer["$error"]["message"]
+    status, answer = run_stage(sd, "decode", {"latents": pack({"latents": torch.zeros(1, 4, 8, 8)}, {"seeds": 5})})
+    assert status == 200 and answer["images"][0]["seed"] is None  # metadata not denoise's: read as none
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +156,38 @@ def test_the_smoke_script_runs_the_three_stages_on_three_workers(three_workers: 
     for stage in ("encode", "denoise", "decode"):
         assert re.search(rf"{stage} \d+ B in, \d+ B out, \d+ ms", result.stdout), result.stdout
     assert (tmp_path / "split-0-seed-7.png").exists()
+
+
+def test_a_stage_and_a_generation_waiting_together_each_run_their_own_work(sd: LoadedModel) -> None:
+    """Both wait for the model behind a third job; whichever caller takes the turn runs each its own way."""
+    model = batched(sd)
+    gate, results = threading.Event(), {}
+    holder = threading.Thread(
+        target=generate, args=(model, GenerateInput(prompt="hold", **SHAPE), lambda *_: gate.wait()), daemon=True
+    )
+    holder.start()
+    wait_for(lambda: model.batcher._busy)
+    calls = {
+        "generation": lambda: generate(model, GenerateInput(prompt="a lighthouse", **SHAPE)),
+        "stage": lambda: run_stage(model, "encode", {"prompt": "a lighthouse"}),
+    }
+    threads = [
+        threading.Thread(target=lambda n=n, c=c: results.__setitem__(n, c()), daemon=True) for n, c in calls.items()
+    ]
+    for index, thread in enumerate(threads):
+        thread.start()
+        wait_for(lambda n=index + 1: len(model.batcher._waiting) == n)
+    gate.set()
+    for thread in [holder, *threads]:
+        thread.join(60)
+    assert len(results["generation"].images) == 1
+    assert results["stage"][0] == 200 and "embeddings" in results["stage"][1]
+
+
+def test_stages_settings(redis_url: str, baked: dict[str, Path], tmp_path: Path) -> None:
+    assert Settings(stages="encode,encode").served_stages() == ("encode",)
+    assert not Settings(stages="encode,encode").whole() and Settings(stages="decode, encode ,denoise").whole()
+    env = {**os.environ, "MODEL_DIR": str(baked["tiny-sd"]), "DATA_DIR": str(tmp_path), "STAGES": "denoise"}
+    env["REDIS_URL"] = redis_url
+    result = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "MODEL_KEY of their own" in result.stderr

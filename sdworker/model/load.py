@@ -123,7 +123,7 @@ def apply_speed_options(pipe: Any, settings: Settings, device: str) -> None:
     if settings.tf32 and device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if settings.fuse_qkv:
+    if settings.fuse_qkv and denoiser is not None and vae is not None:
         if settings.attention == "xformers" and device.startswith("cuda"):
             raise WorkerError(
                 "INVALID_SETTINGS",
@@ -248,9 +248,11 @@ def load_model(settings: Settings) -> LoadedModel:
     dtype = resolve_dtype(settings.dtype, family, device)  # the GPU's dtype, wherever the weights wait
     dtype_name = str(dtype).removeprefix("torch.")
     base = load_pipeline(settings.model_dir, load_on, attention, dtype_name, **_unserved(settings, family))
-    whole = base.text_encoder is not None or getattr(base, "text_encoder_2", None) is not None
-    loras = load_baked(base, settings.model_dir, "loras")  # before compiling or fusing: they change the layers
-    embeddings = load_baked(base, settings.model_dir, "embeddings") if whole else []
+    # Before compiling or fusing: they change the layers. A STAGES worker without the denoiser or the text
+    # encoders skips what needs them (its stages read no LoRA).
+    loras = load_baked(base, settings.model_dir, "loras") if settings.whole() else []
+    encodes = base.text_encoder is not None or getattr(base, "text_encoder_2", None) is not None
+    embeddings = load_baked(base, settings.model_dir, "embeddings") if encodes else []
     apply_speed_options(base, settings, device)
     # The safety checker runs on its own after generation, so each request can turn it on or off.
     checker, extractor = getattr(base, "safety_checker", None), getattr(base, "feature_extractor", None)
@@ -258,7 +260,7 @@ def load_model(settings: Settings) -> LoadedModel:
     # loaded, or a GPU model would silently run in float32.
     pipes = {task: getattr(diffusers, name).from_pipe(base, dtype=dtype) for task, name in family.pipelines.items()}
     refiner = None
-    if family.refiner and read_manifest(settings.model_dir / "refiner"):
+    if family.refiner and settings.whole() and read_manifest(settings.model_dir / "refiner"):
         refiner = load_pipeline(
             settings.model_dir / "refiner",
             load_on,
@@ -297,12 +299,15 @@ def load_model(settings: Settings) -> LoadedModel:
         # A batch holds MAX_BATCH jobs, and as many images as MAX_BATCH or one request's MAX_IMAGES, whichever is more.
         batcher=Batcher(settings.max_batch, max(settings.max_batch, settings.max_images)),
     )
-    if settings.torch_compile and len(settings.served_stages()) == 3:  # compile now, not in the first request
+    if settings.torch_compile and settings.whole():  # compile now, not in the first request
         warm_started = time.perf_counter()
         with torch.inference_mode():
             pipes["text2img"](prompt="warm-up", num_inference_steps=2, output_type="pil")
         log.info("torch.compile warm-up took %.0f ms", (time.perf_counter() - warm_started) * 1000)
-    from .. import prompts  # noqa: F401  compel imports more of diffusers: at load, not in the first request
+    from ..prompts.encode import planning_tokenizers  # compel imports more of diffusers: at load, not later
+
+    for pipe in pipes.values():
+        planning_tokenizers(pipe)
 
     model.load_ms = (time.perf_counter() - started) * 1000
     log.info(

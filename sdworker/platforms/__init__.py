@@ -54,6 +54,14 @@ def run(app: Any, argv: list[str] | None = None) -> None:
         # A key made per gateway would work on one gateway only, behind a load balancer at random.
         parser.exit(2, "error: --mode gateway needs API_KEYS, the same on every gateway\n")
 
+    if settings.redis_url is not None and not settings.whole() and not settings.model_key:
+        # Workers claim jobs by model key: on a shared queue a denoise job could reach an encode worker.
+        parser.exit(
+            2,
+            f"error: STAGES={settings.stages} with REDIS_URL: give each stage's workers a MODEL_KEY of their own, "
+            "so that each claims only its stage's jobs\n",
+        )
+
     from ..errors import WorkerError
     from ..jobs import open_store
     from ..jobs.webhooks import WebhookOutbox

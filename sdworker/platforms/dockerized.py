@@ -16,6 +16,7 @@ import io
 import math
 from typing import Any, Literal
 
+import anyio
 from fastapi import FastAPI, Query
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
@@ -119,7 +120,7 @@ def add_routes(server: FastAPI, state: State) -> None:
         if not request.synchronous_request:
             return JSONResponse({"task_id": job.id})
         job = await state.wait(job.id, state.settings.direct_wait_s) or job
-        return _status(job)
+        return await anyio.to_thread.run_sync(_status, job)  # a grid is drawn: off the event loop
 
     post = {
         "tags": ["sd-dockerized"],
@@ -158,7 +159,7 @@ def add_routes(server: FastAPI, state: State) -> None:
         },
     )
     async def status(task_id: str, api_key: str | None = key_query) -> Response:
-        return _status(await owned(task_id, api_key))
+        return await anyio.to_thread.run_sync(_status, await owned(task_id, api_key))
 
     @server.get(
         "/recent",
@@ -170,7 +171,9 @@ def add_routes(server: FastAPI, state: State) -> None:
     async def recent(api_key: str | None = key_query) -> JSONResponse:
         caller = caller_of(api_key)
         links: list[dict[str, Any]] = []
-        for job in await state.call(state.store.recent, caller.owner, RECENT):
+        for job in await state.call(state.store.recent, caller.owner, 10 * RECENT):
+            if job.view is None:  # another way in's job: not this API's to list
+                continue
             images = (job.output or {}).get("images") or [] if isinstance(job.output, dict) else []
             for index, image in enumerate(images):
                 if len(links) < RECENT and "base64" in image:
@@ -230,6 +233,7 @@ def _inputs(request: DockerizedRequest, task: str, state: State) -> dict[str, An
         "num_images_per_prompt": request.n_samples * request.n_iter,
         "scheduler": request.sampler,
         "output_format": "jpeg" if request.format == "jpg" else "png",
+        "output": {"type": "base64"},  # /status and /recent hand the images out themselves, whatever OUTPUT_TYPE
     }
     if request.negative_prompt:
         inputs["negative_prompt"] = request.negative_prompt

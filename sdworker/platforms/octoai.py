@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import WorkerError
 from ..jobs import Job
-from .access import BEARER, State, direct_answer
+from .access import BEARER, MAX_JSON_DEPTH, State, direct_answer, nested_too_deep
 from .answers import responses
 
 log = logging.getLogger("sdworker")
@@ -94,6 +94,8 @@ def add_routes(server: FastAPI, state: State) -> None:
         if (caller := state.caller(credentials.credentials if credentials else None)) is None:
             raise WorkerError("UNAUTHORIZED", "missing or invalid API key (Authorization: Bearer <key>)", status=401)
         inputs = dict(body.model_extra or {})
+        if nested_too_deep(inputs):
+            raise WorkerError("INVALID_JSON", f"the body is nested deeper than {MAX_JSON_DEPTH} levels", status=400)
         inputs["prompt"] = body.prompt.text if isinstance(body.prompt, OctoText) else body.prompt
         job = Job(
             model_key=state.model_keys[0],

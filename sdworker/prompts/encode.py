@@ -13,6 +13,7 @@ recipe for): a weighted SD3 prompt is a 422, not silently flattened.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -55,6 +56,23 @@ class PromptPlan:
         return (self.embeds, self.length, self.clip_skip)
 
 
+def planning_tokenizers(pipe: Any) -> dict[str, Any]:
+    """Copies of `pipe`'s tokenizers for planning, which runs outside the model's turn: a fast tokenizer used by
+    two threads at once, one of them the pipeline setting its truncation, raises "Already borrowed". Made once
+    (at load, while nothing else runs) and kept on the pipeline."""
+    copies = pipe.__dict__.get("_sdworker_planning")
+    if copies is None:
+        copies = {
+            name: copy.deepcopy(getattr(pipe, name))
+            for name in ("tokenizer", "tokenizer_2", "tokenizer_3")
+            if getattr(pipe, name, None) is not None
+        }
+        for each in copies.values():  # its "indexing errors" warning is not true here: long prompts are chunked
+            each.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+        pipe.__dict__["_sdworker_planning"] = copies
+    return copies
+
+
 def plan(pipe: Any, family: str, request: Any, default: Syntax, max_sequence_length: int | None) -> PromptPlan:
     """Parse and measure the request's prompts for `pipe`; 422 naming the field for what cannot be run. A request
     that names no syntax gets `default` (PROMPT_SYNTAX), or plain text on a family that takes no weights."""
@@ -76,7 +94,7 @@ def plan(pipe: Any, family: str, request: Any, default: Syntax, max_sequence_len
         below = encoder.config.num_hidden_layers - (0 if family in NORMALIZED else 1)
         if clip_skip >= below:
             raise WorkerError("INVALID_INPUTS", f"clip_skip must be below {below} for this model", "clip_skip")
-    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):  # its "indexing errors" warning is not true here
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):  # nor in compel's calls, in the model's turn
         if (each := getattr(pipe, name, None)) is not None:
             each.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
     tokenizer, limit = _main_tokenizer(pipe, family, max_sequence_length)
@@ -229,13 +247,14 @@ def _with_tokens(pipe: Any, tokenizer: Any, conjunction: Conjunction) -> Conjunc
 
 
 def _main_tokenizer(pipe: Any, family: str, max_sequence_length: int | None) -> tuple[Any, int]:
-    """The tokenizer of the encoder that reads the most of a prompt, and how many tokens it reads (start and end
-    markers aside)."""
+    """The (planning copy of the) tokenizer of the encoder that reads the most of a prompt, and how many tokens
+    it reads (start and end markers aside)."""
+    copies = planning_tokenizers(pipe)
     if family == "flux":
-        return pipe.tokenizer_2, (max_sequence_length or T5_DEFAULT_LENGTH["flux"]) - 1
+        return copies["tokenizer_2"], (max_sequence_length or T5_DEFAULT_LENGTH["flux"]) - 1
     if family == "sd3" and getattr(pipe, "text_encoder_3", None) is not None:
-        return pipe.tokenizer_3, (max_sequence_length or T5_DEFAULT_LENGTH["sd3"]) - 1
-    tokenizer = pipe.tokenizer if pipe.tokenizer is not None else pipe.tokenizer_2
+        return copies["tokenizer_3"], (max_sequence_length or T5_DEFAULT_LENGTH["sd3"]) - 1
+    tokenizer = copies.get("tokenizer") or copies["tokenizer_2"]
     return tokenizer, tokenizer.model_max_length - 2
 
 
@@ -253,10 +272,12 @@ def _count(pipe: Any, tokenizer: Any, conjunction: Conjunction) -> int:
 
 def _length(pipe: Any, family: str, conjunction: Conjunction, max_sequence_length: int | None) -> int:
     """The token length compel's embeddings of `conjunction` will have (chunks of 77 for CLIP)."""
+    copies = planning_tokenizers(pipe)  # counted outside the model's turn: not the pipeline's own tokenizers
     if family == "flux":
-        tokenizer, compel = pipe.tokenizer_2, _t5(pipe, max_sequence_length)
+        tokenizer = copies["tokenizer_2"]
+        compel = _compel(tokenizer, pipe.text_encoder_2, None, True, max_sequence_length or T5_DEFAULT_LENGTH["flux"])
     else:
-        tokenizer = pipe.tokenizer if pipe.tokenizer is not None else pipe.tokenizer_2
+        tokenizer = copies.get("tokenizer") or copies["tokenizer_2"]
         compel = _compel(tokenizer, pipe.text_encoder or pipe.text_encoder_2, 0, True, None)
     provider = compel.conditioning_provider
     total = 0

@@ -10,6 +10,7 @@ Fragments), which `encode` turns into embeddings.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Literal
 
@@ -28,6 +29,8 @@ Syntax = Literal["a1111", "compel", "plain"]
 SYNTAXES: tuple[Syntax, ...] = ("a1111", "compel", "plain")
 MAX_WEIGHT = 10.0
 """The largest weight a word may have; far below it images are already noise."""
+MAX_COMPEL_DEPTH = 4
+"""How deep compel's brackets may nest: its parser's time grows about fourfold with each level."""
 
 # One token of A1111's attention syntax: an escape, a bracket, `:weight)` closing a round bracket, a run of text,
 # or a lone backslash or colon (text).
@@ -41,6 +44,10 @@ def parse(text: str, syntax: Syntax, field: str = "prompt") -> Conjunction:
     if syntax == "plain":
         return Conjunction([FlattenedPrompt([Fragment(text)])])
     if syntax == "compel":
+        if _depth(text) > MAX_COMPEL_DEPTH:
+            raise WorkerError(
+                "INVALID_INPUTS", f"{field}: compel brackets nest deeper than {MAX_COMPEL_DEPTH} levels", field
+            )
         try:
             conjunction = PromptParser().parse_conjunction(text)
         except Exception as err:
@@ -57,9 +64,6 @@ def parse(text: str, syntax: Syntax, field: str = "prompt") -> Conjunction:
     if len(parts) == 1:
         conjunction = Conjunction([FlattenedPrompt(_attention(parts[0][0]))])
     else:
-        total = sum(weight for _, weight in parts)
-        if total == 0:
-            raise WorkerError("INVALID_INPUTS", f"{field}: the sub-prompts' weights add up to 0", field)
         blend = Blend([FlattenedPrompt(_attention(part)) for part, _ in parts], [w for _, w in parts])
         conjunction = Conjunction([blend])
     _check(conjunction, field)
@@ -89,7 +93,34 @@ def is_plain(conjunction: Conjunction) -> bool:
     )
 
 
+def _depth(text: str) -> int:
+    """How deep unescaped round brackets nest in `text`."""
+    depth = deepest = 0
+    escaped = False
+    for char in text:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char == ")":
+            depth = max(depth - 1, 0)
+    return deepest
+
+
 def _check(conjunction: Conjunction, field: str) -> None:
+    for prompt in conjunction.prompts:
+        if isinstance(prompt, Blend):
+            weights = [float(weight) for weight in prompt.weights]
+            if not all(math.isfinite(w) and -MAX_WEIGHT <= w <= MAX_WEIGHT for w in weights) or sum(weights) <= 0:
+                raise WorkerError(
+                    "INVALID_INPUTS",
+                    f"{field}: blend weights must each be within -{MAX_WEIGHT:g}..{MAX_WEIGHT:g} and add up to more "
+                    f"than 0 (got {', '.join(f'{w:g}' for w in weights)})",
+                    field,
+                )
     for prompt in flattened(conjunction):
         for fragment in prompt.children:
             if isinstance(fragment, CrossAttentionControlledFragment):
@@ -117,8 +148,15 @@ def _subprompts(text: str) -> list[tuple[str, float]]:
             depth += 1
         elif char in ")]":
             depth = max(depth - 1, 0)
-        elif char == ":" and depth == 0 and (number := _SUBPROMPT_WEIGHT.match(text, index + 1)):
-            parts.append((text[start:index], float(number.group())))
+        elif (
+            char == ":"
+            and depth == 0
+            and index > start
+            and not text[index - 1].isdigit()  # 10:30, 16:9: a time or a ratio, not a weight
+            and (number := _SUBPROMPT_WEIGHT.match(text, index + 1))
+        ):
+            if text[start:index].strip():
+                parts.append((text[start:index], float(number.group())))
             index = start = number.end() + 1  # the space after the weight is the separator
             continue
         index += 1
