@@ -68,6 +68,20 @@ def start(env: dict[str, str], *mode: str) -> tuple[str, subprocess.Popen]:
     return url, process
 
 
+def start_tiny(model_dir: Path, work: Path, threads: int) -> tuple[str, subprocess.Popen]:
+    """`python app.py` (SQLite store, every stage) on a baked tiny-sd, its torch on `threads` threads."""
+    env = {key: value for key, value in os.environ.items() if key not in ("REDIS_URL", "MODE", "STAGES")}
+    env.update(
+        MODEL_ID="tiny-sd",
+        MODEL_DIR=str(model_dir),
+        API_KEYS=KEY,
+        HOST="127.0.0.1",
+        DATA_DIR=str(work / "data"),
+        OMP_NUM_THREADS=str(threads),
+    )
+    return start(env)
+
+
 def status_rps(url: str, seconds: float, threads: int) -> dict:
     """Requests per second of status and check reads on a completed job, from `threads` clients."""
     headers = {"Authorization": f"Bearer {KEY}"}

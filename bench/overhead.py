@@ -29,7 +29,7 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.jobs import KEY, start  # noqa: E402
+from bench.jobs import KEY, start_tiny  # noqa: E402
 
 
 def main() -> None:
@@ -60,16 +60,7 @@ def main() -> None:
         "safety_checker": False,
     }
 
-    env = {key: value for key, value in os.environ.items() if key not in ("REDIS_URL", "MODE")}
-    env.update(
-        MODEL_ID="tiny-sd",
-        MODEL_DIR=str(model_dir),
-        API_KEYS=KEY,
-        HOST="127.0.0.1",
-        DATA_DIR=str(work / "data"),
-        OMP_NUM_THREADS=str(args.threads),
-    )
-    url, server = start(env)
+    url, server = start_tiny(model_dir, work, args.threads)
     session = requests.Session()
 
     def bare() -> None:

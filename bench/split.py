@@ -25,7 +25,7 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.jobs import KEY, start  # noqa: E402
+from bench.jobs import KEY, start_tiny  # noqa: E402
 
 REAL = {  # tensors seed 001's stages carry for one 512 (SD 1.5) or 1024 (SDXL) image, fp16
     "sd1.5 512x512": {"embeddings": [(1, 77, 768), (1, 77, 768)], "latents": [(1, 4, 64, 64)]},
@@ -55,16 +55,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-split-"))
     model_dir = bake_model("tiny-sd", work / "models").model_dir
-    env = {key: value for key, value in os.environ.items() if key not in ("REDIS_URL", "MODE", "STAGES")}
-    env.update(
-        MODEL_ID="tiny-sd",
-        MODEL_DIR=str(model_dir),
-        API_KEYS=KEY,
-        HOST="127.0.0.1",
-        DATA_DIR=str(work / "data"),
-        OMP_NUM_THREADS=str(args.threads),
-    )
-    url, server = start(env)
+    url, server = start_tiny(model_dir, work, args.threads)
     session = requests.Session()
     headers = {"X-BANANA-API-KEY": KEY}
     shape = {"num_inference_steps": args.steps, "width": args.size, "height": args.size, "seed": 1}

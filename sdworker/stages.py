@@ -110,6 +110,7 @@ def _check_served(model: Any, stage: str) -> None:
 
 
 def _parse(model_type: type[BaseModel], payload: Any) -> Any:
+    """`payload` checked by `model_type`: a bad field is a 422 naming it."""
     try:
         return model_type.model_validate(payload)
     except ValidationError as err:
@@ -149,13 +150,8 @@ def unpack(data: str, field: str) -> tuple[dict[str, torch.Tensor], dict[str, An
 
 
 def _generation(**fields: Any) -> GenerateInput:
-    """A generation's fields, checked by the one schema: a bad one is a 422 naming it."""
-    try:
-        return GenerateInput(**fields)
-    except ValidationError as err:
-        problem = err.errors()[0]
-        field = str(problem["loc"][0]) if problem["loc"] else "body"
-        raise WorkerError("INVALID_INPUTS", f"{field}: {problem['msg']}", field) from None
+    """A generation's fields, checked by the one schema."""
+    return _parse(GenerateInput, fields)
 
 
 def _in_turn(model: Any, work: Any) -> Any:

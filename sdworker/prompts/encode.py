@@ -67,7 +67,9 @@ def planning_tokenizers(pipe: Any) -> dict[str, Any]:
             for name in ("tokenizer", "tokenizer_2", "tokenizer_3")
             if getattr(pipe, name, None) is not None
         }
-        for each in copies.values():  # its "indexing errors" warning is not true here: long prompts are chunked
+        # Its "indexing errors" warning is not true here, for the copies nor for compel's calls in the model's
+        # turn: long prompts are chunked.
+        for each in [*copies.values(), *(getattr(pipe, name) for name in copies)]:
             each.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
         pipe.__dict__["_sdworker_planning"] = copies
     return copies
@@ -94,9 +96,6 @@ def plan(pipe: Any, family: str, request: Any, default: Syntax, max_sequence_len
         below = encoder.config.num_hidden_layers - (0 if family in NORMALIZED else 1)
         if clip_skip >= below:
             raise WorkerError("INVALID_INPUTS", f"clip_skip must be below {below} for this model", "clip_skip")
-    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):  # nor in compel's calls, in the model's turn
-        if (each := getattr(pipe, name, None)) is not None:
-            each.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
     tokenizer, limit = _main_tokenizer(pipe, family, max_sequence_length)
     tokens = _count(pipe, tokenizer, prompt)
     negative_tokens = _count(pipe, tokenizer, negative) if negative is not None else 0
