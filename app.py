@@ -39,9 +39,16 @@ def encode(context: dict, request: Request) -> Response:
     return Response(status=status, json=body)
 
 
+@app.handler("/stages/encode_image")
+def encode_image(context: dict, request: Request) -> Response:
+    """Stage 1 for img2img and inpaint, on the VAE's worker: image (and mask) -> the image's latents."""
+    status, body = run_stage(context["model"], "encode_image", request.json)
+    return Response(status=status, json=body)
+
+
 @app.handler("/stages/denoise")
 def denoise(context: dict, request: Request) -> Response:
-    """Stage 2: the UNet, embeddings -> latents."""
+    """Stage 2: the UNet, embeddings (and image latents) -> latents."""
     status, body = run_stage(context["model"], "denoise", request.json)
     return Response(status=status, json=body)
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .encoded import Encoded, vae_stand_in
 from .errors import WorkerError
 from .images import decode_image
 from .model import LoadedModel, fit_request
@@ -91,7 +92,7 @@ class _Job:
     """One request, prepared and waiting for its turn on the model, then its outcome."""
 
     request: GenerateInput
-    prompts: PromptPlan | None  # None: the conditioning came encoded (seed 001's split stages)
+    prompts: PromptPlan | None  # None: the inputs came encoded (seed 001's split stages)
     kwargs: dict[str, Any]
     seeds: list[int]
     scheduler: Any
@@ -99,7 +100,7 @@ class _Job:
     on_step: StepCallback | None
     on_latents: LatentsCallback | None
     lora_files: list[tuple[str, Path, str]] = field(default_factory=list)  # URL LoRAs: adapter, file, field
-    conditioning: dict[str, torch.Tensor] | None = None
+    encoded: Encoded | None = None
     images: list[Image.Image] | None = None
     nsfw: list[bool] | None = None
     error: WorkerError | None = None
@@ -115,51 +116,30 @@ class _Job:
 
 
 def generate(
-    model: LoadedModel,
-    request: GenerateInput,
-    on_step: StepCallback | None = None,
-    conditioning: dict[str, torch.Tensor] | None = None,
-    latent: bool = False,
+    model: LoadedModel, request: GenerateInput, on_step: StepCallback | None = None, encoded: Encoded | None = None
 ) -> Generation:
     """Make the images `request` asks for. Raises WorkerError for bad input and for failures in the pipeline.
-    `conditioning`: the prompt already encoded (prompt_embeds and the rest), read instead of `request.prompt`;
-    `latent`: answer the denoised latents instead of images (the split stages of seed 001).
+    `encoded`: the prompt (and image) already encoded, read instead of the request's; the generation answers
+    the denoised latents instead of images (the split stages of seed 001).
 
     Calls from several threads take turns on the model; with MAX_BATCH > 1, text-to-image calls waiting whose
     shapes agree run together as one batch, each image with its own generator, so each gets the image it would
     alone, up to float rounding (a batch's kernels may add up in another order)."""
     request = fit_request(request, model.row, model.distilled, model.refiner is not None)
-    _check_loras(request, model)
+    check_loras(request, model)
     settings, task = model.settings, request.task
     from .prompts import plan  # compel imports diffusers' pipelines: only a process that generates pays for it
 
     prompts = None
-    if conditioning is None:
+    if encoded is None:
         prompts = plan(model.pipes[task], model.family, request, settings.prompt_syntax, request.max_sequence_length)
     started = time.perf_counter()
-    urls = [value for value in (request.image, request.mask_image) if value and value.startswith("http")]
-    lora_urls = [(index, choice.url) for index, choice in enumerate(request.loras or []) if choice.url]
-    hook = fetch_hook.get() if urls or lora_urls else None
-    with hook() if hook else nullcontext(None) as check:  # downloads hold no model slot
-        init = decode_image(request.image, "image", settings, check) if request.image else None
-        mask = decode_image(request.mask_image, "mask_image", settings, check) if request.mask_image else None
-        lora_files = [
-            (
-                model.url_loras.adapter_name(url),
-                model.url_loras.fetch(url, f"loras[{index}].url", check),
-                f"loras[{index}].url",
-            )
-            for index, url in lora_urls
-        ]
-    multiple = model.size_multiple
-    width = request.width or (init.width // multiple * multiple if init else model.default_size)
-    height = request.height or (init.height // multiple * multiple if init else model.default_size)
-    for name, side in (("width", width), ("height", height)):
-        if side % multiple:
-            raise WorkerError(
-                "INVALID_INPUTS", f"{name} must be a multiple of {multiple} for {model.family} (got {side})", name
-            )
-    check_size(width, height, settings)
+    with fetching(request) as check:  # downloads hold no model slot
+        lora_files = fetch_loras(model, request, check)
+        if encoded is not None and encoded.image is not None:
+            init, mask, width, height = None, None, encoded.image.width, encoded.image.height
+        else:
+            init, mask, width, height = prepare_images(model, request, check)
     kwargs: dict[str, Any] = {}
     if request.max_sequence_length is not None:
         kwargs["max_sequence_length"] = request.max_sequence_length
@@ -168,11 +148,13 @@ def generate(
     if request.clip_skip and prompts and not prompts.embeds:  # SDXL and SD3 pipelines skip layers themselves
         kwargs["clip_skip"] = request.clip_skip
     if init is not None:
-        kwargs.update(image=init.resize((width, height), Image.LANCZOS), strength=request.strength)
-    if latent:
-        kwargs["output_type"] = "latent"
+        kwargs.update(image=init, strength=request.strength)
     if mask is not None:
-        kwargs["mask_image"] = mask.resize((width, height), Image.NEAREST)
+        kwargs["mask_image"] = mask
+    if encoded is not None:
+        kwargs["output_type"] = "latent"
+        if encoded.image is not None:
+            kwargs.update(encoded.image.pipeline_inputs(), strength=request.strength)
     if task != "img2img" or model.row.sized_img2img:  # SD's img2img takes its size from the image
         kwargs.update(width=width, height=height)
     scheduler, scheduler_name = make_scheduler(request.scheduler, model.baked_scheduler)
@@ -186,7 +168,7 @@ def generate(
         on_step=on_step or step_hook.get(),
         on_latents=preview_hook.get(),
         lora_files=lora_files,
-        conditioning=conditioning,
+        encoded=encoded,
         timings={"decode": _ms(started)},
     )
     model.batcher.run(job, lambda batch: _run_batch(model, batch))
@@ -195,8 +177,8 @@ def generate(
     if job.images is None:  # never expected: _run_batch sets images or an error for every job
         raise WorkerError("INTERNAL_ERROR", "internal error; the worker's log has the details", status=500)
     return Generation(
-        images=[] if latent else job.images,
-        latents=job.images if latent else None,
+        images=[] if encoded else job.images,
+        latents=job.images if encoded else None,
         seeds=job.seeds,
         nsfw=job.nsfw,
         pipeline=type(model.pipes[task]).__name__,
@@ -212,7 +194,40 @@ def generate(
     )
 
 
-def _check_loras(request: GenerateInput, model: LoadedModel) -> None:
+def fetching(request: GenerateInput) -> AbstractContextManager[Callable[[], None] | None]:
+    """The runner's `fetch_hook` around the downloads of a request's image and LoRA URLs (nothing without any);
+    it yields the check to pass to each download."""
+    urls = [value for value in (request.image, request.mask_image) if value and value.startswith("http")]
+    hook = fetch_hook.get() if urls or any(choice.url for choice in request.loras or []) else None
+    return hook() if hook else nullcontext(None)
+
+
+def prepare_images(
+    model: LoadedModel, request: GenerateInput, check: Callable[[], None] | None = None
+) -> tuple[Image.Image | None, Image.Image | None, int, int]:
+    """The request's image and mask (fetched or decoded, each checked), resized to the generation's width and
+    height, and those: the request's, else the image's rounded down to the size multiple, else the model's
+    native size. `check` raises when the job must stop (see `fetch_hook`)."""
+    settings = model.settings
+    init = decode_image(request.image, "image", settings, check) if request.image else None
+    mask = decode_image(request.mask_image, "mask_image", settings, check) if request.mask_image else None
+    multiple = model.size_multiple
+    width = request.width or (init.width // multiple * multiple if init else model.default_size)
+    height = request.height or (init.height // multiple * multiple if init else model.default_size)
+    for name, side in (("width", width), ("height", height)):
+        if side % multiple:
+            raise WorkerError(
+                "INVALID_INPUTS", f"{name} must be a multiple of {multiple} for {model.family} (got {side})", name
+            )
+    check_size(width, height, settings)
+    if init is not None:
+        init = init.resize((width, height), Image.LANCZOS)
+    if mask is not None:
+        mask = mask.resize((width, height), Image.NEAREST)
+    return init, mask, width, height
+
+
+def check_loras(request: GenerateInput, model: LoadedModel) -> None:
     """Each LoRA asked for is baked (or named by a URL, where ALLOW_LORA_URLS), and asked for once."""
     seen: set[str] = set()
     for index, choice in enumerate(request.loras or []):
@@ -240,6 +255,31 @@ def _check_loras(request: GenerateInput, model: LoadedModel) -> None:
                 "INVALID_INPUTS", f"loras[{index}].name: {choice.name!r} is asked twice", f"loras[{index}].name"
             )
         seen.add(choice.name)
+
+
+def fetch_loras(
+    model: LoadedModel, request: GenerateInput, check: Callable[[], None] | None = None
+) -> list[tuple[str, Path, str]]:
+    """The LoRAs `request` names by URL, on disk (fetched once, before the job waits for the model): each as
+    (adapter name, file, the request's field)."""
+    return [
+        (
+            model.url_loras.adapter_name(choice.url),
+            model.url_loras.fetch(choice.url, f"loras[{index}].url", check),
+            f"loras[{index}].url",
+        )
+        for index, choice in enumerate(request.loras or [])
+        if choice.url
+    ]
+
+
+def switch_loras(model: LoadedModel, pipe: Any, request: GenerateInput, files: list[tuple[str, Path, str]]) -> None:
+    """In the model's turn: load the request's URL LoRAs (`files`) if they are not, and switch on exactly its
+    LoRAs at their scales, or every adapter off when it names none."""
+    wanted = list(_lora_set(request))
+    for name, path, where in files:
+        model.url_loras.ensure_loaded(pipe, name, path, where, keep={name for name, _ in wanted})
+    apply_loras(pipe, wanted, bool(model.loras or model.url_loras.loaded))
 
 
 def _lora_set(request: GenerateInput) -> tuple[tuple[str, float], ...]:
@@ -316,8 +356,8 @@ def _run_batch(model: LoadedModel, batch: list[_Job]) -> None:
 def _conditioning(model: LoadedModel, pipe: Any, batch: list[_Job], counts: list[int]) -> dict[str, Any]:
     """The batch's prompts for `pipe`: as text, or as compel's embeddings (one row per image)."""
     first = batch[0]
-    if first.conditioning is not None:
-        return first.conditioning
+    if first.encoded is not None:
+        return first.encoded.conditioning
     assert first.prompts is not None
     if not first.prompts.embeds:
         if len(batch) == 1:
@@ -364,15 +404,14 @@ def _pipeline_call(model: LoadedModel, batch: list[_Job]) -> None:
     cuda = model.device.startswith("cuda")
     out_of_memory = False
     pipe.scheduler = first.scheduler
-    wanted = list(_lora_set(first.request))
-    for name, path, where in first.lora_files:  # URL LoRAs: loaded now, in the model's turn, if not already
-        model.url_loras.ensure_loaded(pipe, name, path, where, keep={name for name, _ in wanted})
-    apply_loras(pipe, wanted, bool(model.loras or model.url_loras.loaded))  # this batch's set, or all off
+    switch_loras(model, pipe, first.request, first.lora_files)  # the batch's LoRAs: its jobs all name the same
+    image = first.encoded.image if first.encoded else None  # the image encoded by the VAE's worker (split stages)
+    stand_in = vae_stand_in(pipe, model.config_of("vae"), image, model.device) if image else nullcontext()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), stand_in:
             common = {
                 **_conditioning(model, pipe, batch, counts),
                 "num_inference_steps": first.request.num_inference_steps,

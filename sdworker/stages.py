@@ -1,13 +1,15 @@
 """Seed 001's split of Stable Diffusion into its three models, each its own endpoint and, with STAGES, its own
 worker: `encode` (the text encoders: prompt -> embeddings), `denoise` (the UNet: embeddings -> latents) and
-`decode` (the VAE: latents -> the image, answered as a direct call answers it).
+`decode` (the VAE: latents -> the image, answered as a direct call answers it). For img2img and inpaint the VAE's
+worker also serves `encode_image` (image and mask -> the image's latent distribution), which denoise takes.
 
 Tensors travel as base64 of a safetensors file and are checked on arrival against this model: a tensor that does
-not fit is a 422 naming it. Through encode -> denoise -> decode a seed gives the all-in-one image, on one worker
-or across three. Families: sd1, sd2 and sdxl (its pooled embeddings travel with the rest, its time ids are made
-from width and height as the all-in-one call makes them). SD3 and FLUX.1 are not split here: their embeddings are
-T5's and two CLIPs' (a 4096-wide, up to 512-token tensor, and pooled ones), their latents are packed (FLUX.1) and
-shifted as well as scaled, so each stage would need its own tensor names, shape rules and VAE arithmetic.
+not fit is a 422 naming it. Through the stages a seed gives the all-in-one image, on one worker or across three,
+with the same LoRAs named to encode (their text-encoder layers) and denoise (their UNet layers). Families: sd1,
+sd2 and sdxl (its pooled embeddings travel with the rest, its time ids are made from width and height as the
+all-in-one call makes them). SD3 and FLUX.1 are not split here: their embeddings are T5's and two CLIPs' (a
+4096-wide, up to 512-token tensor, and pooled ones), their latents are packed (FLUX.1) and shifted as well as
+scaled, so each stage would need its own tensor names, shape rules and VAE arithmetic.
 """
 
 from __future__ import annotations
@@ -19,14 +21,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
+from .encoded import Encoded, EncodedImage
 from .errors import WorkerError
 from .images import encode_image
-from .schema import GenerateInput, check_limits
+from .schema import GenerateInput, LoraChoice, check_limits
 
-STAGES = ("encode", "denoise", "decode")
-SPLIT = ("sd1", "sd2", "sdxl")
+SERVED_BY = {"encode": "encode", "denoise": "denoise", "decode": "decode", "encode_image": "decode"}
+"""Each stage, and the STAGES name of the worker that serves it: encode_image needs the VAE, as decode does."""
+IMAGE = ("image_moments",)
+MASKED = ("image_moments", "masked_image_moments", "mask")
 POOLED = ("pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 EMBEDDINGS = ("prompt_embeds", "negative_prompt_embeds")
 MAX_BODY_TENSOR_BYTES = 256 * 1024 * 1024
@@ -40,6 +45,17 @@ class EncodeInput(BaseModel):
     negative_prompt: str | None = None
     prompt_syntax: str | None = None
     clip_skip: int | None = None
+    loras: list[LoraChoice] | None = Field(None, description="As a generation names them: their text-encoder part.")
+
+
+class EncodeImageInput(BaseModel):
+    """`POST /stages/encode_image`: img2img's or inpaint's image, on the VAE's worker."""
+
+    model_config = ConfigDict(extra="forbid")
+    image: str = Field(min_length=1, validation_alias=AliasChoices("image", "init_image"))
+    mask_image: str | None = None
+    width: int | None = None
+    height: int | None = None
 
 
 class DenoiseInput(BaseModel):
@@ -55,6 +71,9 @@ class DenoiseInput(BaseModel):
     num_images_per_prompt: int = 1
     scheduler: str | None = None
     eta: float | None = None
+    loras: list[LoraChoice] | None = Field(None, description="As a generation names them: their UNet part.")
+    image_latents: str | None = Field(None, description="img2img / inpaint: encode_image's answer")
+    strength: float | None = None
 
 
 class DecodeInput(BaseModel):
@@ -81,7 +100,9 @@ def run_stage(model: Any, stage: str, payload: Any) -> tuple[int, dict]:
     started = time.perf_counter()
     try:
         _check_served(model, stage)
-        body = {"encode": _encode, "denoise": _denoise, "decode": _decode}[stage](model, payload)
+        body = {"encode": _encode, "denoise": _denoise, "decode": _decode, "encode_image": _encode_image}[stage](
+            model, payload
+        )
     except WorkerError as err:
         return err.status, {"$error": err.to_dict()}
     except Exception:
@@ -96,16 +117,17 @@ def run_stage(model: Any, stage: str, payload: Any) -> tuple[int, dict]:
 
 def _check_served(model: Any, stage: str) -> None:
     stages = model.settings.served_stages()
-    if stage not in stages:
-        raise WorkerError(
-            "STAGE_NOT_SERVED", f"this worker serves STAGES={','.join(stages)}, not {stage}", "STAGES", status=404
-        )
-    if model.family not in SPLIT:
+    if SERVED_BY[stage] not in stages:
+        where = f" (the VAE's: STAGES={SERVED_BY[stage]})" if SERVED_BY[stage] != stage else ""
         raise WorkerError(
             "STAGE_NOT_SERVED",
-            f"the {model.family} family is not split into stages here (sd1, sd2 and sdxl are)",
+            f"this worker serves STAGES={','.join(stages)}, not {stage}{where}",
             "STAGES",
             status=404,
+        )
+    if not model.row.stages:
+        raise WorkerError(
+            "STAGE_NOT_SERVED", f"the {model.family} family is not split into stages here", "STAGES", status=404
         )
 
 
@@ -166,18 +188,21 @@ def _in_turn(model: Any, work: Any) -> Any:
 
 
 def _encode(model: Any, payload: Any) -> dict:
+    from .generate import check_loras, fetch_loras, fetching, switch_loras
     from .model import fit_request
-    from .model.loras import apply_loras
     from .prompts import encode, plan
 
     asked = _parse(EncodeInput, payload)
     request = fit_request(_generation(**asked.model_dump(exclude_none=True)), model.row, model.distilled)
     check_limits(request, model.settings)
+    check_loras(request, model)
     pipe = model.pipes["text2img"]
     prompts = plan(pipe, model.family, request, model.settings.prompt_syntax, None)
+    with fetching(request) as check:
+        lora_files = fetch_loras(model, request, check)
 
     def work() -> dict[str, torch.Tensor]:
-        apply_loras(pipe, [], bool(model.loras or model.url_loras.loaded))  # a generation's LoRAs stay off here
+        switch_loras(model, pipe, request, lora_files)  # the request's LoRAs, or none: never the last call's
         with torch.inference_mode():
             if prompts.embeds:
                 return encode(pipe, model.family, prompts, None)
@@ -199,7 +224,93 @@ def _encode(model: Any, payload: Any) -> dict:
     }
 
 
-def _check(tensors: dict[str, torch.Tensor], names: tuple[str, ...], field: str) -> None:
+def _upcast(model: Any) -> bool:
+    """Whether the VAE runs in float32 here though the model is float16: SDXL's pipelines upcast a VAE whose
+    config asks for it (SD 1.x/2.x's do not), and the stages do as they do."""
+    vae = model.pipes["text2img"].vae
+    return model.family == "sdxl" and vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+
+
+def _encode_image(model: Any, payload: Any) -> dict:
+    """The VAE's encoder on img2img's or inpaint's image: its latent distribution, as the pipeline would have the
+    VAE encode it (the same preprocessing, dtype and upcast), for denoise to sample with the request's seeds."""
+    from .generate import fetching, prepare_images
+    from .model import fit_request
+
+    asked = _parse(EncodeImageInput, payload)
+    request = _generation(prompt="(image)", **asked.model_dump(exclude_none=True))
+    request = fit_request(request, model.row, model.distilled)
+    check_limits(request, model.settings)
+    with fetching(request) as check:
+        init, mask, width, height = prepare_images(model, request, check)
+    pipe = model.pipes[request.task]
+    pixels = pipe.image_processor.preprocess(init, height=height, width=width).to(torch.float32)
+    factor = pipe.vae_scale_factor
+    masked = latent_mask = None
+    if mask is not None:  # as the inpaint pipeline makes them: the masked image, and the mask at latent size
+        condition = pipe.mask_processor.preprocess(mask, height=height, width=width)
+        masked = pixels * (condition < 0.5)
+        latent_mask = torch.nn.functional.interpolate(condition, size=(height // factor, width // factor))
+    vae = pipe.vae
+
+    def moments(image: torch.Tensor) -> torch.Tensor:
+        image, upcast = image.to(vae.device, model.dtype), _upcast(model)
+        if upcast:
+            vae.to(torch.float32)
+            image = image.float()
+        try:
+            return vae.encode(image).latent_dist.parameters
+        finally:
+            if upcast:
+                vae.to(torch.float16)
+
+    def work() -> dict[str, torch.Tensor]:
+        with torch.inference_mode():
+            tensors = {"image_moments": moments(pixels)}
+            if masked is not None and latent_mask is not None:
+                tensors["masked_image_moments"] = moments(masked)
+                tensors["mask"] = latent_mask.to(torch.uint8)
+        return tensors
+
+    tensors = _in_turn(model, work)
+    meta = {"family": model.family, "task": request.task, "width": width, "height": height}
+    return {"image_latents": pack(tensors, meta), "$meta": meta}
+
+
+def _image_latents(model: Any, data: str) -> EncodedImage:
+    """encode_image's answer, checked against this model: a 422 naming the tensor that does not fit."""
+    tensors, _ = unpack(data, "image_latents")
+    names = MASKED if len(tensors) > 1 else IMAGE
+    _check(tensors, names, "image_latents", whole=("mask",))
+    channels = 2 * model.config_of("vae").latent_channels
+    moments = tensors["image_moments"]
+    shape = list(moments.shape)
+    if len(shape) != 4 or shape[:2] != [1, channels] or min(shape[2:]) < 8:
+        raise WorkerError(
+            "INVALID_INPUTS",
+            f"image_latents.image_moments: this model takes [1, {channels}, h, w] (h and w at least 8), not {shape}",
+            "image_latents.image_moments",
+        )
+    expected = {"masked_image_moments": shape, "mask": [1, 1, *shape[2:]]}
+    for name in names[1:]:
+        if list(tensors[name].shape) != expected[name]:
+            raise WorkerError(
+                "INVALID_INPUTS",
+                f"image_latents.{name}: {expected[name]} for these image moments, not {list(tensors[name].shape)}",
+                f"image_latents.{name}",
+            )
+    if "mask" in tensors and not bool(((tensors["mask"] == 0) | (tensors["mask"] == 1)).all()):
+        raise WorkerError("INVALID_INPUTS", "image_latents.mask: 0 or 1 only", "image_latents.mask")
+    return EncodedImage(
+        moments=moments,
+        factor=model.pipes["text2img"].vae_scale_factor,
+        masked_moments=tensors.get("masked_image_moments"),
+        mask=tensors.get("mask"),
+    )
+
+
+def _check(tensors: dict[str, torch.Tensor], names: tuple[str, ...], field: str, whole: tuple[str, ...] = ()) -> None:
+    """Exactly `names`, each a finite float tensor (those in `whole`: uint8)."""
     missing = [name for name in names if name not in tensors]
     extra = sorted(set(tensors) - set(names))
     if missing or extra:
@@ -211,6 +322,10 @@ def _check(tensors: dict[str, torch.Tensor], names: tuple[str, ...], field: str)
             field,
         )
     for name, tensor in tensors.items():
+        if name in whole:
+            if tensor.dtype != torch.uint8:
+                raise WorkerError("INVALID_INPUTS", f"{field}.{name}: uint8, not {tensor.dtype}", f"{field}.{name}")
+            continue
         if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise WorkerError(
                 "INVALID_INPUTS", f"{field}.{name}: float16, bfloat16 or float32, not {tensor.dtype}", f"{field}.{name}"
@@ -240,13 +355,26 @@ def _denoise(model: Any, payload: Any) -> dict:
                 f"embeddings.{name}: this model takes {wanted}, not {list(tensors[name].shape)}",
                 f"embeddings.{name}",
             )
-    fields = asked.model_dump(exclude_none=True, exclude={"embeddings"})
+    fields = asked.model_dump(exclude_none=True, exclude={"embeddings", "image_latents"})
+    image = _image_latents(model, asked.image_latents) if asked.image_latents else None
+    if image is not None:  # its size is the image's; the pipeline reads the encoded image, not these
+        for name, side in (("width", image.width), ("height", image.height)):
+            if fields.get(name, side) != side:
+                raise WorkerError(
+                    "INVALID_INPUTS",
+                    f"{name}: the image latents are {image.width}x{image.height}, not {fields[name]}",
+                    name,
+                )
+        fields.update(image="(encoded)", **({"mask_image": "(encoded)"} if image.mask is not None else {}))
+    elif "strength" in fields:
+        raise WorkerError("INVALID_INPUTS", "strength: img2img and inpaint only (give image_latents)", "strength")
     request = _generation(prompt="(encoded)", safety_checker=False, **fields)
     check_limits(request, model.settings)
     conditioning = {name: tensor.to(model.device, model.dtype) for name, tensor in tensors.items()}
-    result = generate(model, request, conditioning=conditioning, latent=True)
+    result = generate(model, request, encoded=Encoded(conditioning, image))
     meta = {
         "family": model.family,
+        "task": request.task,
         "seeds": result.seeds,
         "width": result.width,
         "height": result.height,
@@ -284,7 +412,7 @@ def _decode(model: Any, payload: Any) -> dict:
     check_limits(_generation(prompt="(decoded)", width=width, height=height), model.settings)
 
     def work() -> tuple[list[Any], list[bool] | None]:
-        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        upcast = _upcast(model)
         with torch.inference_mode():
             if upcast:
                 vae.to(torch.float32)

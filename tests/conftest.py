@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
+import torch
 from PIL import Image
 
 from sdworker.batching import Batcher
@@ -41,6 +42,17 @@ def baked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def lora_baked(baked: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny-sd baked by download.py with two random LoRAs: `ink` (UNet and text encoder) and `fog` (UNet only)."""
+    root = tmp_path_factory.mktemp("lora-baked")
+    ink = make_lora(baked["tiny-sd"], root / "ink.safetensors", seed=1)
+    fog = make_lora(baked["tiny-sd"], root / "fog.safetensors", seed=2, text_encoder=False)
+    result = download("--model-dir", str(root / "model"), MODEL_ID="tiny-sd", LORAS=f"ink={ink},fog={fog}")
+    assert result.returncode == 0, result.stderr
+    return root / "model"
+
+
+@pytest.fixture(scope="session")
 def sd(baked: dict[str, Path]) -> LoadedModel:
     return load_model(Settings(model_dir=baked["tiny-sd"]))
 
@@ -48,6 +60,31 @@ def sd(baked: dict[str, Path]) -> LoadedModel:
 @pytest.fixture(scope="session")
 def sdxl(baked: dict[str, Path]) -> LoadedModel:
     return load_model(Settings(model_dir=baked["tiny-sdxl"]))
+
+
+def make_lora(
+    model_dir: Path,
+    path: Path,
+    seed: int,
+    text_encoder: bool = True,
+    clip_modules: tuple[str, ...] = ("q_proj", "v_proj"),
+) -> Path:
+    """A random LoRA for tiny-sd's UNet (and text encoder's `clip_modules`), saved as diffusers saves one."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = DiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
+    torch.manual_seed(seed)
+    unet = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+    pipe.unet.add_adapter(unet)
+    layers = {"unet_lora_layers": get_peft_model_state_dict(pipe.unet)}
+    if text_encoder:
+        clip = LoraConfig(r=4, lora_alpha=4, target_modules=list(clip_modules), init_lora_weights=False)
+        pipe.text_encoder.add_adapter(clip)
+        layers["text_encoder_lora_layers"] = get_peft_model_state_dict(pipe.text_encoder)
+    StableDiffusionPipeline.save_lora_weights(path.parent, weight_name=path.name, safe_serialization=True, **layers)
+    return path
 
 
 def decode(data: str) -> Image.Image:

@@ -233,3 +233,10 @@ def test_cpu_offload_without_a_gpu_is_refused_by_name(tiny: dict[str, Path]) -> 
     with pytest.raises(WorkerError) as refused:
         load_model(Settings(model_dir=tiny["tiny-flux"], enable_model_cpu_offload=True))
     assert refused.value.field == "ENABLE_MODEL_CPU_OFFLOAD" and "GPU" in refused.value.message
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_stages_on_a_family_that_is_not_split_is_refused_at_start(tiny: dict[str, Path], name: str) -> None:
+    with pytest.raises(WorkerError) as refused:
+        load_model(Settings(model_dir=tiny[name], stages="denoise"))
+    assert refused.value.field == "STAGES" and "sd1, sd2, sdxl are" in refused.value.message

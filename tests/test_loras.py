@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import download, same_picture, serve_folder
+from conftest import download, make_lora, same_picture, serve_folder
 
 from sdworker.config import Settings
 from sdworker.generate import generate
@@ -21,31 +21,6 @@ from sdworker.model.loras import baked
 from sdworker.schema import GenerateInput
 
 FAST = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 4}
-
-
-def make_lora(
-    model_dir: Path,
-    path: Path,
-    seed: int,
-    text_encoder: bool = True,
-    clip_modules: tuple[str, ...] = ("q_proj", "v_proj"),
-) -> Path:
-    """A random LoRA for tiny-sd's UNet (and text encoder's `clip_modules`), saved as diffusers saves one."""
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    pipe = DiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
-    torch.manual_seed(seed)
-    unet = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
-    pipe.unet.add_adapter(unet)
-    layers = {"unet_lora_layers": get_peft_model_state_dict(pipe.unet)}
-    if text_encoder:
-        clip = LoraConfig(r=4, lora_alpha=4, target_modules=list(clip_modules), init_lora_weights=False)
-        pipe.text_encoder.add_adapter(clip)
-        layers["text_encoder_lora_layers"] = get_peft_model_state_dict(pipe.text_encoder)
-    StableDiffusionPipeline.save_lora_weights(path.parent, weight_name=path.name, safe_serialization=True, **layers)
-    return path
 
 
 @pytest.fixture(scope="module")

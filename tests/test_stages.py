@@ -1,10 +1,12 @@
-"""Seed 001's three endpoints: encode (text encoders), denoise (UNet), decode (VAE). Through the three a seed gives
-the all-in-one image, on one worker and across three STAGES workers; tensors that do not fit the model are 422s
-naming them; a STAGES worker loads only its part and refuses the rest."""
+"""Seed 001's three endpoints: encode (text encoders), denoise (UNet), decode (VAE), and encode_image (the VAE's
+encoder, for img2img and inpaint). Through them a seed gives the all-in-one image, on one worker and across three
+STAGES workers, with LoRAs too; tensors that do not fit the model are 422s naming them; a STAGES worker loads only
+its part and refuses the rest."""
 
 from __future__ import annotations
 
 import base64
+import io
 import os
 import re
 import subprocess
@@ -18,6 +20,7 @@ import pytest
 import requests
 import torch
 from conftest import ROOT, batched, decode, start_worker, wait_for
+from PIL import Image
 
 from sdworker.config import Settings
 from sdworker.generate import generate
@@ -28,6 +31,20 @@ from sdworker.stages import pack, run_stage, unpack
 
 KEY = "stage-key"
 SHAPE = {"num_inference_steps": 3, "seed": 21, "width": 64, "height": 64}
+LORAS = [{"name": "ink", "scale": 0.9}, {"name": "fog", "scale": 0.6}]  # ink adapts the text encoder, fog does not
+
+
+def png(array: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+INIT = png(np.random.default_rng(0).integers(0, 256, (80, 72, 3), dtype=np.uint8))  # 72x80: not the default size
+_mask = np.zeros((80, 72), np.uint8)
+_mask[16:64, 8:48] = 255
+MASK = png(_mask)
+OTHER_MASK = png(np.ascontiguousarray(_mask[::-1, ::-1]))
 
 
 def split(model: LoadedModel, prompt: dict, **denoise: object) -> dict:
@@ -42,6 +59,32 @@ def split(model: LoadedModel, prompt: dict, **denoise: object) -> dict:
 
 def pixels(data: str) -> np.ndarray:
     return np.asarray(decode(data), dtype=int)
+
+
+def split_image(model: LoadedModel, prompt: dict, image: dict, **denoise: object) -> dict:
+    """encode, encode_image, denoise, decode: img2img, or inpaint when `image` has a mask."""
+    status, encoded = run_stage(model, "encode", prompt)
+    assert status == 200, encoded
+    status, latents = run_stage(model, "encode_image", image)
+    assert status == 200, latents
+    body = {"embeddings": encoded["embeddings"], "image_latents": latents["image_latents"], **denoise}
+    status, denoised = run_stage(model, "denoise", body)
+    assert status == 200, denoised
+    status, decoded = run_stage(model, "decode", {"latents": denoised["latents"]})
+    assert status == 200, decoded
+    return decoded
+
+
+def assert_same_images(mine: dict, theirs: dict) -> None:
+    assert len(mine["images"]) == len(theirs["images"])
+    for a, b in zip(mine["images"], theirs["images"], strict=True):
+        assert (a["width"], a["height"], a["seed"]) == (b["width"], b["height"], b["seed"])
+        assert np.abs(pixels(a["base64"]) - pixels(b["base64"])).max() <= 1
+
+
+@pytest.fixture(scope="module")
+def lora_sd(lora_baked: Path) -> LoadedModel:
+    return load_model(Settings(model_dir=lora_baked))
 
 
 @pytest.mark.parametrize("name", ["sd", "sdxl"])
@@ -102,10 +145,11 @@ def test_tensors_that_do_not_fit_are_422s_naming_them(sd: LoadedModel, sdxl: Loa
 
 
 @pytest.fixture(scope="module")
-def three_workers(baked: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+def three_workers(lora_baked: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """One worker per stage, on tiny-sd with two LoRAs baked (each loads its part of them)."""
     processes, urls = [], {}
     for stage in ("encode", "denoise", "decode"):
-        process, urls[stage] = start_worker(baked["tiny-sd"], tmp_path_factory.mktemp(stage), KEY, STAGES=stage)
+        process, urls[stage] = start_worker(lora_baked, tmp_path_factory.mktemp(stage), KEY, STAGES=stage)
         processes.append(process)
     yield urls
     for process in processes:
@@ -114,7 +158,7 @@ def three_workers(baked: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
 
 
 def test_three_workers_each_with_one_stage_make_the_all_in_one_image(
-    three_workers: dict[str, str], sd: LoadedModel
+    three_workers: dict[str, str], lora_sd: LoadedModel
 ) -> None:
     headers = {"X-BANANA-API-KEY": KEY}
 
@@ -126,7 +170,7 @@ def test_three_workers_each_with_one_stage_make_the_all_in_one_image(
     embeddings = call("encode", {"prompt": "a (lighthouse:1.2)", "negative_prompt": "fog"})["embeddings"]
     latents = call("denoise", {"embeddings": embeddings, **SHAPE})["latents"]
     image = call("decode", {"latents": latents})["image_base64"]
-    whole = handle(sd, {"prompt": "a (lighthouse:1.2)", "negative_prompt": "fog", **SHAPE})[1]
+    whole = handle(lora_sd, {"prompt": "a (lighthouse:1.2)", "negative_prompt": "fog", **SHAPE})[1]
     assert np.abs(pixels(image) - pixels(whole["image_base64"])).max() <= 1
     # Each worker refuses what it does not serve, and whole generations.
     for stage, url in three_workers.items():
@@ -138,10 +182,13 @@ def test_three_workers_each_with_one_stage_make_the_all_in_one_image(
         assert answer.status_code == 404 and answer.json()["$error"]["code"] == "STAGE_NOT_SERVED"
 
 
-def test_a_stage_worker_loads_only_its_part(baked: dict[str, Path]) -> None:
-    denoiser = load_model(Settings(model_dir=baked["tiny-sd"], stages="denoise"))
+def test_a_stage_worker_loads_only_its_part(baked: dict[str, Path], lora_baked: Path) -> None:
+    denoiser = load_model(Settings(model_dir=lora_baked, stages="denoise"))
     pipe = denoiser.pipes["text2img"]
     assert pipe.text_encoder is None and pipe.vae is None and pipe.unet is not None
+    assert pipe.get_list_adapters() == {"unet": ["ink", "fog"]}  # each LoRA's UNet layers
+    encoder = load_model(Settings(model_dir=lora_baked, stages="encode"))
+    assert encoder.pipes["text2img"].get_list_adapters() == {"text_encoder": ["ink"]}  # fog has none there
     decoder = load_model(Settings(model_dir=baked["tiny-sdxl"], stages="decode"))
     pipe = decoder.pipes["text2img"]
     assert pipe.unet is None and pipe.text_encoder is None and pipe.text_encoder_2 is None and pipe.vae is not None
@@ -191,3 +238,138 @@ def test_stages_settings(redis_url: str, baked: dict[str, Path], tmp_path: Path)
     env["REDIS_URL"] = redis_url
     result = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "MODEL_KEY of their own" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl"])
+@pytest.mark.parametrize(
+    "task",
+    [
+        {},  # img2img
+        {"mask_image": MASK},
+        {"mask_image": MASK, "strength": 1.0, "scheduler": "euler a"},  # draws noise at each step from the seed
+    ],
+)
+def test_img2img_and_inpaint_through_the_stages_are_the_all_in_one_images(
+    name: str, task: dict, request: pytest.FixtureRequest
+) -> None:
+    model = request.getfixturevalue(name)
+    common = {"num_inference_steps": 4, "seed": 8, "num_images_per_prompt": 2}
+    whole = handle(model, {"prompt": "a red barn", "image": INIT, **task, **common})[1]
+    image = {"image": INIT, **({"mask_image": task["mask_image"]} if "mask_image" in task else {})}
+    denoise = {key: value for key, value in {**task, **common}.items() if key != "mask_image"}
+    parts = split_image(model, {"prompt": "a red barn"}, image, **denoise)
+    assert_same_images(parts, whole)
+    assert parts["images"][0]["width"] == 72 and parts["images"][0]["height"] == 80
+
+
+def test_the_image_and_its_mask_reach_the_denoiser(sd: LoadedModel) -> None:
+    def one(image: dict) -> np.ndarray:
+        return pixels(split_image(sd, {"prompt": "a red barn"}, image, num_inference_steps=4, seed=3)["image_base64"])
+
+    img2img, inpaint = one({"image": INIT}), one({"image": INIT, "mask_image": MASK})
+    other_mask = one({"image": INIT, "mask_image": OTHER_MASK})
+    other_image = one({"image": png(np.full((80, 72, 3), 30, np.uint8)), "mask_image": MASK})
+    for a, b in ((img2img, inpaint), (inpaint, other_mask), (inpaint, other_image)):
+        assert np.abs(a - b).max() > 10
+
+
+def test_bad_image_latents_are_422s_naming_them(sd: LoadedModel) -> None:
+    _, encoded = run_stage(sd, "encode", {"prompt": "a red barn"})
+    _, latents = run_stage(sd, "encode_image", {"image": INIT, "mask_image": MASK})
+    tensors, meta = unpack(latents["image_latents"], "image_latents")
+    moments = tensors["image_moments"]
+    cases = [
+        ({"image_latents": "not base64!"}, "image_latents"),
+        ({"image_latents": pack({**tensors, "extra": moments.clone()}, meta)}, "image_latents"),
+        ({"image_latents": pack({"image_moments": moments[:, :4]}, meta)}, "image_latents.image_moments"),
+        ({"image_latents": pack({**tensors, "mask": tensors["mask"][:, :, :5]}, meta)}, "image_latents.mask"),
+        ({"image_latents": pack({**tensors, "mask": tensors["mask"] * 3}, meta)}, "image_latents.mask"),
+        ({"image_latents": pack({**tensors, "mask": tensors["mask"].float()}, meta)}, "image_latents.mask"),
+        (
+            {"image_latents": pack({**tensors, "masked_image_moments": moments[..., :3]}, meta)},
+            "image_latents.masked_image_moments",
+        ),
+        ({"image_latents": latents["image_latents"], "width": 64}, "width"),
+        ({"image_latents": latents["image_latents"], "strength": 0}, "strength"),
+        ({"strength": 0.5}, "strength"),  # without an image
+    ]
+    for body, field in cases:
+        status, answer = run_stage(
+            sd, "denoise", {"embeddings": encoded["embeddings"], "num_inference_steps": 2, **body}
+        )
+        assert status == 422 and answer["$error"]["field"] == field, (field, answer)
+    for body, field in [
+        ({}, "image"),
+        ({"image": "not an image"}, "image"),
+        ({"image": INIT, "mask_image": "nope"}, "mask_image"),
+        ({"image": INIT, "width": 60}, "width"),
+        ({"image": INIT, "prompt": "x"}, "prompt"),
+    ]:
+        status, answer = run_stage(sd, "encode_image", body)
+        assert status == 422 and answer["$error"]["field"] == field, (field, answer)
+
+
+def test_loras_through_the_stages_are_the_all_in_one_lora_images(lora_sd: LoadedModel) -> None:
+    prompt = {"prompt": "a lighthouse"}
+    whole = handle(lora_sd, {**prompt, **SHAPE, "loras": LORAS})[1]
+    parts = split(lora_sd, {**prompt, "loras": LORAS}, loras=LORAS)
+    assert_same_images(parts, whole)
+    plain = handle(lora_sd, {**prompt, **SHAPE})[1]
+    assert_same_images(split(lora_sd, prompt), plain)  # none named: none applied, after a call that named some
+    unet_only = pixels(split(lora_sd, prompt, loras=LORAS)["image_base64"])  # ink's text-encoder part left out
+    assert np.abs(unet_only - pixels(whole["image_base64"])).max() > 10
+    assert np.abs(unet_only - pixels(plain["image_base64"])).max() > 10
+    status, answer = run_stage(lora_sd, "encode", {**prompt, "loras": [{"name": "nope"}]})
+    assert status == 422 and answer["$error"]["field"] == "loras[0].name", answer
+
+
+def test_three_workers_make_the_all_in_one_inpaint_with_loras(
+    three_workers: dict[str, str], lora_sd: LoadedModel
+) -> None:
+    headers = {"X-BANANA-API-KEY": KEY}
+
+    def call(stage: str, body: dict, worker: str = "") -> dict:
+        url = f"{three_workers[worker or stage]}/stages/{stage}"
+        answer = requests.post(url, json=body, headers=headers, timeout=120)
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    prompt = {"prompt": "a (lighthouse:1.2)", "negative_prompt": "fog"}
+    embeddings = call("encode", {**prompt, "loras": LORAS})["embeddings"]
+    image = call("encode_image", {"image": INIT, "mask_image": MASK}, worker="decode")["image_latents"]
+    denoise = {"num_inference_steps": 4, "seed": 5, "strength": 0.9, "scheduler": "euler a", "loras": LORAS}
+    latents = call("denoise", {"embeddings": embeddings, "image_latents": image, **denoise})["latents"]
+    parts = call("decode", {"latents": latents})
+    whole = handle(lora_sd, {**prompt, "image": INIT, "mask_image": MASK, **denoise})[1]
+    assert_same_images(parts, whole)
+    for stage in ("encode", "denoise"):  # encode_image is the VAE's: only the decode worker serves it
+        answer = requests.post(f"{three_workers[stage]}/stages/encode_image", json={}, headers=headers, timeout=30)
+        assert answer.status_code == 404 and "STAGES=decode" in answer.json()["$error"]["message"]
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl"])
+def test_encode_image_sends_the_distributions_the_all_in_one_vae_computes(
+    name: str, request: pytest.FixtureRequest
+) -> None:
+    """What the whole inpaint pipeline has its VAE encode (the image, then the image with the mask's part blacked
+    out, which an inpainting UNet reads) is exactly what encode_image sends."""
+    model = request.getfixturevalue(name)
+    vae = model.pipes["inpaint"].vae
+    seen: list[torch.Tensor] = []
+
+    def recording(pixels: torch.Tensor, *args: object, **kwargs: object) -> object:
+        answer = type(vae).encode(vae, pixels, *args, **kwargs)
+        seen.append(answer.latent_dist.parameters.clone())
+        return answer
+
+    vae.encode = recording
+    try:
+        status, _ = handle(model, {"prompt": "a red barn", "image": INIT, "mask_image": MASK, "num_inference_steps": 2})
+    finally:
+        del vae.encode
+    assert status == 200 and len(seen) == 2
+    status, answer = run_stage(model, "encode_image", {"image": INIT, "mask_image": MASK})
+    tensors, meta = unpack(answer["image_latents"], "image_latents")
+    assert torch.equal(tensors["image_moments"], seen[0]) and torch.equal(tensors["masked_image_moments"], seen[1])
+    assert not torch.equal(seen[0], seen[1])
+    assert meta == {"family": model.family, "task": "inpaint", "width": 72, "height": 80}

@@ -38,6 +38,7 @@ class Family:
     distilled_guidance: float = 0.0
     sized_img2img: bool = False  # its img2img pipeline takes width and height (else it resizes to the default)
     refiner: str | None = None  # the pipeline class of a refiner baked beside it (REFINER_ID), if it can have one
+    stages: bool = False  # seed 001's split (STAGES): text encoders, UNet and VAE each their own worker
 
     def is_distilled(self, pipe_config: dict[str, Any], model_id: str) -> bool:
         """Whether the baked model is a few-step distillation: FLUX.1 schnell (no guidance embedding), and
@@ -62,6 +63,7 @@ FAMILIES = {
             50,
             7.5,
             frozenset({"negative_prompt", "clip_skip", "eta"}),
+            stages=True,
         ),
         Family(
             "sd2",
@@ -72,6 +74,7 @@ FAMILIES = {
             50,
             7.5,
             frozenset({"negative_prompt", "clip_skip", "eta"}),
+            stages=True,
         ),
         Family(
             "sdxl",
@@ -88,6 +91,7 @@ FAMILIES = {
             frozenset({"negative_prompt", "clip_skip", "eta"}),
             distilled_steps=4,
             refiner="StableDiffusionXLImg2ImgPipeline",
+            stages=True,
         ),
         Family(
             "sd3",

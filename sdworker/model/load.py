@@ -3,6 +3,7 @@ the weights."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -197,11 +198,21 @@ class LoadedModel:
         """The family's row of the table: defaults, fields, pipelines."""
         return FAMILIES[self.family]
 
+    def config_of(self, part: str) -> Any:
+        """The config of the pipeline's `part` (vae, unet, transformer), read from the baked model where this worker
+        does not load that part (a STAGES worker)."""
+        module = getattr(self.pipes["text2img"], part, None)
+        if module is not None:
+            return module.config
+        from diffusers.configuration_utils import FrozenDict
+
+        return FrozenDict(json.loads((self.settings.model_dir / part / "config.json").read_text()))
+
     @property
     def default_size(self) -> int:
         """The model's native image side in pixels (512 for SD 1.x, 1024 for SDXL, SD3 and FLUX.1)."""
         pipe = self.pipes["text2img"]
-        sample = getattr(getattr(pipe, self.row.denoiser).config, "sample_size", None)
+        sample = self.config_of(self.row.denoiser).get("sample_size")
         if not isinstance(sample, int):  # FLUX.1's transformer has none: its pipeline's default
             sample = pipe.default_sample_size
         return sample * pipe.vae_scale_factor
@@ -213,7 +224,7 @@ class LoadedModel:
         pipe = self.pipes["text2img"]
         if self.family == "flux":
             return pipe.vae_scale_factor * 2
-        return pipe.vae_scale_factor * getattr(getattr(pipe, self.row.denoiser).config, "patch_size", 1)
+        return pipe.vae_scale_factor * self.config_of(self.row.denoiser).get("patch_size", 1)
 
     @property
     def dtype(self) -> Any:
@@ -243,15 +254,21 @@ def load_model(settings: Settings) -> LoadedModel:
             "ENABLE_MODEL_CPU_OFFLOAD",
         )
     family = family_of(settings.model_dir)
+    if not settings.whole() and not family.stages:
+        split = ", ".join(name for name, row in FAMILIES.items() if row.stages)
+        raise WorkerError(
+            "INVALID_SETTINGS",
+            f"STAGES={settings.stages}: the {family.name} family is not split into stages here ({split} are)",
+            "STAGES",
+        )
     # With offload the weights stay in host memory; each component goes to the GPU only while it runs.
     load_on = "cpu" if settings.enable_model_cpu_offload else device
     dtype = resolve_dtype(settings.dtype, family, device)  # the GPU's dtype, wherever the weights wait
     dtype_name = str(dtype).removeprefix("torch.")
     base = load_pipeline(settings.model_dir, load_on, attention, dtype_name, **_unserved(settings, family))
-    # Before compiling or fusing: they change the layers. A STAGES worker without the denoiser or the text
-    # encoders skips what needs them (its stages read no LoRA).
-    loras = load_baked(base, settings.model_dir, "loras") if settings.whole() else []
+    # Before compiling or fusing: they change the layers. A STAGES worker loads them into the parts it holds.
     encodes = base.text_encoder is not None or getattr(base, "text_encoder_2", None) is not None
+    loras = load_baked(base, settings.model_dir, "loras") if encodes or "denoise" in settings.served_stages() else []
     embeddings = load_baked(base, settings.model_dir, "embeddings") if encodes else []
     apply_speed_options(base, settings, device)
     # The safety checker runs on its own after generation, so each request can turn it on or off.

@@ -28,7 +28,30 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.<>-]{0,63}$")
 
 
 def _load_lora(pipe: Any, name: str, path: Path) -> None:
-    pipe.load_lora_weights(str(path), adapter_name=name)
+    """Load the LoRA at `path` as the adapter `name`. A STAGES worker (seed 001's split) holds only some of the
+    parts a LoRA adapts: it loads the LoRA's layers for those it has (the UNet, or the text encoders)."""
+    parts = {part: getattr(pipe, part, None) for part in pipe._lora_loadable_modules}
+    if all(module is not None for module in parts.values()):
+        pipe.load_lora_weights(str(path), adapter_name=name)
+        return
+    unet = parts.get("unet")
+    state, alphas, metadata = pipe.lora_state_dict(
+        str(path), return_lora_metadata=True, **({"unet_config": unet.config} if unet is not None else {})
+    )
+    if not all("lora" in key for key in state):
+        raise ValueError("not a LoRA: some of its tensors are not LoRA layers")
+    common = {"network_alphas": alphas, "adapter_name": name, "metadata": metadata, "_pipeline": pipe}
+    for part, module in parts.items():
+        if module is None:
+            continue
+        if part == "unet":
+            pipe.load_lora_into_unet(state, unet=module, **common)
+        elif part.startswith("text_encoder"):
+            pipe.load_lora_into_text_encoder(
+                state, text_encoder=module, prefix=part, lora_scale=pipe.lora_scale, **common
+            )
+        else:  # the split stages are SD 1.x/2.x and SDXL's; the load refuses STAGES for the others
+            raise ValueError(f"a STAGES worker cannot load a LoRA into {part}")
 
 
 def _load_embedding(pipe: Any, name: str, path: Path) -> None:
@@ -78,6 +101,11 @@ def apply_loras(pipe: Any, loras: list[tuple[str, float]], has_adapters: bool) -
     none. `has_adapters`: whether any adapter is loaded at all (else there is nothing to switch)."""
     if not has_adapters:
         return
+    # A STAGES worker holds some parts only: a LoRA with no layers in them has no adapter here, and nothing to do.
+    present = {name for names in pipe.get_list_adapters().values() for name in names}
+    if not present:
+        return
+    loras = [(name, scale) for name, scale in loras if name in present]
     if not loras:
         pipe.disable_lora()
         return
@@ -145,7 +173,7 @@ class UrlLoras:
                 self.loaded.move_to_end(name)
                 return
             try:
-                pipe.load_lora_weights(str(path), adapter_name=name)
+                _load_lora(pipe, name, path)
             except Exception as err:
                 with contextlib.suppress(Exception):
                     pipe.delete_adapters(name)
