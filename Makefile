@@ -25,7 +25,7 @@ node_modules/.installed: package.json package-lock.json
 	$(NPM) ci --no-audit --no-fund
 	touch $@
 
-.PHONY: run test lint redis-server image image-test
+.PHONY: run test lint system-tools image image-test
 run: $(VENV)/.run  ## bake MODEL_ID (skipped when already baked), then serve on HOST:PORT
 	$(PY) download.py
 	$(PY) app.py
@@ -35,21 +35,24 @@ lint: $(VENV)/.dev
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/hadolint Dockerfile
 
-# The tests start a real redis-server: install it with apt-get when it is missing (as root, or through sudo).
-redis-server:
-	@command -v redis-server >/dev/null || { \
+# The tests start a real redis-server and check compose.yaml with docker-compose: each is installed with apt-get
+# when missing (as root, or through sudo).
+SYSTEM_TOOLS := redis-server docker-compose
+system-tools:
+	@for tool in $(SYSTEM_TOOLS); do \
+	  command -v $$tool >/dev/null && continue; \
 	  if ! command -v apt-get >/dev/null; then \
-	    echo "redis-server is not installed: install it (brew install redis, dnf install redis, ...) and run make test again" >&2; exit 1; \
+	    echo "$$tool is not installed: install it (brew, dnf, ...) and run make test again" >&2; exit 1; \
 	  elif [ "$$(id -u)" = 0 ]; then SUDO=; \
 	  elif command -v sudo >/dev/null; then SUDO=sudo; \
-	  else echo "redis-server is not installed and this user cannot install it: run 'apt-get install redis-server' as root, then make test again" >&2; exit 1; \
+	  else echo "$$tool is not installed and this user cannot install it: run 'apt-get install $$tool' as root, then make test again" >&2; exit 1; \
 	  fi; \
-	  echo "installing redis-server with apt-get"; \
-	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
-	  command -v redis-server >/dev/null || { echo "apt-get did not install redis-server" >&2; exit 1; }; \
-	}
+	  echo "installing $$tool with apt-get"; \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$tool; \
+	  command -v $$tool >/dev/null || { echo "apt-get did not install $$tool" >&2; exit 1; }; \
+	done
 
-test: lint node_modules/.installed redis-server .venv-clients/.installed  ## lint, then the whole test suite
+test: lint node_modules/.installed system-tools .venv-clients/.installed  ## lint, then the whole test suite
 	$(PY) -m pytest
 
 # The Docker image. Both start a Docker engine when none answers (as root). BASE_IMAGE=... builds on another base,

@@ -5,17 +5,16 @@ routes (`--mode gateway|worker|potassium` for the others). To change what the wo
 `sdworker/handler.py`; to change how the model loads, `sdworker/model/`.
 """
 
-import logging
-
 from potassium import Potassium, Request, Response
 
+from sdworker import logs
 from sdworker.config import Settings
 from sdworker.handler import handle
 from sdworker.model import load_model
 from sdworker.platforms import run
 from sdworker.stages import run_stage
 
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+logs.setup()  # text at INFO until the settings are read (LOG_FORMAT)
 app = Potassium("sd-worker")
 
 

@@ -4,7 +4,8 @@
     python download.py --model-id tiny-sd    # flags override both
     python download.py --refiner-id stabilityai/stable-diffusion-xl-refiner-1.0   # add a refiner, keep the base
 
-Exit status 0 when the model is baked (or already was), 1 with one line on stderr when it cannot be.
+Exit status 0 when the model is baked (or already was), 1 with one line on stderr when it cannot be, 2 when
+a setting is wrong.
 """
 
 from __future__ import annotations
@@ -56,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         "loras": args.loras,
         "embeddings": args.embeddings,
     }
-    settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
+    try:
+        settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
+    except WorkerError as err:
+        print(f"download.py: {err.message}", file=sys.stderr)
+        return 2
     token = settings.hf_token.get_secret_value() if settings.hf_token else None
     bakes = [(settings.model_id, settings.model_dir, settings.model_revision, False)]
     if settings.refiner_id:  # beside the base, which is baked first (or kept, when it already is)

@@ -5,16 +5,23 @@ build secret or a mounted secret is read there, so it never has to be an environ
 from __future__ import annotations
 
 import logging
+import os
 import re
+import types
+import typing
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .errors import WorkerError
 from .manifest import read_manifest
 
 ENV_FILE = "build_args.env"
+RUNPOD_SERVERLESS = ("RUNPOD_ENDPOINT_ID", "RUNPOD_WEBHOOK_GET_JOB")
+"""Set by RunPod on its serverless workers (not on its pods): MODE defaults to runpod there."""
 SECRETS_DIR = Path("/run/secrets")
 
 
@@ -62,6 +69,13 @@ class Settings(BaseSettings):
     device: str | None = Field(None, description="torch device; default cuda when available, else cpu.")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto", description="Weights' dtype at load: auto is the family's GPU dtype on CUDA, float32 elsewhere."
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, le=1024, description="torch's threads on a CPU device; default: the cores less one, at least 1."
+    )
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line, with the job id.")
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Serve /metrics here without a key (any mode); else on PORT, with one."
     )
     attention: Literal["sdpa", "xformers"] = Field("sdpa", description="Attention backend on CUDA.")
 
@@ -121,9 +135,9 @@ class Settings(BaseSettings):
 
     # The job server (python app.py): who may call, which model, where jobs live.
     mode: Literal["serve", "gateway", "worker", "potassium", "runpod"] = Field(
-        "serve",
+        default_factory=lambda: "runpod" if any(os.environ.get(name) for name in RUNPOD_SERVERLESS) else "serve",
         description="serve: HTTP and a worker in one process; gateway: HTTP only; worker: model only; "
-        "potassium: Potassium's server; runpod: a RunPod serverless worker.",
+        "potassium: Potassium's server; runpod: a RunPod serverless worker (the default on RunPod serverless).",
     )
     api_keys: SecretStr | None = Field(None, description="Accepted API keys, comma-separated; one is made if unset.")
     admin_api_keys: SecretStr | None = Field(
@@ -144,7 +158,8 @@ class Settings(BaseSettings):
     stages: str = Field(
         "all",
         pattern=r"^\s*(all|(encode|denoise|decode)(\s*,\s*(encode|denoise|decode))*)\s*$",
-        description="Seed 001's split: which of encode, denoise, decode this worker loads and serves (or all).",
+        description="all, or some of encode, denoise, decode (comma-separated): the split stages (seed 001) this "
+        "worker loads and serves.",
     )
     idle_shutdown_s: float | None = Field(
         None, gt=0, description="serve mode: exit 0 after this long with no request and no job (default off)."
@@ -196,6 +211,14 @@ class Settings(BaseSettings):
     s3_prefix: str = Field("outputs/", description="Key prefix for uploaded images.")
     s3_url_expires_s: int = Field(3600, ge=1, le=604800, description="Lifetime of presigned URLs (SigV4: 7 days).")
 
+    def __init__(self, **values: Any) -> None:
+        """Read the settings; a bad one is a WorkerError (INVALID_SETTINGS) of one line naming the environment
+        variable as it was written, its value and what it accepts."""
+        try:
+            super().__init__(**values)
+        except ValidationError as err:
+            raise _settings_error(err) from None
+
     @model_validator(mode="after")
     def _s3_output_has_a_bucket(self) -> Settings:
         if self.output_type == "s3" and not self.s3_bucket:
@@ -239,3 +262,77 @@ class Settings(BaseSettings):
         if self.model_key:
             return [key.strip() for key in self.model_key.split(",") if key.strip()]
         return [re.sub(r"[^a-z0-9]+", "-", self.served_model_id().lower()).strip("-") or "model"]
+
+
+REWORDED = {
+    "string_pattern_mismatch",
+    "literal_error",
+    "int_parsing",
+    "int_from_float",
+    "float_parsing",
+    "bool_parsing",
+    "greater_than",
+    "greater_than_equal",
+    "less_than",
+    "less_than_equal",
+}
+"""Pydantic's errors that say less than what the setting accepts: reworded as what it accepts."""
+
+
+def env_names(name: str, field: FieldInfo) -> list[str]:
+    """The environment variables a setting is read from: its aliases, else its name, upper case."""
+    alias = field.validation_alias
+    if isinstance(alias, AliasChoices):
+        return [str(choice).upper() for choice in alias.choices]
+    return [str(alias or name).upper()]
+
+
+def _accepts(field: FieldInfo) -> str:
+    """What a setting accepts, in words."""
+    kind = field.annotation
+    args = [kind]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
+        args = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+    if typing.get_origin(args[0]) is Literal:
+        return "one of " + ", ".join(str(choice) for choice in typing.get_args(args[0]))
+    if args[0] is bool:
+        return "true or false"
+    if args[0] in (int, float):
+        bounds = {type(item).__name__: item for item in field.metadata}
+        low = next(
+            (
+                f"{word} {getattr(bounds[key], attr)}"
+                for key, attr, word in (("Ge", "ge", "at least"), ("Gt", "gt", "above"))
+                if key in bounds
+            ),
+            "",
+        )
+        high = next(
+            (
+                f"{word} {getattr(bounds[key], attr)}"
+                for key, attr, word in (("Le", "le", "at most"), ("Lt", "lt", "below"))
+                if key in bounds
+            ),
+            "",
+        )
+        number = "a whole number" if args[0] is int else "a number"
+        return " ".join(part for part in (number, low, "and" if low and high else "", high) if part)
+    return field.description or "see the Settings table in README.md"
+
+
+def _settings_error(err: ValidationError) -> WorkerError:
+    """A settings error as one line: `PORT='abc': a whole number at least 1 and at most 65535`."""
+    problem = err.errors()[0]
+    loc = [str(part) for part in problem["loc"]]
+    message = str(problem["msg"]).removeprefix("Value error, ")
+    fields = Settings.model_fields
+    name = next((key for key, field in fields.items() if loc and loc[0].upper() in env_names(key, field)), None)
+    if name is None:  # a check across settings: its message names them
+        return WorkerError("INVALID_SETTINGS", message)
+    written = {key.upper(): key for key in os.environ}
+    variable = next((env for env in env_names(name, fields[name]) if env in written), env_names(name, fields[name])[0])
+    value = problem.get("input")
+    shown = f"{variable}={value!r}" if isinstance(value, str | int | float) else variable
+    if problem["type"] in REWORDED:
+        message = f"takes {_accepts(fields[name])}"
+    return WorkerError("INVALID_SETTINGS", f"{shown}: {message}", variable)

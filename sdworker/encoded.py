@@ -34,7 +34,7 @@ class EncodedImage:
         return self.moments.shape[2] * self.factor
 
     def pipeline_inputs(self) -> dict[str, torch.Tensor]:
-        """What the img2img or inpaint pipeline is given for its image: a white one of the image's size, which
+        """What the img2img or inpaint pipeline is given for its image: a blank one of the image's size, which
         `vae_stand_in` answers for, and the mask, which the pipeline scales to pixels and back to the same latents."""
         inputs = {"image": torch.ones(1, 3, self.height, self.width)}
         if self.mask is not None:
@@ -54,29 +54,26 @@ class Encoded:
 class _VaeEncoder:
     """Stands in for the VAE in an img2img or inpaint pipeline for one call: `encode` answers the distributions
     the VAE's worker computed. The pipeline then samples them with the request's generators, at the point and
-    in the order a whole generation does, so the random numbers and the image are a whole worker's. It encodes
-    the white image it was given (-> the image's distribution) and, for inpaint, that image times the mask's
-    black part (-> the masked image's); a mask with no white part leaves the image whole, and both are one."""
+    in the order a whole generation does, so the random numbers and the image are a whole worker's. What it
+    encodes inside `prepare_mask_latents` is the masked image (what an inpainting UNet reads); anything else is
+    the image."""
 
     def __init__(self, config: Any, image: EncodedImage, device: Any) -> None:
         self.config = config
         self.image = image
         self.device = device
+        self.masked = False  # set while the pipeline prepares the mask's latents
 
     def encode(self, pixels: torch.Tensor) -> Any:
-        """The distribution the VAE's worker computed for `pixels`' stand-in, one per image in the batch."""
+        """The distribution the VAE's worker computed for what `pixels` stands for, one per image in the batch."""
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
         from diffusers.models.modeling_outputs import AutoencoderKLOutput
 
-        whole = bool((pixels == 1).all()) or self.image.masked_moments is None
-        moments = self.image.moments if whole else self.image.masked_moments
+        moments = self.image.masked_moments if self.masked else self.image.moments
+        if moments is None:  # never expected: inpaint's image latents always hold the masked image's
+            raise ValueError("the pipeline encodes a masked image, and the image latents hold none")
         moments = moments.to(self.device).repeat(pixels.shape[0], 1, 1, 1)
         return AutoencoderKLOutput(latent_dist=DiagonalGaussianDistribution(moments))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype of the distributions: the VAE's as it encoded them."""
-        return self.image.moments.dtype
 
     def to(self, *args: Any, **kwargs: Any) -> _VaeEncoder:
         """The pipeline moves the VAE to float32 and back around encoding (SDXL's upcast): the VAE's worker did."""
@@ -85,10 +82,25 @@ class _VaeEncoder:
 
 @contextmanager
 def vae_stand_in(pipe: Any, config: Any, image: EncodedImage, device: Any) -> Iterator[None]:
-    """`pipe.vae` is `_VaeEncoder` (with the VAE's `config`) for the duration: called in the model's turn."""
+    """`pipe.vae` is `_VaeEncoder` (with the VAE's `config`) for the duration, and `pipe.prepare_mask_latents`
+    tells it when it encodes the masked image. Called in the model's turn: nothing else uses `pipe` meanwhile."""
+    encoder = _VaeEncoder(config, image, device)
+    prepare = getattr(pipe, "prepare_mask_latents", None)
+
+    def prepare_mask_latents(*args: Any, **kwargs: Any) -> Any:
+        encoder.masked = True
+        try:
+            return prepare(*args, **kwargs)
+        finally:
+            encoder.masked = False
+
     real = pipe.vae
-    pipe.vae = _VaeEncoder(config, image, device)
+    pipe.vae = encoder
+    if prepare is not None:
+        pipe.prepare_mask_latents = prepare_mask_latents
     try:
         yield
     finally:
         pipe.vae = real
+        if prepare is not None:
+            del pipe.prepare_mask_latents  # the class's method again

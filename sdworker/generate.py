@@ -158,6 +158,7 @@ def generate(
     if task != "img2img" or model.row.sized_img2img:  # SD's img2img takes its size from the image
         kwargs.update(width=width, height=height)
     scheduler, scheduler_name = make_scheduler(request.scheduler, model.baked_scheduler)
+    _check_steps(request, scheduler)
     job = _Job(
         request=request,
         prompts=prompts,
@@ -192,6 +193,20 @@ def generate(
         prompt_tokens=prompts.tokens if prompts else 0,
         truncated=prompts.truncated if prompts else False,
     )
+
+
+def _check_steps(request: GenerateInput, scheduler: Any) -> None:
+    """A scheduler takes at most as many steps as the model's training timesteps; PNDM one fewer (its last
+    step would look one past them)."""
+    limit = scheduler.config.get("num_train_timesteps", 1000)
+    limit -= type(scheduler).__name__ == "PNDMScheduler"
+    if (request.num_inference_steps or 0) > limit:
+        raise WorkerError(
+            "INVALID_INPUTS",
+            f"num_inference_steps must be at most {limit} with {type(scheduler).__name__} (got "
+            f"{request.num_inference_steps})",
+            "num_inference_steps",
+        )
 
 
 def fetching(request: GenerateInput) -> AbstractContextManager[Callable[[], None] | None]:
@@ -379,21 +394,38 @@ def _conditioning(model: LoadedModel, pipe: Any, batch: list[_Job], counts: list
     }
 
 
+def _progress(pipeline: Any, step: int) -> tuple[int, int]:
+    """(steps done, steps in all) after the pipeline's loop index `step`, in the steps a client asked for: some
+    schedulers visit a timestep twice (PNDM its first, Heun and other second-order ones each but the last), and
+    the count of distinct timesteps is what was asked (times strength for img2img)."""
+    calls = pipeline.num_timesteps
+    distinct = len(set(pipeline.scheduler.timesteps[-calls:].tolist())) if calls else 0
+    if not distinct or step + 1 >= calls:  # the last call: all done (whatever the count said before)
+        return (distinct, distinct) if distinct else (step + 1, step + 1)
+    return min(-(-(step + 1) * distinct // calls), distinct - 1), distinct
+
+
 def _pipeline_call(model: LoadedModel, batch: list[_Job]) -> None:
     """One pipeline call for every image of `batch`; fills in each job's images, or its error."""
     first = batch[0]
     pipe = model.pipes[first.request.task]
     counts = [len(job.seeds) for job in batch]
 
+    reported = [0]
+
     def step_end(pipeline: Any, step: int, timestep: Any, tensors: dict) -> dict:
+        done, total = _progress(pipeline, step)
+        if done == reported[0]:  # a timestep visited twice: nothing new to say
+            return tensors
+        reported[0] = done
         offset = 0
         for job, count in zip(batch, counts, strict=True):
             if job.error is None:
                 try:
                     if job.on_step is not None:
-                        job.on_step(step + 1, pipeline.num_timesteps)
+                        job.on_step(done, total)
                     if job.on_latents is not None:
-                        job.on_latents(step + 1, pipeline.num_timesteps, tensors["latents"][offset : offset + count])
+                        job.on_latents(done, total, tensors["latents"][offset : offset + count])
                 except WorkerError as err:  # this job was cancelled or timed out; the others go on
                     job.error = err
             offset += count

@@ -17,6 +17,8 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +28,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from .encoded import Encoded, EncodedImage
 from .errors import WorkerError
 from .images import encode_image
-from .schema import GenerateInput, LoraChoice, check_limits
+from .schema import GenerateInput, LoraChoice, check_limits, check_size
 
 SERVED_BY = {"encode": "encode", "denoise": "denoise", "decode": "decode", "encode_image": "decode"}
 """Each stage, and the STAGES name of the worker that serves it: encode_image needs the VAE, as decode does."""
@@ -224,11 +226,27 @@ def _encode(model: Any, payload: Any) -> dict:
     }
 
 
-def _upcast(model: Any) -> bool:
-    """Whether the VAE runs in float32 here though the model is float16: SDXL's pipelines upcast a VAE whose
-    config asks for it (SD 1.x/2.x's do not), and the stages do as they do."""
+def _encodes_in_float32(model: Any, config: Any) -> bool:
+    """Whether the pipelines encode images with the VAE in float32: SDXL's do when its config says force_upcast,
+    whatever the model's dtype (SD 1.x/2.x's never upcast)."""
+    return model.family == "sdxl" and bool(getattr(config, "force_upcast", False))
+
+
+@contextmanager
+def _vae(model: Any, encoding: bool) -> Iterator[Any]:
+    """The VAE, in float32 for the call where the pipelines run it so: to encode (see `_encodes_in_float32`),
+    and to decode where it is float16 and its config says force_upcast (SDXL's). In the model's turn only. It is
+    text2img's, which is never swapped (`vae_stand_in` replaces img2img's and inpaint's for a call)."""
     vae = model.pipes["text2img"].vae
-    return model.family == "sdxl" and vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+    before = vae.dtype
+    upcast = _encodes_in_float32(model, vae.config) and (encoding or before == torch.float16)
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        yield vae
+    finally:
+        if upcast:
+            vae.to(before)
 
 
 def _encode_image(model: Any, payload: Any) -> dict:
@@ -251,21 +269,15 @@ def _encode_image(model: Any, payload: Any) -> dict:
         condition = pipe.mask_processor.preprocess(mask, height=height, width=width)
         masked = pixels * (condition < 0.5)
         latent_mask = torch.nn.functional.interpolate(condition, size=(height // factor, width // factor))
-    vae = pipe.vae
-
-    def moments(image: torch.Tensor) -> torch.Tensor:
-        image, upcast = image.to(vae.device, model.dtype), _upcast(model)
-        if upcast:
-            vae.to(torch.float32)
-            image = image.float()
-        try:
-            return vae.encode(image).latent_dist.parameters
-        finally:
-            if upcast:
-                vae.to(torch.float16)
 
     def work() -> dict[str, torch.Tensor]:
-        with torch.inference_mode():
+        dtype = model.dtype  # read before the VAE is upcast: on a decode worker it is the VAE's
+        with torch.inference_mode(), _vae(model, encoding=True) as vae:
+
+            def moments(image: torch.Tensor) -> torch.Tensor:  # as the pipeline: to the model's dtype, then the VAE's
+                image = image.to(model.device, dtype).to(vae.dtype)
+                return vae.encode(image).latent_dist.parameters
+
             tensors = {"image_moments": moments(pixels)}
             if masked is not None and latent_mask is not None:
                 tensors["masked_image_moments"] = moments(masked)
@@ -279,10 +291,18 @@ def _encode_image(model: Any, payload: Any) -> dict:
 
 def _image_latents(model: Any, data: str) -> EncodedImage:
     """encode_image's answer, checked against this model: a 422 naming the tensor that does not fit."""
+    if model.settings.enable_model_cpu_offload:  # the stand-in VAE and offload's hooks do not mix
+        raise WorkerError(
+            "INVALID_INPUTS",
+            "image_latents: img2img and inpaint through the stages do not run on a worker with "
+            "ENABLE_MODEL_CPU_OFFLOAD; send them to one without",
+            "image_latents",
+        )
     tensors, _ = unpack(data, "image_latents")
     names = MASKED if len(tensors) > 1 else IMAGE
-    _check(tensors, names, "image_latents", whole=("mask",))
-    channels = 2 * model.config_of("vae").latent_channels
+    _check(tensors, names, "image_latents", uint8=("mask",))
+    config = model.config_of("vae")
+    channels = 2 * config.latent_channels
     moments = tensors["image_moments"]
     shape = list(moments.shape)
     if len(shape) != 4 or shape[:2] != [1, channels] or min(shape[2:]) < 8:
@@ -301,16 +321,21 @@ def _image_latents(model: Any, data: str) -> EncodedImage:
             )
     if "mask" in tensors and not bool(((tensors["mask"] == 0) | (tensors["mask"] == 1)).all()):
         raise WorkerError("INVALID_INPUTS", "image_latents.mask: 0 or 1 only", "image_latents.mask")
+    factor = 2 ** (len(config.block_out_channels) - 1)
+    check_size(shape[3] * factor, shape[2] * factor, model.settings)
+    # In the dtype this model's pipelines encode in: a VAE worker with another DTYPE still fits.
+    dtype = torch.float32 if _encodes_in_float32(model, config) else model.dtype
+    masked = tensors.get("masked_image_moments")
     return EncodedImage(
-        moments=moments,
-        factor=model.pipes["text2img"].vae_scale_factor,
-        masked_moments=tensors.get("masked_image_moments"),
+        moments=moments.to(dtype),
+        factor=factor,
+        masked_moments=masked.to(dtype) if masked is not None else None,
         mask=tensors.get("mask"),
     )
 
 
-def _check(tensors: dict[str, torch.Tensor], names: tuple[str, ...], field: str, whole: tuple[str, ...] = ()) -> None:
-    """Exactly `names`, each a finite float tensor (those in `whole`: uint8)."""
+def _check(tensors: dict[str, torch.Tensor], names: tuple[str, ...], field: str, uint8: tuple[str, ...] = ()) -> None:
+    """Exactly `names`, each a finite float tensor (those in `uint8`: uint8)."""
     missing = [name for name in names if name not in tensors]
     extra = sorted(set(tensors) - set(names))
     if missing or extra:
@@ -322,7 +347,7 @@ def _check(tensors: dict[str, torch.Tensor], names: tuple[str, ...], field: str,
             field,
         )
     for name, tensor in tensors.items():
-        if name in whole:
+        if name in uint8:
             if tensor.dtype != torch.uint8:
                 raise WorkerError("INVALID_INPUTS", f"{field}.{name}: uint8, not {tensor.dtype}", f"{field}.{name}")
             continue
@@ -336,6 +361,7 @@ def _check(tensors: dict[str, torch.Tensor], names: tuple[str, ...], field: str,
 
 def _denoise(model: Any, payload: Any) -> dict:
     from .generate import generate
+    from .model import fit_request
 
     asked = _parse(DenoiseInput, payload)
     tensors, _ = unpack(asked.embeddings, "embeddings")
@@ -368,7 +394,7 @@ def _denoise(model: Any, payload: Any) -> dict:
         fields.update(image="(encoded)", **({"mask_image": "(encoded)"} if image.mask is not None else {}))
     elif "strength" in fields:
         raise WorkerError("INVALID_INPUTS", "strength: img2img and inpaint only (give image_latents)", "strength")
-    request = _generation(prompt="(encoded)", safety_checker=False, **fields)
+    request = fit_request(_generation(prompt="(encoded)", safety_checker=False, **fields), model.row, model.distilled)
     check_limits(request, model.settings)
     conditioning = {name: tensor.to(model.device, model.dtype) for name, tensor in tensors.items()}
     result = generate(model, request, encoded=Encoded(conditioning, image))
@@ -391,9 +417,8 @@ def _decode(model: Any, payload: Any) -> dict:
     tensors, meta = unpack(asked.latents, "latents")
     _check(tensors, ("latents",), "latents")
     pipe = model.pipes["text2img"]
-    vae = pipe.vae
     latents = tensors["latents"]
-    channels = vae.config.latent_channels
+    channels = pipe.vae.config.latent_channels
     if (
         latents.ndim != 4
         or latents.shape[1] != channels
@@ -412,16 +437,10 @@ def _decode(model: Any, payload: Any) -> dict:
     check_limits(_generation(prompt="(decoded)", width=width, height=height), model.settings)
 
     def work() -> tuple[list[Any], list[bool] | None]:
-        upcast = _upcast(model)
         with torch.inference_mode():
-            if upcast:
-                vae.to(torch.float32)
-            try:
-                scaled = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
+            with _vae(model, encoding=False) as vae:
+                scaled = latents.to(model.device, vae.dtype) / vae.config.scaling_factor
                 image = vae.decode(scaled, return_dict=False)[0]
-            finally:
-                if upcast:
-                    vae.to(torch.float16)
             images = pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True] * len(image))
             if asked.safety_checker and model.safety_checker is not None:
                 return _check_safety(model, images)  # as a whole generation checks it: flagged images black

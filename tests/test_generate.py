@@ -341,3 +341,33 @@ def test_trailing_spacing_changes_the_picture(sd: LoadedModel) -> None:
     leading = ok(sd, {**seeded, "scheduler": "Euler"})["images"][0]["base64"]
     assert ok(sd, {**seeded, "scheduler": "Euler"})["images"][0]["base64"] == leading  # seeded: the same again
     assert ok(sd, {**seeded, "scheduler": "Euler trailing"})["images"][0]["base64"] != leading
+
+
+@pytest.mark.parametrize(
+    "scheduler, extra, steps",
+    [
+        ("PNDMScheduler", {}, 6),  # PLMS visits its first timestep twice: 7 calls
+        ("HeunDiscreteScheduler", {}, 6),  # second order: 11 calls
+        ("EulerDiscreteScheduler", {"image": png_base64(), "strength": 0.5}, 3),  # img2img: strength x steps
+    ],
+)
+def test_progress_counts_the_steps_asked_once_each(sd: LoadedModel, scheduler: str, extra: dict, steps: int) -> None:
+    from sdworker.generate import step_hook
+
+    seen: list[tuple[int, int]] = []
+    token = step_hook.set(lambda step, total: seen.append((step, total)))
+    try:
+        status, body = handle(sd, {**FAST, "num_inference_steps": 6, "scheduler": scheduler, "width": 64, **extra})
+    finally:
+        step_hook.reset(token)
+    assert status == 200, body
+    assert seen == [(step, steps) for step in range(1, steps + 1)]
+
+
+def test_a_scheduler_is_asked_no_more_steps_than_it_can_take(baked: dict[str, Path]) -> None:
+    model = load_model(Settings(model_dir=baked["tiny-sd"], max_steps=2000))
+    status, body = handle(model, {**FAST, "num_inference_steps": 1000, "width": 64, "height": 64})  # PNDM, baked
+    assert status == 422 and body["$error"]["field"] == "num_inference_steps", body
+    assert "at most 999 with PNDMScheduler" in body["$error"]["message"]
+    status, body = handle(model, {**FAST, "num_inference_steps": 1001, "scheduler": "EulerDiscreteScheduler"})
+    assert status == 422 and "at most 1000" in body["$error"]["message"], body

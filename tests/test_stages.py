@@ -290,6 +290,7 @@ def test_bad_image_latents_are_422s_naming_them(sd: LoadedModel) -> None:
             "image_latents.masked_image_moments",
         ),
         ({"image_latents": latents["image_latents"], "width": 64}, "width"),
+        ({"image_latents": pack({"image_moments": torch.zeros(1, 8, 8, 300)}, meta)}, "width"),  # past MAX_SIDE
         ({"image_latents": latents["image_latents"], "strength": 0}, "strength"),
         ({"strength": 0.5}, "strength"),  # without an image
     ]
@@ -298,6 +299,9 @@ def test_bad_image_latents_are_422s_naming_them(sd: LoadedModel) -> None:
             sd, "denoise", {"embeddings": encoded["embeddings"], "num_inference_steps": 2, **body}
         )
         assert status == 422 and answer["$error"]["field"] == field, (field, answer)
+    half = pack({name: t.half() if t.is_floating_point() else t for name, t in tensors.items()}, meta)
+    status, answer = run_stage(sd, "denoise", {"embeddings": encoded["embeddings"], "image_latents": half})
+    assert status == 200, answer  # a VAE worker in float16, a denoiser in float32: converted
     for body, field in [
         ({}, "image"),
         ({"image": "not an image"}, "image"),
@@ -373,3 +377,99 @@ def test_encode_image_sends_the_distributions_the_all_in_one_vae_computes(
     assert torch.equal(tensors["image_moments"], seen[0]) and torch.equal(tensors["masked_image_moments"], seen[1])
     assert not torch.equal(seen[0], seen[1])
     assert meta == {"family": model.family, "task": "inpaint", "width": 72, "height": 80}
+
+
+def test_an_inpainting_unet_reads_the_masked_image_as_a_whole_worker_does(sd: LoadedModel) -> None:
+    """A 9-channel (inpainting) UNet reads the masked image's latents: through the stand-in VAE it gets the
+    masked image's distribution, sampled as a whole pipeline samples it, even where the mask's strokes are too
+    thin to show at latent size."""
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
+
+    from sdworker.encoded import EncodedImage, vae_stand_in
+
+    base = sd.pipes["inpaint"]
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config({**base.unet.config, "in_channels": 9})
+    pipe = StableDiffusionInpaintPipeline(
+        **{**base.components, "unet": unet, "safety_checker": None},
+        requires_safety_checker=False,
+    )
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    thin = np.zeros((80, 72), np.uint8)
+    thin[3::8, :] = 255  # one-pixel lines between the rows the latent mask samples
+    for mask in (MASK, png(thin)):
+        common = {"prompt": "a red barn", "num_inference_steps": 3, "strength": 1.0, "output_type": "latent"}
+        whole = pipe(
+            **common,
+            image=decode(INIT),
+            mask_image=decode(mask),
+            width=72,
+            height=80,
+            generator=[torch.Generator().manual_seed(4)],
+        ).images
+        _, answer = run_stage(sd, "encode_image", {"image": INIT, "mask_image": mask})
+        tensors, _ = unpack(answer["image_latents"], "image_latents")
+        image = EncodedImage(tensors["image_moments"], 8, tensors["masked_image_moments"], tensors["mask"])
+        with vae_stand_in(pipe, pipe.vae.config, image, "cpu"):
+            parts = pipe(
+                **common, **image.pipeline_inputs(), width=72, height=80, generator=[torch.Generator().manual_seed(4)]
+            ).images
+        assert pipe.vae is base.vae and "prepare_mask_latents" not in vars(pipe)  # put back
+        assert torch.allclose(parts, whole, atol=1e-5), (parts - whole).abs().max()
+
+
+def test_a_denoise_worker_reads_an_old_vae_config_with_its_defaults(
+    baked: dict[str, Path], sd: LoadedModel, tmp_path: Path
+) -> None:
+    """Hub configs from before a setting existed leave it out (SD 2.1's VAE has no scaling_factor): a worker
+    without the VAE fills in the class's defaults, as loading the VAE would."""
+    import json
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(baked["tiny-sd"], model_dir)
+    config_file = model_dir / "vae" / "config.json"
+    config = json.loads(config_file.read_text())
+    for name in ("scaling_factor", "force_upcast", "latent_channels"):
+        config.pop(name, None)
+    config_file.write_text(json.dumps(config))
+    denoiser = load_model(Settings(model_dir=model_dir, stages="denoise"))
+    _, encoded = run_stage(sd, "encode", {"prompt": "a red barn"})
+    _, latents = run_stage(sd, "encode_image", {"image": INIT})
+    body = {"embeddings": encoded["embeddings"], "image_latents": latents["image_latents"], "seed": 2}
+    status, denoised = run_stage(denoiser, "denoise", {**body, "num_inference_steps": 3})
+    assert status == 200, denoised
+    decoded = run_stage(sd, "decode", {"latents": denoised["latents"]})[1]
+    whole = handle(sd, {"prompt": "a red barn", "image": INIT, "seed": 2, "num_inference_steps": 3})[1]
+    assert_same_images(decoded, whole)
+
+
+def test_an_encode_image_waiting_beside_a_split_img2img_encodes_its_own_image(sd: LoadedModel) -> None:
+    """The stand-in VAE of a denoise in progress never reaches an encode_image waiting for its turn."""
+    from sdworker.generate import step_hook
+
+    _, encoded = run_stage(sd, "encode", {"prompt": "a red barn"})
+    _, mine = run_stage(sd, "encode_image", {"image": INIT})
+    other = png(np.full((80, 72, 3), 200, np.uint8))
+    alone = run_stage(sd, "encode_image", {"image": other})[1]["image_latents"]
+    holding, release = threading.Event(), threading.Event()
+
+    def hold(step: int, total: int) -> None:
+        holding.set()
+        release.wait(30)
+
+    def denoise() -> None:
+        step_hook.set(hold)
+        run_stage(sd, "denoise", {"embeddings": encoded["embeddings"], "image_latents": mine["image_latents"]})
+
+    answers: list[dict] = []
+    first = threading.Thread(target=denoise)
+    first.start()
+    assert holding.wait(30)  # the denoise is in its turn, its stand-in in place
+    second = threading.Thread(target=lambda: answers.append(run_stage(sd, "encode_image", {"image": other})[1]))
+    second.start()
+    second.join(2)  # it prepared its image and now waits for the turn
+    release.set()
+    first.join(60)
+    second.join(60)
+    assert unpack(answers[0]["image_latents"], "x")[0]["image_moments"].equal(unpack(alone, "x")[0]["image_moments"])

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from .. import logs
 from ..config import Settings
 from ..errors import WorkerError, failure
 from ..generate import fetch_hook, step_hook
@@ -98,7 +99,11 @@ class Worker:
 
     def run_job(self, job: Job, slot: _Slot | None = None) -> None:
         """Run one claimed job to its end and record it. `slot`, its place among the jobs denoising, is given up
-        while it downloads its image URLs and after its last denoising step."""
+        while it downloads its image URLs and after its last denoising step. What it logs carries its id."""
+        with logs.running(job.id):
+            self._run_job(job, slot)
+
+    def _run_job(self, job: Job, slot: _Slot | None) -> None:
         timeout = job.execution_timeout_s or self.settings.execution_timeout_s
 
         lost = threading.Event()  # set by the lease keeper once the job is no longer this worker's

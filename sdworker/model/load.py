@@ -3,6 +3,7 @@ the weights."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -15,7 +16,8 @@ from typing import Any
 from ..batching import Batcher
 from ..config import Settings
 from ..errors import WorkerError
-from ..manifest import read_manifest
+from ..logs import adopt_library_logs
+from ..manifest import check_model_id, read_manifest
 from .families import FAMILIES, Family, family_of
 from .loras import UrlLoras, load_baked
 from .sources import _variant_of
@@ -53,6 +55,7 @@ def load_pipeline(
     torch_dtype = resolve_dtype(dtype, family, device)
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+    adopt_library_logs()
     # device_map puts each tensor on the device as it is read from the safetensors file, in `dtype`: no copy of
     # the weights in host memory first, and no fp32 copy when the files hold fp16.
     mapped = device in ("cpu", "cuda")
@@ -200,13 +203,18 @@ class LoadedModel:
 
     def config_of(self, part: str) -> Any:
         """The config of the pipeline's `part` (vae, unet, transformer), read from the baked model where this worker
-        does not load that part (a STAGES worker)."""
+        does not load that part (a STAGES worker): its config.json over its class's defaults, as loading it would
+        make it (older hub configs leave out what has a default, such as the VAE's scaling_factor)."""
         module = getattr(self.pipes["text2img"], part, None)
         if module is not None:
             return module.config
+        import diffusers
         from diffusers.configuration_utils import FrozenDict
 
-        return FrozenDict(json.loads((self.settings.model_dir / part / "config.json").read_text()))
+        index = json.loads((self.settings.model_dir / "model_index.json").read_text())
+        signature = inspect.signature(getattr(diffusers, index[part][1]).__init__)
+        defaults = {name: p.default for name, p in signature.parameters.items() if p.default is not p.empty}
+        return FrozenDict({**defaults, **json.loads((self.settings.model_dir / part / "config.json").read_text())})
 
     @property
     def default_size(self) -> int:
@@ -241,6 +249,7 @@ def load_model(settings: Settings) -> LoadedModel:
     import torch
 
     started = time.perf_counter()
+    check_model_id(settings.model_dir)
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not device.startswith("cuda"):
         log.warning("no GPU: running on %s in fp32, which is slow; fine for tests and the tiny recipes", device)

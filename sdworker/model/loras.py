@@ -28,19 +28,33 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.<>-]{0,63}$")
 
 
 def _load_lora(pipe: Any, name: str, path: Path) -> None:
-    """Load the LoRA at `path` as the adapter `name`. A STAGES worker (seed 001's split) holds only some of the
-    parts a LoRA adapts: it loads the LoRA's layers for those it has (the UNet, or the text encoders)."""
+    """Load the LoRA at `path` as the adapter `name`; one that adapts no layer of this model is refused. A STAGES
+    worker (seed 001's split) holds only some of the parts a LoRA adapts: it loads, as `load_lora_weights` would,
+    the LoRA's layers for those it has (the UNet, or the text encoders), and none may be among them."""
     parts = {part: getattr(pipe, part, None) for part in pipe._lora_loadable_modules}
     if all(module is not None for module in parts.values()):
         pipe.load_lora_weights(str(path), adapter_name=name)
+        if not any(name in names for names in pipe.get_list_adapters().values()):
+            pipe.delete_adapters(name)
+            raise ValueError("it adapts no layer of this model")
         return
+    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+    from diffusers.loaders.lora_pipeline import _LOW_CPU_MEM_USAGE_DEFAULT_LORA
+
     unet = parts.get("unet")
+    sgm = isinstance(pipe, StableDiffusionXLLoraLoaderMixin) and unet is not None  # SDXL's loader maps SGM keys
     state, alphas, metadata = pipe.lora_state_dict(
-        str(path), return_lora_metadata=True, **({"unet_config": unet.config} if unet is not None else {})
+        str(path), return_lora_metadata=True, **({"unet_config": unet.config} if sgm else {})
     )
     if not all("lora" in key for key in state):
         raise ValueError("not a LoRA: some of its tensors are not LoRA layers")
-    common = {"network_alphas": alphas, "adapter_name": name, "metadata": metadata, "_pipeline": pipe}
+    common = {
+        "network_alphas": alphas,
+        "adapter_name": name,
+        "metadata": metadata,
+        "_pipeline": pipe,
+        "low_cpu_mem_usage": _LOW_CPU_MEM_USAGE_DEFAULT_LORA,
+    }
     for part, module in parts.items():
         if module is None:
             continue
@@ -101,11 +115,12 @@ def apply_loras(pipe: Any, loras: list[tuple[str, float]], has_adapters: bool) -
     none. `has_adapters`: whether any adapter is loaded at all (else there is nothing to switch)."""
     if not has_adapters:
         return
-    # A STAGES worker holds some parts only: a LoRA with no layers in them has no adapter here, and nothing to do.
-    present = {name for names in pipe.get_list_adapters().values() for name in names}
-    if not present:
-        return
-    loras = [(name, scale) for name, scale in loras if name in present]
+    if not all(getattr(pipe, part, None) is not None for part in pipe._lora_loadable_modules):
+        # A STAGES worker holds some parts only: a LoRA with no layers in them has no adapter here, and nothing to do.
+        present = {name for names in pipe.get_list_adapters().values() for name in names}
+        if not present:
+            return
+        loras = [(name, scale) for name, scale in loras if name in present]
     if not loras:
         pipe.disable_lora()
         return

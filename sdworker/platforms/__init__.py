@@ -1,12 +1,8 @@
 """What drives app.py: each platform receives the app (its init and handlers) at run time.
 
-`run(app)` is `python app.py`: it picks the mode from `--mode` or MODE.
-- serve (default): the HTTP job server and a worker in one process, jobs in SQLite (or Redis with REDIS_URL).
-- gateway: the HTTP job server only, no model; workers elsewhere take its jobs from Redis.
-- worker: the model and the worker loop only, no HTTP; takes jobs from Redis.
-- potassium: Potassium's own server, for platforms built on it.
-- runpod: a RunPod serverless worker (RunPod queues and scales); RunPod's own flags (--test_input,
-  --rp_serve_api, ...) pass through to its SDK.
+`run(app)` is `python app.py`: it picks the mode from `--mode`, else MODE, else runpod on RunPod serverless, else
+serve (MODE_HELP says what each runs); RunPod's own flags (--test_input, --rp_serve_api, ...) pass through to its
+SDK in runpod mode.
 """
 
 from __future__ import annotations
@@ -15,29 +11,50 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import threading
 from typing import Any, NoReturn
 
 log = logging.getLogger("sdworker")
-MODES = ("serve", "gateway", "worker", "potassium", "runpod")
+MODE_HELP = {
+    "serve": "HTTP job server and a worker in one process (default): direct calls, Banana, RunPod v2, the seeds' APIs",
+    "gateway": "the HTTP job server only, no model: workers elsewhere take its jobs from Redis (REDIS_URL)",
+    "worker": "the model and the worker loop only, no HTTP: takes jobs from Redis (REDIS_URL)",
+    "potassium": "Potassium's own server, for platforms built on it",
+    "runpod": "a RunPod serverless worker (the default on RunPod serverless); RunPod's flags pass through",
+}
+MODES = tuple(MODE_HELP)
 
 
 def run(app: Any, argv: list[str] | None = None) -> None:
     """Serve a Potassium app in the mode asked for."""
-    parser = argparse.ArgumentParser(description="Serve app.py.")
-    parser.add_argument("--mode", choices=MODES, help="default: MODE, else serve")
+    parser = argparse.ArgumentParser(
+        prog="python app.py",
+        description="Serve app.py's Stable Diffusion worker. Modes:\n"
+        + "\n".join(f"  {mode:<10} {text}" for mode, text in MODE_HELP.items()),
+        epilog="Every setting is an environment variable (MODEL_DIR, API_KEYS, PORT, MAX_BATCH, REDIS_URL, ...), also "
+        "read from build_args.env: README.md's Settings table lists each with its default, sdworker/config.py "
+        "defines them. python download.py bakes MODEL_ID first; python test.py --help smoke-tests a deployment.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--mode", choices=MODES, help="default: MODE, else runpod on RunPod serverless, else serve")
     args, rest = parser.parse_known_args(argv)  # the rest is for RunPod's SDK in --mode runpod
 
-    from pydantic import ValidationError
-
+    from .. import logs
     from ..config import Settings
+    from ..errors import WorkerError
+    from ..manifest import check_model_id
 
     try:
         settings = Settings(**({"mode": args.mode} if args.mode else {}))
-    except ValidationError as err:  # one line naming the setting, not a traceback
-        problem = err.errors()[0]
-        name = ".".join(str(part) for part in problem["loc"]).upper()
-        parser.exit(2, f"error: {name + ': ' if name else ''}{problem['msg']}\n")
+    except WorkerError as err:  # one line naming the setting, not a traceback
+        parser.exit(2, f"error: {err.message}\n")
+    logs.setup(settings)
+    if settings.mode != "gateway":  # before anything starts: a worker of the wrong model must not serve at all
+        try:
+            check_model_id(settings.model_dir)
+        except WorkerError as err:
+            parser.exit(2, f"error: {err.message}\n")
     if settings.mode == "potassium":
         from .potassium import serve
 
@@ -62,7 +79,6 @@ def run(app: Any, argv: list[str] | None = None) -> None:
             "so that each claims only its stage's jobs\n",
         )
 
-    from ..errors import WorkerError
     from ..jobs import open_store
     from ..jobs.webhooks import WebhookOutbox
     from ..jobs.worker import Worker
@@ -105,6 +121,10 @@ def run(app: Any, argv: list[str] | None = None) -> None:
 
     from .server import DrainingServer, create_server
 
+    try:  # before the model loads: a busy port is said at once, not after minutes of loading
+        listening = _bind(settings.host, settings.port)
+    except OSError as err:
+        parser.exit(1, f"error: cannot listen on {settings.host}:{settings.port} (PORT): {err.strerror or err}\n")
     worker_thread = threading.Thread(target=load_then_work, args=(stop,), name="worker", daemon=True)
     if settings.mode == "serve":
         worker_thread.start()
@@ -140,9 +160,23 @@ def run(app: Any, argv: list[str] | None = None) -> None:
         log_level="warning",
         timeout_graceful_shutdown=5,  # long-polls still open after the drain get this long
     )
-    DrainingServer(config, drain).run()
+    DrainingServer(config, drain).run(sockets=[listening])
     stop.set()
     _leave()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to HOST:PORT for uvicorn to serve on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 def _leave() -> NoReturn:

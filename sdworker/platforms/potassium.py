@@ -40,6 +40,9 @@ def serve(app: Any, settings: Settings) -> None:
 
     app._init_func = init_then_restore
     _require_keys(app, settings)
+    # Potassium gives werkzeug's access log a handler of its own when it has none, and werkzeug's lines reach the
+    # root's too: each request logged twice. A do-nothing handler keeps Potassium's away; the root's logs it once.
+    logging.getLogger("werkzeug").addHandler(logging.NullHandler())
     sys.setswitchinterval(1e-5)
     app.serve(host=settings.host, port=settings.port)
 

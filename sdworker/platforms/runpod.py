@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -107,10 +108,34 @@ def make_stream_handler(runner: Runner, family: str, every: int, route: str = "/
     return handler
 
 
+BLOB = re.compile(r"[A-Za-z0-9+/]{200,}={0,2}")
+
+
+def quiet_sdk_log() -> None:
+    """RunPod's SDK prints each local test's whole result, base64 images and all, and logs at DEBUG unless told:
+    long base64 runs become their length, and the level is INFO unless RUNPOD_LOG_LEVEL (or RUNPOD_DEBUG_LEVEL)
+    says otherwise. Its lines are its own (print, not logging): this wraps its logger's one method."""
+    from runpod.serverless.modules.rp_logger import RunPodLogger
+
+    if not (os.environ.get("RUNPOD_LOG_LEVEL") or os.environ.get("RUNPOD_DEBUG_LEVEL")):
+        RunPodLogger.level = "INFO"
+    if getattr(RunPodLogger.log, "shortened", False):
+        return
+    original = RunPodLogger.log
+
+    def log(self: Any, message: Any, message_level: str = "INFO", job_id: Any = None) -> None:
+        text = BLOB.sub(lambda blob: f"<{len(blob.group())} base64 characters>", str(message))
+        original(self, text, message_level, job_id)
+
+    log.shortened = True  # type: ignore[attr-defined]
+    RunPodLogger.log = log  # type: ignore[method-assign]
+
+
 def serve(app: Any, settings: Settings) -> None:
     """Load the model, then hand jobs from RunPod to app.py's handler until RunPod stops the worker."""
     import runpod
 
+    quiet_sdk_log()
     runner = AppRunner(app)
     runner.load()
     log.info("RunPod worker ready (model key %s)", settings.model_keys()[0])

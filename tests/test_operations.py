@@ -1,0 +1,148 @@
+"""What an operator meets at start and in the log: a wrong model or setting refused in one line, --help, a quiet
+log (text or JSON lines) without secrets, each request logged once, a busy port said before loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import ROOT, free_port, output_of, start_worker
+
+from sdworker.config import Settings
+from sdworker.errors import WorkerError
+from sdworker.logs import NOISE
+from sdworker.model import load_model
+
+SECRET = "operations-secret-key"
+FAST = {"prompt": "a lighthouse", "num_inference_steps": 2, "width": 64, "height": 64}
+
+
+def app_py(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "app.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture
+def env(baked: dict[str, Path], tmp_path: Path) -> dict[str, str]:
+    clean = {key: value for key, value in os.environ.items() if key not in ("MODEL_ID", "MODE", "PORT")}
+    return {**clean, "MODEL_DIR": str(baked["tiny-sd"]), "DATA_DIR": str(tmp_path), "PORT": str(free_port())}
+
+
+@pytest.mark.parametrize(
+    "setting, said",
+    [
+        ({"PORT": "abc"}, "PORT='abc': takes a whole number at least 1 and at most 65535"),
+        ({"MAX_BATCH": "zero"}, "MAX_BATCH='zero': takes a whole number at least 1 and at most 64"),
+        ({"MODE": "bogus"}, "MODE='bogus': takes one of serve, gateway, worker, potassium, runpod"),
+        ({"RUNPOD_CONCURRENCY": "-2"}, "RUNPOD_CONCURRENCY='-2': takes a whole number at least 1"),  # an alias
+        ({"OUTPUT_TYPE": "s3"}, "OUTPUT_TYPE=s3 needs S3_BUCKET"),
+    ],
+)
+def test_a_bad_setting_is_one_line_naming_it_as_written(env: dict[str, str], setting: dict, said: str) -> None:
+    result = app_py(env={**env, **setting})
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {said}"), result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    baked = subprocess.run(
+        [sys.executable, "download.py", "--model-id", "tiny-sd", "--model-dir", env["MODEL_DIR"]],
+        cwd=ROOT,
+        env={**env, **setting},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert baked.returncode == 2 and baked.stderr.count("\n") == 1 and said in baked.stderr, baked.stderr
+
+
+@pytest.mark.parametrize("mode", ["serve", "runpod", "potassium"])
+def test_a_model_id_other_than_the_baked_one_is_refused_at_start(env: dict[str, str], mode: str) -> None:
+    result = app_py("--mode", mode, env={**env, "MODEL_ID": "stabilityai/sdxl-turbo"}, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    line = "error: MODEL_ID=stabilityai/sdxl-turbo but the model baked in "
+    assert result.stderr.startswith(line) and "is tiny-sd" in result.stderr and result.stderr.count("\n") == 1
+    assert "loaded" not in result.stdout + result.stderr  # refused before loading anything
+
+
+def test_the_loader_refuses_another_model_id_too(baked: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODEL_ID", "someone/else")
+    with pytest.raises(WorkerError) as refused:
+        load_model(Settings(model_dir=baked["tiny-sd"]))
+    assert refused.value.field == "MODEL_ID"
+    monkeypatch.setenv("MODEL_ID", "tiny-sd")  # the baked one: served
+    assert load_model(Settings(model_dir=baked["tiny-sd"])).family == "sd1"
+
+
+def test_help_explains_each_mode_and_where_the_settings_are(env: dict[str, str]) -> None:
+    result = app_py("--help", env=env, timeout=30)
+    assert result.returncode == 0
+    for mode in ("serve", "gateway", "worker", "potassium", "runpod"):
+        assert re.search(rf"^  {mode} +\S", result.stdout, re.MULTILINE), result.stdout
+    assert "README.md's Settings table" in " ".join(result.stdout.split())
+
+
+def test_runpod_serverless_is_detected_from_runpods_own_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MODE", raising=False)
+    assert Settings().mode == "serve"
+    monkeypatch.setenv("RUNPOD_ENDPOINT_ID", "abc123")
+    assert Settings().mode == "runpod"
+    monkeypatch.setenv("MODE", "serve")  # said: kept
+    assert Settings().mode == "serve"
+
+
+def test_the_log_is_quiet_json_lines_with_job_ids_and_no_secret(baked: dict[str, Path], tmp_path: Path) -> None:
+    process, url = start_worker(baked["tiny-sd"], tmp_path, SECRET, LOG_FORMAT="json", HF_TOKEN="hf_operations_tok")
+    try:
+        answer = requests.post(f"{url}/?apiKey={SECRET}", json=FAST, timeout=120)
+        assert answer.status_code == 200, answer.text
+        bad = requests.post(url, json=FAST, headers={"X-BANANA-API-KEY": SECRET + "-wrong"}, timeout=30)
+        assert bad.status_code == 401
+    finally:
+        process.terminate()
+    output = output_of(process, 60)
+    lines = [json.loads(line) for line in output.splitlines() if line.strip()]  # every line is JSON
+    assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+    assert not [line for line in lines if any(noise in line["message"] for noise in NOISE)]
+    assert any(line.get("job_id") and "COMPLETED" in line["message"] for line in lines), output
+    assert SECRET not in output and "hf_operations_tok" not in output
+
+
+def test_potassium_logs_each_request_once_without_its_key(env: dict[str, str]) -> None:
+    from conftest import start_process
+
+    url = f"http://127.0.0.1:{env['PORT']}"
+    process = start_process(
+        [sys.executable, "app.py", "--mode", "potassium"], url, {**env, "API_KEYS": SECRET, "HOST": "127.0.0.1"}
+    )
+    try:
+        assert requests.post(f"{url}/?apiKey={SECRET}", json=FAST, timeout=120).status_code == 200
+    finally:
+        process.terminate()
+    output = output_of(process, 60)
+    assert len([line for line in output.splitlines() if '"POST /' in line]) == 1, output
+    assert SECRET not in output
+    assert not [noise for noise in NOISE if noise in output], output
+
+
+def test_the_local_runpod_test_prints_no_base64(env: dict[str, str]) -> None:
+    job = json.dumps({"input": FAST})
+    result = app_py("--mode", "runpod", "--test_input", job, env=env, timeout=180)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "completed successfully" in output, output
+    assert "base64 characters>" in output and not re.search(r"[A-Za-z0-9+/]{200,}", output)
+
+
+def test_a_busy_port_is_said_at_once_before_loading(env: dict[str, str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", int(env["PORT"])))
+        taken.listen()
+        result = app_py(env=env, timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"error: cannot listen on 0.0.0.0:{env['PORT']} (PORT): Address already in use" in result.stderr
+    assert "listening" not in result.stderr and "loaded" not in result.stderr
