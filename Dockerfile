@@ -59,8 +59,8 @@ ARG EMBEDDINGS
 ARG REFINER_ID
 ARG REBAKE
 COPY build_args.env download.py ./
-COPY sdworker/__init__.py sdworker/batching.py sdworker/config.py sdworker/errors.py sdworker/manifest.py \
-     sdworker/
+COPY sdworker/__init__.py sdworker/batching.py sdworker/config.py sdworker/errors.py sdworker/logs.py \
+     sdworker/manifest.py sdworker/
 COPY sdworker/model/ sdworker/model/
 RUN --mount=type=secret,id=HF_TOKEN \
     HF_HOME=/tmp/hf-home python download.py && rm -rf /tmp/hf-home

@@ -5,8 +5,9 @@ PYTHON ?= python3
 NPM ?= npm
 
 $(VENV)/.run: requirements.txt
+	@echo "setting up $(VENV): installing requirements.txt (torch, diffusers; a few minutes the first time)"
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q -r requirements.txt
+	$(VENV)/bin/pip install --progress-bar off -r requirements.txt
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.run requirements-dev.txt

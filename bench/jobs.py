@@ -77,7 +77,7 @@ def start_tiny(model_dir: Path, work: Path, threads: int) -> tuple[str, subproce
         API_KEYS=KEY,
         HOST="127.0.0.1",
         DATA_DIR=str(work / "data"),
-        OMP_NUM_THREADS=str(threads),
+        TORCH_THREADS=str(threads),
     )
     return start(env)
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import metrics
 from .encoded import Encoded, vae_stand_in
 from .errors import WorkerError
 from .images import decode_image
@@ -366,6 +367,7 @@ def _run_batch(model: LoadedModel, batch: list[_Job]) -> None:
                 log.exception("safety checker failed")
                 job.error = WorkerError("PIPELINE_ERROR", f"the safety checker failed: {err}"[:500], status=500)
             job.timings["safety"] = _ms(started)
+    metrics.IMAGES.inc(sum(len(job.images or []) for job in batch if job.error is None and job.encoded is None))
 
 
 def _conditioning(model: LoadedModel, pipe: Any, batch: list[_Job], counts: list[int]) -> dict[str, Any]:
@@ -481,6 +483,8 @@ def _pipeline_call(model: LoadedModel, batch: list[_Job]) -> None:
             status=500,
         )
     inference = _ms(started)
+    metrics.INFERENCE.observe(inference / 1000)
+    metrics.BATCH_JOBS.observe(len(batch))
     mem_usage = None
     if cuda:
         total = torch.cuda.get_device_properties(torch.device(model.device)).total_memory

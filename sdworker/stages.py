@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
+from . import metrics
 from .encoded import Encoded, EncodedImage
 from .errors import WorkerError
 from .images import encode_image
@@ -447,6 +448,7 @@ def _decode(model: Any, payload: Any) -> dict:
         return images, None
 
     images, nsfw = _in_turn(model, work)
+    metrics.IMAGES.inc(len(images))
     seeds = meta.get("seeds")  # denoise's, in the file's metadata: used only when it is what denoise writes
     if not (isinstance(seeds, list) and len(seeds) == len(images) and all(type(s) is int for s in seeds)):
         seeds = [None] * len(images)

@@ -32,6 +32,9 @@ from sdworker.model import LoadedModel, bake_model, load_model
 from sdworker.schema import GenerateInput
 
 ROOT = Path(__file__).resolve().parent.parent
+# The tests run torch on every core, as before TORCH_THREADS existed (the worker's default leaves one to serving):
+# the tiny models' many short calls finish sooner so. test_operations checks the default itself.
+os.environ.setdefault("TORCH_THREADS", str(os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")

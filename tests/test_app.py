@@ -112,6 +112,16 @@ def test_the_v6_banana_client_calls_the_worker(server: str) -> None:
     assert decode(answer["image_base64"]).size == (64, 64) and meta["headers"]["content-type"] == "application/json"
 
 
+def test_the_v6_banana_client_shows_why_a_request_is_refused(server: str, capsys: pytest.CaptureFixture) -> None:
+    from banana_dev import Client
+    from banana_dev.client import ClientException
+
+    with pytest.raises(ClientException, match="422"):  # not retried: a 400 would be, for five minutes
+        Client(api_key="test-key", url=server).call("/", {"prompt": "a", "num_inference_steps": 0})
+    printed = capsys.readouterr().out  # the client's default verbosity prints the answer's body
+    assert "Status code: 422" in printed and '"field":"num_inference_steps"' in printed.replace(" ", "")
+
+
 def test_a_worker_with_no_baked_model_exits_with_a_clear_message(tmp_path: Path) -> None:
     env = {**os.environ, "MODEL_DIR": str(tmp_path / "empty"), "PORT": str(free_port())}
     result = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)

@@ -146,3 +146,110 @@ def test_a_busy_port_is_said_at_once_before_loading(env: dict[str, str]) -> None
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"error: cannot listen on 0.0.0.0:{env['PORT']} (PORT): Address already in use" in result.stderr
     assert "listening" not in result.stderr and "loaded" not in result.stderr
+
+
+def scrape(url: str, **headers: str) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    answer = requests.get(url, headers=headers, timeout=30)
+    assert answer.status_code == 200, answer.text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(answer.text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_count_requests_jobs_images_and_the_queue(baked: dict[str, Path], tmp_path: Path) -> None:
+    port = free_port()
+    process, url = start_worker(baked["tiny-sd"], tmp_path, SECRET, METRICS_PORT=str(port))
+    try:
+        assert requests.get(f"{url}/metrics", timeout=30).status_code == 401  # the main port wants a key
+        for wrong in ({"Authorization": "Bearer wrong"}, {"X-BANANA-API-KEY": ""}):  # a bad key beside a good one
+            for path in ("/metrics", "/"):
+                answer = requests.request(
+                    "GET" if path == "/metrics" else "POST",
+                    f"{url}{path}?apiKey={SECRET}",
+                    json=FAST,
+                    headers=wrong,
+                    timeout=30,
+                )
+                assert answer.status_code == 401, (path, wrong, answer.text)
+        before = scrape(f"{url}/metrics", **{"X-BANANA-API-KEY": SECRET})
+        answer = requests.post(url, json={**FAST, "num_images_per_prompt": 2}, headers={"X-BANANA-API-KEY": SECRET})
+        assert answer.status_code == 200, answer.text
+        after = scrape(f"{url}/metrics", **{"X-BANANA-API-KEY": SECRET})
+        alone = scrape(f"http://127.0.0.1:{port}/metrics")  # METRICS_PORT: no key
+    finally:
+        process.terminate()
+        process.wait(30)
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert grew("sdworker_http_requests_total", method="POST", route="/", status="200") == 1
+    assert grew("sdworker_http_request_seconds_count", method="POST", route="/") == 1
+    assert grew("sdworker_images_total") == 2
+    assert grew("sdworker_job_seconds_count", status="COMPLETED") == 1
+    assert grew("sdworker_job_queue_wait_seconds_count") == 1
+    assert grew("sdworker_inference_seconds_count") == 1 and grew("sdworker_batch_jobs_sum") == 1
+    assert after[("sdworker_model_load_seconds", ())] > 0
+    workers = {
+        state: after[("sdworker_workers", (("model_key", "tiny-sd"), ("state", state)))]
+        for state in ("idle", "running")
+    }
+    assert sum(workers.values()) == 1, workers  # this one worker, idle or just finishing its job
+    assert after[("sdworker_jobs", (("model_key", "tiny-sd"), ("state", "completed")))] >= 1
+    assert after[("sdworker_jobs", (("model_key", "tiny-sd"), ("state", "inQueue")))] == 0
+    assert alone[("sdworker_images_total", ())] == after[("sdworker_images_total", ())]
+
+
+def test_torch_leaves_a_core_to_serving_on_a_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from sdworker.model.load import set_threads
+
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        monkeypatch.delenv("TORCH_THREADS", raising=False)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert set_threads(Settings(), "cpu") == max(1, cores - 1)
+        monkeypatch.setenv("TORCH_THREADS", "3")
+        assert set_threads(Settings(), "cpu") == 3
+        monkeypatch.setenv("TORCH_THREADS", "0")
+        with pytest.raises(WorkerError, match="TORCH_THREADS='0': takes a whole number at least 1"):
+            Settings()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_readmes_first_requests_work_on_the_quick_start_worker(baked: dict[str, Path], tmp_path: Path) -> None:
+    """The quick start's curl body and the first request of README's Requests section, on tiny-sd; and its
+    commands run in a fresh shell (the venv's python, not the system's)."""
+    readme = (ROOT / "README.md").read_text()
+    curl = json.loads(re.search(r"curl -s localhost:8000/ .*?-d '(\{.*?\})'", readme, re.DOTALL).group(1))
+    requests_section = readme[readme.index("## Requests") :]
+    first = json.loads(re.search(r"```json\n(.*?)\n```", requests_section, re.DOTALL).group(1))
+    process, url = start_worker(baked["tiny-sd"], tmp_path, SECRET)
+    try:
+        for body in (curl, first):
+            answer = requests.post(url, json=body, headers={"X-BANANA-API-KEY": SECRET}, timeout=300)
+            assert answer.status_code == 200, answer.text
+    finally:
+        process.terminate()
+        process.wait(30)
+    commands = [
+        line.strip() for line in re.findall(r"```bash\n(.*?)```", readme, re.DOTALL) for line in line.split("\n")
+    ]
+    assert not [line for line in commands if re.match(r"python3? test\.py", line)]
+
+
+def test_make_run_says_what_it_is_installing() -> None:
+    plan = subprocess.run(
+        ["make", "-n", "run", "VENV=/nonexistent/venv"], cwd=ROOT, capture_output=True, text=True, timeout=30
+    ).stdout
+    install = next(line for line in plan.splitlines() if "pip install" in line and "requirements.txt" in line)
+    assert " -q" not in install  # pip's own progress shows
+    assert re.search(r"echo .*installing.*minutes", plan), plan

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -152,3 +153,27 @@ def test_postman_collection_passes_under_newman(server: Server, tmp_path: Path) 
     passed = {a["assertion"] for a in assertions if not a.get("error")}
     assert {"success with the image in modelOutputs[0]", "COMPLETED with the image in output"} <= passed
     assert {"401 UNAUTHORIZED", "422 naming the bad field", "200: the whole prompt was read"} <= passed
+
+
+def test_npm_run_newman_takes_the_key_from_the_environment(server: Server, tmp_path: Path) -> None:
+    """The README's `API_KEY=... npm run newman` passes against a worker; without a key it says how to give one."""
+    npm = shutil.which("npm")
+    assert npm, "npm is not installed: install Node.js 18+ (make test needs it)"
+    env = {key: value for key, value in os.environ.items() if key not in ("API_KEY", "API_KEYS", "MODEL_KEY")}
+    passing = {**env, "API_KEY": KEY, "BASE_URL": server.url}
+    result = subprocess.run(
+        [npm, "run", "--silent", "newman", "--", "--color", "off"],
+        cwd=ROOT,
+        env=passing,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    bare = tmp_path / "bare"  # no data/api_key there: no key at all
+    bare.mkdir()
+    shutil.copy(ROOT / "package.json", bare)
+    shutil.copy(ROOT / "postman_collection.json", bare)
+    (bare / "node_modules").symlink_to(ROOT / "node_modules")
+    result = subprocess.run([npm, "run", "--silent", "newman"], cwd=bare, env=env, capture_output=True, text=True)
+    assert result.returncode != 0 and "set API_KEY to one of the worker's API_KEYS" in result.stderr, result.stderr

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .. import logs
+from .. import logs, metrics
 from ..config import Settings
 from ..errors import WorkerError, failure
 from ..generate import fetch_hook, step_hook
@@ -161,6 +161,7 @@ class Worker:
             job.status = code if code in STOPPED else "FAILED"  # type: ignore[assignment]
         if self.store.finish(job):
             log.info("job %s %s in %s ms", job.id, job.status, job.execution_ms)
+            metrics.observe_job(job.status, job.created_at, job.started_at, job.finished_at)
         else:
             log.info("job %s ended elsewhere (cancelled or taken over); this run's result is dropped", job.id)
 

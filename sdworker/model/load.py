@@ -243,6 +243,21 @@ class LoadedModel:
         return part.dtype  # a STAGES worker may lack the denoiser (decode only) or more
 
 
+def set_threads(settings: Settings, device: str) -> int:
+    """torch's CPU threads: TORCH_THREADS; else, on a CPU device and unless OMP_NUM_THREADS says, the cores less
+    one, so that serving (HTTP, PNG encoding, the queue) keeps a core: with every core on torch a request took
+    1.3-1.6x the bare pipeline call on 2 cores, and about 1.0x with one thread left free (bench/threads.py).
+    Answers the number in use."""
+    import torch
+
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    elif not device.startswith("cuda") and not os.environ.get("OMP_NUM_THREADS"):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores - 1))
+    return torch.get_num_threads()
+
+
 def load_model(settings: Settings) -> LoadedModel:
     """Load the model baked in `settings.model_dir` once, ready to serve every task."""
     import diffusers
@@ -253,6 +268,7 @@ def load_model(settings: Settings) -> LoadedModel:
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not device.startswith("cuda"):
         log.warning("no GPU: running on %s in fp32, which is slow; fine for tests and the tiny recipes", device)
+    set_threads(settings, device)
     attention = settings.attention if device.startswith("cuda") else "sdpa"
     if settings.torch_compile:
         _require_compiler(device)
@@ -336,14 +352,18 @@ def load_model(settings: Settings) -> LoadedModel:
         planning_tokenizers(pipe)
 
     model.load_ms = (time.perf_counter() - started) * 1000
+    from .. import metrics  # here: the image's bake layer holds no metrics
+
+    metrics.MODEL_LOAD.set(model.load_ms / 1000)
     log.info(
-        "loaded %s (%s) on %s in %s with %s attention in %.0f ms",
+        "loaded %s (%s) on %s in %s with %s attention in %.0f ms%s",
         model.manifest.get("model_id"),
         model.family,
         device,
         model.dtype,
         attention,
         model.load_ms,
+        "" if device.startswith("cuda") else f"; torch on {torch.get_num_threads()} CPU thread(s) (TORCH_THREADS)",
     )
     if loras or embeddings:
         log.info("baked LoRAs: %s; embeddings: %s", ", ".join(loras) or "none", ", ".join(embeddings) or "none")

@@ -40,7 +40,7 @@ def run(app: Any, argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", choices=MODES, help="default: MODE, else runpod on RunPod serverless, else serve")
     args, rest = parser.parse_known_args(argv)  # the rest is for RunPod's SDK in --mode runpod
 
-    from .. import logs
+    from .. import logs, metrics
     from ..config import Settings
     from ..errors import WorkerError
     from ..manifest import check_model_id
@@ -55,6 +55,12 @@ def run(app: Any, argv: list[str] | None = None) -> None:
             check_model_id(settings.model_dir)
         except WorkerError as err:
             parser.exit(2, f"error: {err.message}\n")
+    if settings.metrics_port:  # any mode: a worker process has no other HTTP
+        try:
+            metrics.serve_alone(settings.metrics_port, settings.host)
+        except OSError as err:
+            where = f"{settings.host}:{settings.metrics_port}"
+            parser.exit(1, f"error: cannot serve metrics on {where} (METRICS_PORT): {err.strerror or err}\n")
     if settings.mode == "potassium":
         from .potassium import serve
 
@@ -90,6 +96,7 @@ def run(app: Any, argv: list[str] | None = None) -> None:
         parser.exit(1, f"error: {err.message}\n")
     except Exception as err:  # an unreachable Redis, an unwritable DATA_DIR
         parser.exit(1, f"error: cannot open the job store: {type(err).__name__}: {err}\n")
+    metrics.watch_store(lambda: {key: store.stats(key) for key in settings.model_keys()})
     runner = AppRunner(app)
     model_key = settings.model_keys()[0]
     worker = Worker(store, runner, settings, model_key)
@@ -158,6 +165,7 @@ def run(app: Any, argv: list[str] | None = None) -> None:
         port=settings.port,
         access_log=False,
         log_level="warning",
+        log_config=None,  # uvicorn's lines go through this log (its format, its filters), not handlers of their own
         timeout_graceful_shutdown=5,  # long-polls still open after the drain get this long
     )
     DrainingServer(config, drain).run(sockets=[listening])

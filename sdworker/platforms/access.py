@@ -16,6 +16,7 @@ from functools import partial
 from typing import Any
 
 import anyio
+from fastapi import Request
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, APIKeyQuery, HTTPBearer
 
@@ -111,6 +112,20 @@ class State:
             return None
         admin = any([hmac.compare_digest(given, accepted) for accepted in self.admins])
         return Caller(hashlib.sha256(b"sdworker-owner:" + given).hexdigest()[:32], admin)
+
+    def caller_of(self, request: Request) -> Caller | None:
+        """The caller of a request that may present its key three ways (`X-BANANA-API-KEY`, `Authorization:
+        Bearer`, `?apiKey=`): every key presented, an empty one included, must be accepted and name the same
+        caller, so that a bad key is never passed over for a good one beside it."""
+        authorization = request.headers.get("authorization")
+        bearer = None
+        if authorization is not None and authorization[:7].lower() == "bearer ":
+            bearer = authorization[7:].strip()
+        keys = (request.headers.get("x-banana-api-key"), bearer, request.query_params.get("apiKey"))
+        callers = [self.caller(key) for key in keys if key is not None]
+        if not callers or None in callers or len(set(callers)) > 1:
+            return None
+        return callers[0]
 
     async def wait(self, job_id: str, timeout: float) -> Job | None:
         """The job once final, or as it stands after `timeout` s, without holding the event loop."""

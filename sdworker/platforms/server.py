@@ -27,14 +27,16 @@ import anyio
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Path, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from .. import metrics
 from ..config import Settings
 from ..errors import WorkerError
 from ..jobs import Job, JobStore
@@ -123,6 +125,29 @@ class Endpoint:
     caller: Caller
 
 
+class Measured:
+    """ASGI middleware: each HTTP request counted and timed by method, route template and status (metrics)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), [500]
+
+        async def sent(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sent)
+        finally:
+            route = getattr(scope.get("route"), "path", "(no route)")  # a template: job ids make no new series
+            metrics.observe_request(scope["method"], route, status[0], time.perf_counter() - started)
+
+
 class BodyLimit:
     """Refuses bodies over MAX_BODY_BYTES with 413, whether or not the client declared a Content-Length."""
 
@@ -200,6 +225,7 @@ def create_server(
     server.state.jobs = state
 
     server.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    server.add_middleware(Measured)
     server.add_middleware(octoai.Activity, state=state)
 
     @server.exception_handler(StarletteHTTPException)
@@ -258,6 +284,30 @@ def create_server(
             status = "draining" if state.draining else "store unavailable"
         body = {"status": status, "model_keys": state.model_keys}
         return JSONResponse(body, status_code=200 if ready else 503)
+
+    @server.get(
+        "/metrics",
+        tags=["health"],
+        summary="Prometheus metrics (any accepted key; METRICS_PORT serves them without one)",
+        response_model=None,
+        responses={
+            200: {
+                "description": "Prometheus' text format",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            },
+            **responses(401),
+        },
+    )
+    async def metrics_text(
+        request: Request,
+        header_key: Annotated[str | None, Depends(BANANA_KEY)],
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
+        query_key: Annotated[str | None, Depends(QUERY_KEY)],
+    ) -> PlainTextResponse:
+        if state.caller_of(request) is None:  # the three dependencies document the ways; this reads them all
+            raise WorkerError("UNAUTHORIZED", "missing or invalid API key (X-BANANA-API-KEY header)", status=401)
+        data = await state.call(generate_latest)
+        return PlainTextResponse(data, media_type=CONTENT_TYPE_LATEST)
 
     @server.post("/_k/warmup", tags=["potassium"], summary="Potassium's warm-up call", responses=responses(413))
     async def warmup() -> dict:
@@ -505,8 +555,7 @@ def create_server(
             credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
             query_key: Annotated[str | None, Depends(QUERY_KEY)],
         ) -> JSONResponse:
-            key = header_key or (credentials.credentials if credentials else None) or query_key
-            if (caller := state.caller(key)) is None:
+            if (caller := state.caller_of(request)) is None:
                 raise WorkerError("UNAUTHORIZED", "missing or invalid API key (X-BANANA-API-KEY header)", status=401)
             try:
                 payload = await request.json()
