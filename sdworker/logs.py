@@ -34,23 +34,31 @@ NOISE = (
     "Already found a `peft_config` attribute",
     # A long prompt goes through compel in 77-token chunks; CLIP's tokenizer warns of what is not truncated.
     "Token indices sequence length is longer than the specified maximum",
+    # The URL guard's library, beside the worker's own line refusing the URL (which names the field).
+    "Forbidden IP address",
 )
 """Library messages that say nothing to an operator of this worker: dropped from the log, each for its reason."""
 
 TEXT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _secrets: list[str] = []
+QUERY_KEY = re.compile(r"((?:apiKey|api_key)=)[^&\s\"']*")
+"""A key in a URL's query (`?apiKey=...`, seed 002's `api_key`), accepted or not: blanked in every line."""
+COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+"""Terminal colours (werkzeug's access line colours errors): not for a log file."""
 
 
 class _Quiet(logging.Filter):
     """Drops the library messages in NOISE and blanks every configured secret out of what is left."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        message = original = record.getMessage()
         if any(text in message for text in NOISE):
             return False
-        if any(secret in message for secret in _secrets):
-            for secret in _secrets:
+        for secret in _secrets:
+            if secret in message:
                 message = message.replace(secret, "***")
+        message = COLOUR.sub("", QUERY_KEY.sub(r"\1***", message))
+        if message != original:
             record.msg, record.args = message, None
         return True
 

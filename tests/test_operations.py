@@ -122,11 +122,13 @@ def test_potassium_logs_each_request_once_without_its_key(env: dict[str, str]) -
     )
     try:
         assert requests.post(f"{url}/?apiKey={SECRET}", json=FAST, timeout=120).status_code == 200
+        assert requests.post(f"{url}/?apiKey={SECRET}-typo", json=FAST, timeout=120).status_code == 401
     finally:
         process.terminate()
     output = output_of(process, 60)
-    assert len([line for line in output.splitlines() if '"POST /' in line]) == 1, output
-    assert SECRET not in output
+    assert len([line for line in output.splitlines() if '"POST /' in line]) == 2, output  # one line each
+    assert SECRET not in output and "apiKey=***" in output  # a wrong key (a typo of the right one) too
+    assert "\x1b[" not in output  # werkzeug colours its error lines: not in a log
     assert not [noise for noise in NOISE if noise in output], output
 
 
@@ -253,3 +255,21 @@ def test_make_run_says_what_it_is_installing() -> None:
     install = next(line for line in plan.splitlines() if "pip install" in line and "requirements.txt" in line)
     assert " -q" not in install  # pip's own progress shows
     assert re.search(r"echo .*installing.*minutes", plan), plan
+
+
+def test_a_json_body_sent_as_a_form_is_told_to_say_it_is_json(baked: dict[str, Path], tmp_path: Path) -> None:
+    """curl -d sends a form's Content-Type: the refusal says which header to send, not that the JSON is wrong."""
+    process, url = start_worker(baked["tiny-sd"], tmp_path, SECRET)
+    try:
+        answer = requests.post(
+            f"{url}/v2/tiny-sd/runsync",
+            data=json.dumps({"input": FAST}),
+            headers={"Authorization": f"Bearer {SECRET}", "Content-Type": "application/x-www-form-urlencoded"},
+            timeout=60,
+        )
+    finally:
+        process.terminate()
+        process.wait(30)
+    assert answer.status_code == 422
+    message = answer.json()["$error"]["message"]
+    assert "Content-Type: application/json" in message and "application/x-www-form-urlencoded" in message

@@ -119,8 +119,13 @@ def run(app: Any, argv: list[str] | None = None) -> None:
         stop.set()
 
     if settings.mode == "worker":
+
+        def on_sigterm(*_: Any) -> None:
+            log.info("SIGTERM: taking no new jobs; running ones get %g s to finish", settings.shutdown_grace_s)
+            threading.Thread(target=drain_then_stop, daemon=True).start()
+
         signal.signal(signal.SIGINT, lambda *_: stop.set())
-        signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=drain_then_stop, daemon=True).start())
+        signal.signal(signal.SIGTERM, on_sigterm)
         load_then_work(stop)
         _leave()
 

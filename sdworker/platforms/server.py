@@ -259,6 +259,9 @@ def create_server(
             message = f"{field}: {problem['msg']}"
         else:
             field, message = "body", "the body must be a JSON object with the route's fields"
+            kind = request.headers.get("content-type", "none")
+            if "json" not in kind.lower():  # curl -d sends a form's type: FastAPI then reads no body at all
+                message += f", sent as Content-Type: application/json (this request's is {kind.split(';')[0]})"
         error = WorkerError("INVALID_REQUEST", message, field, status=422)
         if request.url.path.startswith(("/start/", "/check/")):  # the Banana answer too: its client reads message
             body = {**_banana(None, f"error: invalid request: {message}"), "$error": error.to_dict()}
