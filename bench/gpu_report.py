@@ -1,0 +1,142 @@
+"""The GPU check's report: bench/gpu_check.sh's step outputs in $OUT, merged into one JSON and one Markdown table.
+
+    python bench/gpu_report.py OUT
+
+Reads OUT/steps.jsonl (each step's exit status and seconds), OUT/cuda_tests.xml (pytest's JUnit report),
+OUT/steps*.json (bench/gpu.py), OUT/throughput.json and OUT/cold_start.json, and writes OUT/gpu_check.json
+(sections `cuda_tests`, `steps`, `throughput`, `cold_start`, with the machine and the exact command) and
+OUT/gpu_check.md. A step that failed or ran out of time is reported as such, with what it wrote before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+from typing import Any
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _tests(path: Path) -> dict[str, Any] | None:
+    """pytest's JUnit XML: counts, and each test that did not pass with its message."""
+    try:
+        root = ElementTree.parse(path).getroot()
+    except (OSError, ElementTree.ParseError):
+        return None
+    cases = root.iter("testcase")
+    outcome: dict[str, list[str]] = {"passed": [], "failed": [], "skipped": []}
+    for case in cases:
+        name = f"{case.get('classname', '')}.{case.get('name', '')}".rsplit(".", 1)[-1]
+        problem = next((child for child in case if child.tag in ("failure", "error", "skipped")), None)
+        kind = {"failure": "failed", "error": "failed", "skipped": "skipped"}.get(
+            problem.tag if problem else "", "passed"
+        )
+        detail = (problem.get("message") or "")[:300] if problem is not None else ""
+        outcome[kind].append(f"{name}: {detail}" if detail else name)
+    return {"counts": {kind: len(names) for kind, names in outcome.items()}, **outcome}
+
+
+def _machine() -> dict[str, Any]:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {
+        "device": torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+    }
+
+
+def report(out: Path) -> dict[str, Any]:
+    """Every section of the check, from what its steps left in `out`."""
+    lines = (out / "steps.jsonl").read_text().splitlines() if (out / "steps.jsonl").exists() else []
+    steps = {entry["step"]: entry for entry in map(json.loads, filter(None, lines))}
+
+    def section(step: str, data: Any) -> dict[str, Any]:
+        run = steps.get(step, {"rc": None, "seconds": None})
+        status = "passed" if run["rc"] == 0 else "timed out" if run["rc"] in (124, 137) else "failed"
+        return {
+            "status": status if run["rc"] is not None else "not run",
+            "rc": run["rc"],
+            "seconds": run["seconds"],
+            "result": data,
+        }
+
+    speed = [_json(path) for path in sorted(out.glob("steps*.json"))]
+    return {
+        "command": os.environ.get("GPU_CHECK_COMMAND", "bash bench/gpu_check.sh"),
+        "dry_run": os.environ.get("GPU_CHECK_DRY") == "1",
+        "machine": _machine(),
+        "cuda_tests": section("cuda_tests", _tests(out / "cuda_tests.xml")),
+        "steps": {
+            **section("steps", [data for data in speed if data]),
+            **({"sdxl": steps["steps_sdxl"]} if "steps_sdxl" in steps else {}),
+        },
+        "throughput": section("throughput", _json(out / "throughput.json")),
+        "cold_start": section("cold_start", _json(out / "cold_start.json")),
+    }
+
+
+def markdown(data: dict[str, Any]) -> str:
+    """The report as Markdown tables."""
+    lines = [
+        f"# GPU check on {data['machine']['device']}" + (" (dry run)" if data["dry_run"] else ""),
+        "",
+        f"torch {data['machine']['torch']}, CUDA {data['machine']['cuda']}, Python {data['machine']['python']}. "
+        f"Command: `{data['command']}`",
+        "",
+        "| section | status | seconds |",
+        "|---|---|---|",
+    ]
+    for name in ("cuda_tests", "steps", "throughput", "cold_start"):
+        lines.append(f"| {name} | {data[name]['status']} | {data[name]['seconds']} |")
+    tests = data["cuda_tests"]["result"]
+    if tests:
+        lines += ["", f"Device tests: {tests['counts']}", *[f"- failed: {name}" for name in tests["failed"]]]
+    rows = [row for report in data["steps"]["result"] for row in report.get("rows", [])]
+    if rows:
+        lines += [
+            "",
+            "| model | size | option | batch | s/image | steps/s | peak GiB | note |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in rows:
+            lines.append(
+                f"| {row.get('model')} | {row.get('size')} | {row.get('option')} | {row.get('batch', '-')} | "
+                f"{row.get('s_per_image', '-')} | {row.get('steps_per_s', '-')} | {row.get('peak_gib', '-')} | "
+                f"{row.get('error', '')} |"
+            )
+    throughput = (data["throughput"]["result"] or {}).get("rows", [])
+    if throughput:
+        lines += ["", "| MAX_BATCH | clients | images/s | p50 ms | p95 ms | jobs/batch |", "|---|---|---|---|---|---|"]
+        for row in throughput:
+            lines.append(
+                f"| {row['max_batch']} | {row['clients']} | {row['images_per_s']} | {row['p50_ms']} | "
+                f"{row['p95_ms']} | {row['mean_batch_jobs']} |"
+            )
+    cold = data["cold_start"]["result"]
+    if cold:
+        lines += ["", f"Cold start, median seconds: {json.dumps(cold.get('median_s'))}"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    data = report(out)
+    (out / "gpu_check.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / "gpu_check.md").write_text(markdown(data))
+    print(markdown(data))
+
+
+if __name__ == "__main__":
+    main()
