@@ -396,12 +396,11 @@ def _conditioning(model: LoadedModel, pipe: Any, batch: list[_Job], counts: list
     }
 
 
-def _progress(pipeline: Any, step: int) -> tuple[int, int]:
+def _progress(pipeline: Any, step: int, distinct: int) -> tuple[int, int]:
     """(steps done, steps in all) after the pipeline's loop index `step`, in the steps a client asked for: some
     schedulers visit a timestep twice (PNDM its first, Heun and other second-order ones each but the last), and
-    the count of distinct timesteps is what was asked (times strength for img2img)."""
+    the count of `distinct` timesteps is what was asked (times strength for img2img)."""
     calls = pipeline.num_timesteps
-    distinct = len(set(pipeline.scheduler.timesteps[-calls:].tolist())) if calls else 0
     if not distinct or step + 1 >= calls:  # the last call: all done (whatever the count said before)
         return (distinct, distinct) if distinct else (step + 1, step + 1)
     return min(-(-(step + 1) * distinct // calls), distinct - 1), distinct
@@ -413,10 +412,13 @@ def _pipeline_call(model: LoadedModel, batch: list[_Job]) -> None:
     pipe = model.pipes[first.request.task]
     counts = [len(job.seeds) for job in batch]
 
-    reported = [0]
+    reported, distinct = [0], {}  # distinct timesteps: counted once per pipeline (base, refiner), not per step
 
     def step_end(pipeline: Any, step: int, timestep: Any, tensors: dict) -> dict:
-        done, total = _progress(pipeline, step)
+        if id(pipeline) not in distinct:
+            calls = pipeline.num_timesteps
+            distinct[id(pipeline)] = len(set(pipeline.scheduler.timesteps[-calls:].tolist())) if calls else 0
+        done, total = _progress(pipeline, step, distinct[id(pipeline)])
         if done == reported[0]:  # a timestep visited twice: nothing new to say
             return tensors
         reported[0] = done

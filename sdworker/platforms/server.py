@@ -268,6 +268,18 @@ def create_server(
             return JSONResponse(body, status_code=422)
         return error_answer(error)
 
+    async def keyed(
+        request: Request,
+        header_key: Annotated[str | None, Depends(BANANA_KEY)],
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
+        query_key: Annotated[str | None, Depends(QUERY_KEY)],
+    ) -> Caller:
+        """The caller of a route that takes its key three ways: the three dependencies document them (OpenAPI),
+        `caller_of` reads them all, so that a bad key beside a good one is refused."""
+        if (caller := state.caller_of(request)) is None:
+            raise WorkerError("UNAUTHORIZED", "missing or invalid API key (X-BANANA-API-KEY header)", status=401)
+        return caller
+
     # Health and Potassium's routes.
     @server.get(
         "/health",
@@ -301,14 +313,7 @@ def create_server(
             **responses(401),
         },
     )
-    async def metrics_text(
-        request: Request,
-        header_key: Annotated[str | None, Depends(BANANA_KEY)],
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
-        query_key: Annotated[str | None, Depends(QUERY_KEY)],
-    ) -> PlainTextResponse:
-        if state.caller_of(request) is None:  # the three dependencies document the ways; this reads them all
-            raise WorkerError("UNAUTHORIZED", "missing or invalid API key (X-BANANA-API-KEY header)", status=401)
+    async def metrics_text(caller: Caller = Depends(keyed)) -> PlainTextResponse:
         data = await state.call(generate_latest)
         return PlainTextResponse(data, media_type=CONTENT_TYPE_LATEST)
 
@@ -552,14 +557,7 @@ def create_server(
 
     # Direct calls: each route app.py registers, answered when its job is done, as Potassium does.
     def direct_route(route: str) -> Callable[..., Any]:
-        async def direct(
-            request: Request,
-            header_key: Annotated[str | None, Depends(BANANA_KEY)],
-            credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
-            query_key: Annotated[str | None, Depends(QUERY_KEY)],
-        ) -> JSONResponse:
-            if (caller := state.caller_of(request)) is None:
-                raise WorkerError("UNAUTHORIZED", "missing or invalid API key (X-BANANA-API-KEY header)", status=401)
+        async def direct(request: Request, caller: Caller = Depends(keyed)) -> JSONResponse:
             try:
                 payload = await request.json()
             except (ValueError, RecursionError):
