@@ -26,7 +26,7 @@ node_modules/.installed: package.json package-lock.json
 	$(NPM) ci --no-audit --no-fund
 	touch $@
 
-.PHONY: run test lint system-tools image image-test
+.PHONY: run test lint system-tools image image-test gpu-wheels
 run: $(VENV)/.run  ## bake MODEL_ID (skipped when already baked), then serve on HOST:PORT
 	$(PY) download.py
 	$(PY) app.py
@@ -64,3 +64,8 @@ image: $(VENV)/.run  ## build the image of MODEL_ID (else build_args.env's), HF_
 
 image-test: $(VENV)/.run  ## build the tiny-sd image and check the running container; figures to bench/results/
 	$(PY) docker/image.py test --out bench/results/image-cpu.json
+
+# The prepared GPU check's packages (bench/gpu_wheels.py): the wheels a GPU machine with torch lacks, for its
+# Python 3.12, into .gpu-wheels/ (about 54 MiB), which the check's call carries.
+gpu-wheels: $(VENV)/.run
+	$(PY) bench/gpu_wheels.py download

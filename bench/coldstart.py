@@ -41,6 +41,10 @@ bench does not; a truly cold disk adds the time to read `bytes read` from it to 
 time to read torch's shared libraries to "imports"). The kinds alternate within each round so that noise hits
 all alike; nothing is dropped but the warm-up round, and the table gives the median of each part over the runs
 (so the parts' medians need not add up to the median total).
+
+Beside them, each round first reads the same weight files whole (`raw_read`: unbuffered, into one buffer, in the
+same page-cache state), the floor under any load of those bytes; the report gives its median, its MB/s and the
+worker's load as a multiple of it.
 """
 
 from __future__ import annotations
@@ -206,6 +210,17 @@ def run_server(model_dir: Path, model_id: str, data_dir: Path, size: int, steps:
     }
 
 
+def raw_read(files: list[Path]) -> float:
+    """Seconds to read `files` whole, unbuffered into one 16 MiB buffer: the floor under any load of them."""
+    buffer = memoryview(bytearray(16 * 1024**2))
+    started = time.perf_counter()
+    for path in files:
+        with open(path, "rb", buffering=0) as file:
+            while file.readinto(buffer):
+                pass
+    return time.perf_counter() - started
+
+
 def _median(runs: list[dict[str, Any]], part: str) -> float:
     return statistics.median(run["parts_s"][part] for run in runs)
 
@@ -246,6 +261,11 @@ def print_table(summary: dict[str, Any], load_bytes: int) -> None:
     print(f"{'bytes read':<22}{load_bytes / 1e6:>9.1f}M{load_bytes / 1e6:>9.1f}M")
     speed = summary["load_mb_per_s"]
     print(f"{'load MB/s':<22}{speed['worker']:>10.1f}{speed['naive']:>10.1f}{speed['naive'] / speed['worker']:>14.3f}")
+    raw = summary["raw_read"]
+    print(
+        f"{'raw read of the bytes':<22}{raw['median_s']:>10.3f}  ({raw['mb_per_s']:.0f} MB/s; the worker's load is "
+        f"{raw['worker_load_over_raw_read']:.2f}x it)"
+    )
     print(f"\nthe worker's own load_ms ($timings.init): {summary['worker_own_load_ms'] / 1000:.3f} s")
     low, high = summary["loadavg_1m_range"]
     print(f"1-minute load average after the runs: {low} to {high} ({os.cpu_count()} cores)")
@@ -270,7 +290,7 @@ def main() -> None:
     if args.runs < 1:
         parser.error("--runs must be at least 1")
 
-    from sdworker.model import bake_model, read_manifest, weight_bytes
+    from sdworker.model import bake_model, read_manifest, weight_bytes, weight_files
 
     work = Path(tempfile.mkdtemp(prefix="bench-coldstart-"))
     try:
@@ -282,7 +302,11 @@ def main() -> None:
         load_bytes = weight_bytes(model_dir)
         kinds = ["worker", "naive", *(["server"] if args.server else [])]
         runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
+        reads: list[float] = []
         for round_ in range(args.runs + 1):
+            read_s = raw_read(weight_files(model_dir))
+            if round_:
+                reads.append(read_s)
             for kind in kinds:
                 if kind == "server":
                     result = run_server(model_dir, model_id, work / f"data-{round_}", args.size, args.steps)
@@ -297,6 +321,12 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     summary = summarize(runs, load_bytes)
+    read_s = statistics.median(reads)
+    summary["raw_read"] = {
+        "median_s": round(read_s, 4),
+        "mb_per_s": round(load_bytes / 1e6 / read_s, 1),
+        "worker_load_over_raw_read": round(summary["median_s"]["worker"]["load"] / read_s, 2),
+    }
     first = runs["worker"][0]
     report = {
         "command": " ".join(["python", "bench/coldstart.py", *sys.argv[1:]]),

@@ -15,7 +15,8 @@ architectures with random fp16 weights (bench/fullsize.py), as fast as the real 
 `--cache` and reused.
 
 Options: baseline (SDPA, nothing else), channels_last, fuse_qkv, torch_compile (mode `--compile-mode`),
-vae_tiling, vae_slicing, tf32, and all (channels_last + fuse_qkv + torch_compile + tf32).
+vae_tiling, vae_slicing, tf32, all (channels_last + fuse_qkv + torch_compile + tf32), and xformers (ATTENTION=xformers
+in place of SDPA; its row says why where xformers does not load).
 
 Time on one H100 (estimates, to be replaced by measured ones): building both models about 1 minute the first
 time; then per option and model, with batches 1 and 4, 3 runs of 30 steps, about 20 s for SD 1.5 and 60 to 80 s
@@ -63,7 +64,10 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "vae_slicing": ("vae_slicing",),
     "tf32": ("tf32",),
     "all": ("channels_last", "fuse_qkv", "torch_compile", "tf32"),
+    "xformers": (),  # ATTENTION=xformers instead of SDPA (OTHER_SETTINGS)
 }
+# Options that are a value of a setting other than the speed switches.
+OTHER_SETTINGS: dict[str, dict[str, Any]] = {"xformers": {"attention": "xformers"}}
 DEFAULT_OPTIONS = ["baseline", "channels_last", "fuse_qkv"]
 SMOKE_OPTIONS = ["baseline", "channels_last", "fuse_qkv", "vae_slicing", "vae_tiling"]
 PROMPT = "a lighthouse on a rocky coast at dusk, waves, dramatic clouds, detailed oil painting"
@@ -109,6 +113,8 @@ def applied(model: Any, field: str) -> bool | None:
         return bool(getattr(vae, "use_slicing", False))
     if field == "vae_tiling":
         return bool(getattr(vae, "use_tiling", False))
+    if field == "attention":
+        return any("XFormers" in type(processor).__name__ for processor in unet.attn_processors.values())
     if field == "tf32":
         if not model.device.startswith("cuda"):
             return None
@@ -194,9 +200,9 @@ def run_option(name: str, model_dir: Path, option: str, size: int, args: argpars
         report_row({**base, "skipped": f"Settings has no field {', '.join(unknown)}"})
         return
     fields: dict[str, Any] = {field: field in wanted for field in SPEED_FIELDS}
+    fields.update(OTHER_SETTINGS.get(option, {"attention": "sdpa"}))
     settings = Settings(
         model_dir=model_dir,
-        attention="sdpa",
         compile_mode=args.compile_mode,
         max_batch=1,
         max_images=max(args.batch),
@@ -216,7 +222,7 @@ def run_option(name: str, model_dir: Path, option: str, size: int, args: argpars
             report_row({**base, "skipped": f"load_model raised {type(err).__name__}: {err}"[:300]})
             return
         load_s = time.perf_counter() - started
-        shown = {field: applied(model, field) for field in wanted}
+        shown = {field: applied(model, field) for field in (*wanted, *OTHER_SETTINGS.get(option, {}))}
         resident = torch.cuda.memory_allocated() / GIB if cuda else None
         for batch in args.batch:
             row: dict[str, Any] = {**base, "batch": batch, "load_s": round(load_s, 2), "applied": shown}

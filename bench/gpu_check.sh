@@ -1,58 +1,95 @@
 #!/usr/bin/env bash
-# The prepared GPU check (issue 17): the device tests and the speed figures in one run, each step time-boxed so
-# the whole ends inside nine minutes, a failed step never stopping the rest.
+# The prepared GPU check (issue 17): the device tests and the speed figures in one run that ends inside nine
+# minutes, each step time-boxed, a failed step never stopping the rest.
 #
-#   OUT=results bash bench/gpu_check.sh                  # on the GPU machine: DEVICE=cuda, full-size models
+#   make gpu-wheels                                      # here, once: the packages the GPU machine lacks
+#   OUT=out bash bench/gpu_check.sh                      # there: DEVICE=cuda, full-size models (run with .gpu-wheels)
 #   GPU_CHECK_DRY=1 OUT=/tmp/x bash bench/gpu_check.sh   # the same steps on the CPU, tiny models and sizes (CI)
 #
-# Steps: 1. `pytest -m device` (tests/test_device.py) on DEVICE; 2. bench/gpu.py: steps/s, s/image, peak memory
-# per speed option and batch, SD 1.5 at 512 and SDXL at 1024; 3. bench/throughput.py through the real server, 1, 4
-# and 16 clients, MAX_BATCH 1 and 4; 4. bench/coldstart.py, baked weights to the first image. Then
-# bench/gpu_report.py writes $OUT/gpu_check.json and $OUT/gpu_check.md. Each step's output is $OUT/<step>.log.
+# Steps: 0. install: the wheels of .gpu-wheels into a scratch folder put first on PYTHONPATH (the real run; the dry
+# run uses the `python` it is given, unless GPU_CHECK_WHEELS names wheels to rehearse the install with), then a
+# preflight of every requirement; 1. `pytest -m device` (tests/test_device.py) on DEVICE; 2. bench/gpu.py:
+# steps/s, s/image, peak memory per speed option (SDPA, xformers, torch.compile, ...) and batch, SD 1.5 at 512 and
+# SDXL at 1024; 3. bench/throughput.py through the real server, 1, 4 and 16 clients, MAX_BATCH 1 and 4;
+# 4. bench/coldstart.py, baked weights to the first image, beside the raw read of the same bytes.
 #
-# Not yet (issue 17): `make gpu-wheels` (the packages the GPU machine lacks, brought as wheels and installed here
-# into a scratch folder on PYTHONPATH); until then the real run needs them installed; xformers against SDPA; SD3.5
-# Medium and FLUX.1-schnell sizes. The real run's time boxes are estimates: no GPU has run this script yet.
+# Every step's output goes to $GPU_CHECK_WORK/logs (default: a folder in the temp dir; the built models are
+# kept in $GPU_CHECK_WORK/models for a second run). $OUT receives three files, as the GPU machine sends back only a
+# few: gpu_check.json (sections install, cuda_tests, steps, throughput, cold_start, with the machine and this
+# command), gpu_check.md (the tables) and gpu_check_logs.tar.gz (every step's log and raw JSON).
+#
+# The whole check keeps to GPU_CHECK_BUDGET seconds (530): each step is cut at its own limit or at the time
+# left, whichever comes first, and a step with under 15 s left is recorded as skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the folder for the results}
-mkdir -p "$OUT"
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
 DRY=${GPU_CHECK_DRY:-0}
-CACHE=${GPU_CHECK_CACHE:-$OUT/models}
-: > "$OUT/steps.jsonl"
-if [ "$DRY" = 1 ]; then export DEVICE=cpu; else export DEVICE=cuda; fi
+WORK=${GPU_CHECK_WORK:-${TMPDIR:-/tmp}/sdworker-gpu-check}
+CACHE=${GPU_CHECK_CACHE:-$WORK/models}
+LOGS=$WORK/logs
+BUDGET=${GPU_CHECK_BUDGET:-530}
+DEADLINE=$(($(date +%s) + BUDGET))
+if [ "$DRY" = 1 ]; then
+  export DEVICE=cpu
+  WHEELS=${GPU_CHECK_WHEELS:-}
+else
+  export DEVICE=cuda
+  WHEELS=${GPU_CHECK_WHEELS:-.gpu-wheels}
+fi
 export GPU_CHECK_COMMAND="${GPU_CHECK_COMMAND:-GPU_CHECK_DRY=$DRY OUT=$OUT bash bench/gpu_check.sh}"
+mkdir -p "$OUT" "$CACHE"
+rm -rf "$LOGS" && mkdir -p "$LOGS"
+: > "$LOGS/steps.jsonl"
 
 step() {  # step NAME SECONDS COMMAND...: run it time-boxed, log it, record its status and time
-  local name=$1 limit=$2 started rc
+  local name=$1 limit=$2 started rc left
   shift 2
+  left=$((DEADLINE - $(date +%s)))
+  if [ "$left" -lt 15 ]; then
+    echo "== $name: skipped, ${left} s left of the ${BUDGET} s budget"
+    echo "{\"step\": \"$name\", \"rc\": null, \"skipped\": \"${left} s left of the ${BUDGET} s budget\"}" >> "$LOGS/steps.jsonl"
+    return
+  fi
+  [ "$left" -lt "$limit" ] && limit=$left
   started=$(date +%s)
   echo "== $name (at most ${limit} s): $*"
-  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout --kill-after=5 "$limit" "$@" > "$LOGS/$name.log" 2>&1
   rc=$?
-  echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $(($(date +%s) - started)), \"limit_s\": $limit}" >> "$OUT/steps.jsonl"
+  echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $(($(date +%s) - started)), \"limit_s\": $limit}" >> "$LOGS/steps.jsonl"
   echo "   rc $rc in $(($(date +%s) - started)) s"
 }
 
+if [ -n "$WHEELS" ]; then
+  step install 90 "$PY" bench/gpu_wheels.py install --dest "$WHEELS" --target "$WORK/site" --library "$WORK/cuda12"
+  export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+  # xformers' kernels load the CUDA 12 runtime library, kept off PYTHONPATH (its `nvidia` package would hide torch's)
+  export LD_LIBRARY_PATH="$WORK/cuda12/nvidia/cuda_runtime/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+
 if [ "$DRY" = 1 ]; then
   # tiny-sd stands in for the full-size models: baked as download.py bakes, read by the same loader.
-  MODEL_ID=tiny-sd "$PY" download.py --model-dir "$CACHE/tiny-sd" > "$OUT/bake.log" 2>&1 || echo "   bake failed"
-  step cuda_tests 240 "$PY" -m pytest -q -p no:cacheprovider -m device tests/test_device.py --junitxml "$OUT/cuda_tests.xml"
-  step steps 240 "$PY" bench/gpu.py --smoke --model-dir "sd15=$CACHE/tiny-sd" --out "$OUT/steps.json"
+  MODEL_ID=tiny-sd "$PY" download.py --model-dir "$CACHE/tiny-sd" > "$LOGS/bake.log" 2>&1 || echo "   bake failed"
+  step cuda_tests 240 "$PY" -m pytest -q -p no:cacheprovider -m device tests/test_device.py \
+    --junitxml "$LOGS/cuda_tests.xml"
+  step steps 240 "$PY" bench/gpu.py --smoke --model-dir "sd15=$CACHE/tiny-sd" --out "$LOGS/steps.json"
   step throughput 240 "$PY" bench/throughput.py --model-dir "$CACHE/tiny-sd" --clients 1 2 --batch 1 2 --calls 4 \
-    --rounds 1 --size 64 --steps 2 --out "$OUT/throughput.json"
+    --rounds 1 --size 64 --steps 2 --out "$LOGS/throughput.json"
   step cold_start 240 "$PY" bench/coldstart.py --model-dir "$CACHE/tiny-sd" --runs 1 --size 64 --steps 2 \
-    --no-server --out "$OUT/cold_start.json"
+    --no-server --out "$LOGS/cold_start.json"
 else
-  step cuda_tests 60 "$PY" -m pytest -q -p no:cacheprovider -m device tests/test_device.py --junitxml "$OUT/cuda_tests.xml"
-  step steps 150 "$PY" bench/gpu.py --models sd15 --options baseline channels_last fuse_qkv torch_compile \
-    --batch 1 4 --runs 2 --steps 20 --cache "$CACHE" --out "$OUT/steps.json"
-  step steps_sdxl 150 "$PY" bench/gpu.py --models sdxl --options baseline fuse_qkv torch_compile \
-    --batch 1 4 --runs 2 --steps 20 --cache "$CACHE" --out "$OUT/steps_sdxl.json"
-  step throughput 90 "$PY" bench/throughput.py --model-dir "$CACHE/sd15" --clients 1 4 16 --batch 1 4 --calls 16 \
-    --rounds 1 --size 512 --steps 20 --out "$OUT/throughput.json"
+  step cuda_tests 60 "$PY" -m pytest -q -p no:cacheprovider -m device tests/test_device.py \
+    --junitxml "$LOGS/cuda_tests.xml"
+  step steps 120 "$PY" bench/gpu.py --models sd15 --options baseline channels_last fuse_qkv xformers torch_compile \
+    --batch 1 4 --runs 2 --steps 20 --cache "$CACHE" --out "$LOGS/steps.json"
+  step steps_sdxl 140 "$PY" bench/gpu.py --models sdxl --options baseline fuse_qkv xformers torch_compile \
+    --batch 1 4 --runs 2 --steps 20 --cache "$CACHE" --out "$LOGS/steps_sdxl.json"
+  step throughput 75 "$PY" bench/throughput.py --model-dir "$CACHE/sd15" --clients 1 4 16 --batch 1 4 --calls 16 \
+    --rounds 1 --size 512 --steps 20 --out "$LOGS/throughput.json"
   step cold_start 60 "$PY" bench/coldstart.py --model-dir "$CACHE/sd15" --runs 2 --size 512 --steps 20 --no-server \
-    --out "$OUT/cold_start.json"
+    --out "$LOGS/cold_start.json"
 fi
-"$PY" bench/gpu_report.py "$OUT"
+"$PY" bench/gpu_report.py "$LOGS"
+cp "$LOGS/gpu_check.json" "$LOGS/gpu_check.md" "$OUT/"
+tar -czf "$OUT/gpu_check_logs.tar.gz" -C "$LOGS" .
+echo "wrote $OUT/gpu_check.json, gpu_check.md and gpu_check_logs.tar.gz"

@@ -1,11 +1,12 @@
 """The GPU check's report: bench/gpu_check.sh's step outputs in $OUT, merged into one JSON and one Markdown table.
 
-    python bench/gpu_report.py OUT
+    python bench/gpu_report.py LOGS
 
-Reads OUT/steps.jsonl (each step's exit status and seconds), OUT/cuda_tests.xml (pytest's JUnit report),
-OUT/steps*.json (bench/gpu.py), OUT/throughput.json and OUT/cold_start.json, and writes OUT/gpu_check.json
-(sections `cuda_tests`, `steps`, `throughput`, `cold_start`, with the machine and the exact command) and
-OUT/gpu_check.md. A step that failed or ran out of time is reported as such, with what it wrote before.
+Reads LOGS/steps.jsonl (each step's exit status and seconds), LOGS/install.log (the wheels' install and its
+preflight), LOGS/cuda_tests.xml (pytest's JUnit report), LOGS/steps*.json (bench/gpu.py), LOGS/throughput.json and
+LOGS/cold_start.json, and writes LOGS/gpu_check.json (sections `install`, `cuda_tests`, `steps`, `throughput`,
+`cold_start`, with the machine and the exact command) and LOGS/gpu_check.md. A step that failed, ran out of time
+or was skipped for want of time is reported as such, with what it wrote before.
 """
 
 from __future__ import annotations
@@ -65,11 +66,19 @@ def report(out: Path) -> dict[str, Any]:
     def section(step: str, data: Any) -> dict[str, Any]:
         run = steps.get(step, {"rc": None, "seconds": None})
         status = "passed" if run["rc"] == 0 else "timed out" if run["rc"] in (124, 137) else "failed"
-        return {
-            "status": status if run["rc"] is not None else "not run",
-            "rc": run["rc"],
-            "seconds": run["seconds"],
-            "result": data,
+        if run["rc"] is None:
+            status = f"skipped: {run['skipped']}" if run.get("skipped") else "not run"
+        return {"status": status, "rc": run["rc"], "seconds": run.get("seconds"), "result": data}
+
+    install_log = out / "install.log"
+    install = None
+    if install_log.exists():
+        lines = install_log.read_text().splitlines()
+        install = {
+            "problems": [line.removeprefix("problem: ") for line in lines if line.startswith("problem: ")],
+            "from_image": [
+                line.removeprefix("from the image: ") for line in lines if line.startswith("from the image")
+            ],
         }
 
     speed = [_json(path) for path in sorted(out.glob("steps*.json"))]
@@ -77,6 +86,7 @@ def report(out: Path) -> dict[str, Any]:
         "command": os.environ.get("GPU_CHECK_COMMAND", "bash bench/gpu_check.sh"),
         "dry_run": os.environ.get("GPU_CHECK_DRY") == "1",
         "machine": _machine(),
+        "install": section("install", install),
         "cuda_tests": section("cuda_tests", _tests(out / "cuda_tests.xml")),
         "steps": {
             **section("steps", [data for data in speed if data]),
@@ -98,8 +108,11 @@ def markdown(data: dict[str, Any]) -> str:
         "| section | status | seconds |",
         "|---|---|---|",
     ]
-    for name in ("cuda_tests", "steps", "throughput", "cold_start"):
+    for name in ("install", "cuda_tests", "steps", "throughput", "cold_start"):
         lines.append(f"| {name} | {data[name]['status']} | {data[name]['seconds']} |")
+    install = data["install"]["result"]
+    if install:
+        lines += ["", *[f"- install problem: {problem}" for problem in install["problems"]]]
     tests = data["cuda_tests"]["result"]
     if tests:
         lines += ["", f"Device tests: {tests['counts']}", *[f"- failed: {name}" for name in tests["failed"]]]
@@ -114,7 +127,7 @@ def markdown(data: dict[str, Any]) -> str:
             lines.append(
                 f"| {row.get('model')} | {row.get('size')} | {row.get('option')} | {row.get('batch', '-')} | "
                 f"{row.get('s_per_image', '-')} | {row.get('steps_per_s', '-')} | {row.get('peak_gib', '-')} | "
-                f"{row.get('error', '')} |"
+                f"{row.get('error') or row.get('skipped') or ''} |"
             )
     throughput = (data["throughput"]["result"] or {}).get("rows", [])
     if throughput:
@@ -127,6 +140,8 @@ def markdown(data: dict[str, Any]) -> str:
     cold = data["cold_start"]["result"]
     if cold:
         lines += ["", f"Cold start, median seconds: {json.dumps(cold.get('median_s'))}"]
+        if cold.get("raw_read"):
+            lines.append(f"Raw read of the same bytes: {json.dumps(cold['raw_read'])}")
     return "\n".join(lines) + "\n"
 
 

@@ -1,33 +1,66 @@
 """The prepared GPU check (bench/gpu_check.sh) proved on the CPU: GPU_CHECK_DRY=1 runs its every step on tiny-sd
-at tiny sizes, with the `python` it is given, and its report has every section, each step passed."""
+at tiny sizes, with the `python` it is given, and its report has every section, each step passed. Its wheels
+(`make gpu-wheels`) are every package requirements.txt pins beside torch and the GPU image's own, for Python 3.12,
+within what one call carries; and a rehearsal on a Python that holds only torch and what the GPU image holds
+installs the same pins from wheels, as the real run does, and passes every step on them alone."""
 
 from __future__ import annotations
 
+import importlib.metadata as metadata
 import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
+from typing import Any
 
 from conftest import ROOT
 
+sys.path.insert(0, str(ROOT))
+from bench import gpu_wheels
 
-def test_the_dry_run_of_the_gpu_check_passes_every_step_and_reports_them(tmp_path: Path) -> None:
-    env = {**os.environ, "GPU_CHECK_DRY": "1", "OUT": str(tmp_path / "out"), "PYTHON": sys.executable}
+SECTIONS = ("cuda_tests", "steps", "throughput", "cold_start")
+
+
+def run_check(tmp_path: Path, **env: str) -> dict[str, Any]:
+    """bench/gpu_check.sh's dry run; the report from what came back in OUT (and nothing else came back)."""
+    env = {"GPU_CHECK_DRY": "1", "OUT": str(tmp_path / "out"), "GPU_CHECK_WORK": str(tmp_path / "work"), **env}
+    env.setdefault("PYTHON", sys.executable)
     result = subprocess.run(
-        ["bash", "bench/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200
+        ["bash", "bench/gpu_check.sh"],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    # The GPU machine sends back at most 8 files: the check leaves three.
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [
+        "gpu_check.json",
+        "gpu_check.md",
+        "gpu_check_logs.tar.gz",
+    ]
+    with tarfile.open(tmp_path / "out" / "gpu_check_logs.tar.gz") as logs:
+        names = {Path(name).name for name in logs.getnames()}
+    assert {"steps.jsonl", "cuda_tests.log", "steps.json", "throughput.json", "cold_start.json"} <= names
     report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
-    assert report["dry_run"] and report["machine"]["device"].startswith("CPU")
-    assert "bench/gpu_check.sh" in report["command"]
-    for name in ("cuda_tests", "steps", "throughput", "cold_start"):
+    for name in SECTIONS:
         assert report[name]["status"] == "passed", (
             name,
             report[name],
-            (tmp_path / "out" / f"{name}.log").read_text()[-3000:],
+            (tmp_path / "work" / "logs" / f"{name}.log").read_text()[-3000:],
         )
         assert 0 <= report[name]["seconds"] <= 240
+    return report
+
+
+def test_the_dry_run_of_the_gpu_check_passes_every_step_and_reports_them(tmp_path: Path) -> None:
+    report = run_check(tmp_path)
+    assert report["dry_run"] and report["machine"]["device"].startswith("CPU")
+    assert "bench/gpu_check.sh" in report["command"]
+    assert report["install"]["status"] == "not run"  # the dry run uses the python it is given
     tests = report["cuda_tests"]["result"]
     assert tests["counts"]["failed"] == 0 and tests["counts"]["passed"] >= 9
     rows = [row for part in report["steps"]["result"] for row in part["rows"]]
@@ -38,21 +71,84 @@ def test_the_dry_run_of_the_gpu_check_passes_every_step_and_reports_them(tmp_pat
         (2, 1),
         (2, 2),
     }
-    assert report["cold_start"]["result"]["median_s"]["worker"]["total"] > 0
+    cold = report["cold_start"]["result"]
+    assert cold["median_s"]["worker"]["total"] > 0
+    assert cold["raw_read"]["median_s"] > 0 and cold["raw_read"]["worker_load_over_raw_read"] > 0
     table = (tmp_path / "out" / "gpu_check.md").read_text()
     assert "| cuda_tests | passed |" in table and "| sd15 | 64 | baseline | 1 |" in table
 
 
-def test_a_step_that_fails_or_runs_out_of_time_is_reported_and_the_report_still_written(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
+def test_a_step_that_fails_runs_out_of_time_or_finds_no_time_left_is_reported(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
     steps = [
         {"step": "cuda_tests", "rc": 1, "seconds": 3, "limit_s": 60},
         {"step": "steps", "rc": 124, "seconds": 150, "limit_s": 150},
+        {"step": "cold_start", "rc": None, "skipped": "9 s left of the 530 s budget"},
     ]
-    (out / "steps.jsonl").write_text("".join(json.dumps(step) + "\n" for step in steps))
-    result = subprocess.run([sys.executable, "bench/gpu_report.py", str(out)], cwd=ROOT, capture_output=True, text=True)
+    (logs / "steps.jsonl").write_text("".join(json.dumps(step) + "\n" for step in steps))
+    result = subprocess.run(
+        [sys.executable, "bench/gpu_report.py", str(logs)], cwd=ROOT, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
-    report = json.loads((out / "gpu_check.json").read_text())
+    report = json.loads((logs / "gpu_check.json").read_text())
     assert report["cuda_tests"]["status"] == "failed" and report["steps"]["status"] == "timed out"
     assert report["throughput"]["status"] == "not run"
+    assert report["cold_start"]["status"] == "skipped: 9 s left of the 530 s budget"
+
+
+def test_the_gpu_wheels_pin_requirements_txt_closure_beside_torch_and_the_gpu_image(tmp_path: Path) -> None:
+    # bench/gpu-wheels.txt is what `pins` writes from the installed versions, which are requirements.txt's.
+    assert gpu_wheels.read_pins() == gpu_wheels.wanted_pins(), "run: python bench/gpu_wheels.py pins"
+    pins = gpu_wheels.read_pins()
+    assert {"diffusers", "transformers", "potassium", "fastapi", "uvicorn", "xformers"} <= set(pins)
+    assert not {"torch", "numpy", "pillow", "scipy", "runpod", "typing-extensions", "filelock"} & set(pins)
+    for name, version in gpu_wheels._pinned(ROOT / "requirements.txt").items():
+        if name in pins:
+            assert pins[name] == version
+
+
+def test_make_gpu_wheels_brings_one_wheel_per_pin_for_python_312_within_the_call_limit(tmp_path: Path) -> None:
+    dest = tmp_path / "wheels"
+    gpu_wheels.download(dest)
+    assert gpu_wheels.check(dest) == []
+    assert sum(path.stat().st_size for path in dest.glob("*.whl")) <= 60 * 1024**2
+    # A missing wheel and a second version are each named.
+    wheel = next(dest.glob("diffusers-*.whl"))
+    wheel.rename(tmp_path / wheel.name)
+    (dest / "redis-7.0.0-py3-none-any.whl").write_bytes(b"")
+    problems = gpu_wheels.check(dest)
+    assert "no wheel of diffusers==0.42.1" in problems
+    assert any(problem.startswith("two versions of redis") for problem in problems)
+
+
+def _gpu_image_python(root: Path) -> Path:
+    """A Python like the GPU machine's: a bare virtualenv that sees torch (with its own dependencies) and, of what
+    the GPU image holds, what the check takes from it (numpy, pillow, scipy, hf-xet, pytest), and nothing else."""
+    subprocess.run([sys.executable, "-m", "venv", str(root / "venv")], check=True)
+    image = root / "image"
+    image.mkdir()
+    env = gpu_wheels.target_environment(sys.version_info[:2])
+    names = {*gpu_wheels.closure(["torch", "pytest"], env), *gpu_wheels.FROM_IMAGE, "packaging"}
+    for name in names:
+        distribution = metadata.distribution(name)
+        for file in distribution.files or []:
+            top = file.parts[0]
+            if top != ".." and not (image / top).exists():
+                (image / top).symlink_to(Path(distribution.locate_file(top)))
+    site = next((root / "venv" / "lib").glob("python3*/site-packages"))
+    (site / "gpu-image.pth").write_text(f"{image}\n")
+    return root / "venv" / "bin" / "python"
+
+
+def test_rehearsal_the_wheels_installed_beside_torch_alone_pass_every_step(tmp_path: Path) -> None:
+    python = _gpu_image_python(tmp_path / "gpu")
+    imports = [python, "-c", "import torch, numpy, pytest; import diffusers"]
+    assert subprocess.run(imports, capture_output=True).returncode != 0  # nothing of the project's is there yet
+    wheels = tmp_path / "wheels"  # the same pins, for this machine's Python
+    gpu_wheels.download(wheels, sys.version_info[:2])
+    report = run_check(tmp_path, PYTHON=str(python), GPU_CHECK_WHEELS=str(wheels))
+    assert report["install"]["status"] == "passed", (tmp_path / "work" / "logs" / "install.log").read_text()[-3000:]
+    assert report["install"]["result"]["problems"] == []
+    from_image = " ".join(report["install"]["result"]["from_image"])
+    assert "typing-extensions" in from_image and "numpy" in from_image

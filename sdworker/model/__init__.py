@@ -13,7 +13,7 @@ component, safetensors weights only) and a small manifest, `sdworker.json`, that
 from ..manifest import read_manifest
 from .bake import BakeResult, bake_model
 from .families import FAMILIES, TASKS, Family, family_of, fit_request
-from .load import LoadedModel, apply_speed_options, load_model, load_pipeline, weight_bytes
+from .load import LoadedModel, apply_speed_options, load_model, load_pipeline, weight_bytes, weight_files
 from .recipes import RECIPES
 from .sources import select_files
 
@@ -33,4 +33,5 @@ __all__ = [
     "read_manifest",
     "select_files",
     "weight_bytes",
+    "weight_files",
 ]

@@ -92,11 +92,15 @@ def _unserved(settings: Settings, family: Family) -> dict[str, None]:
     return skip
 
 
+def weight_files(model_dir: Path) -> list[Path]:
+    """The weight files `load_pipeline` reads from a baked directory."""
+    variant = (read_manifest(model_dir) or {}).get("weights_variant")
+    return sorted(p for p in Path(model_dir).glob("*/*.safetensors") if _variant_of(p.name) == variant)
+
+
 def weight_bytes(model_dir: Path) -> int:
     """Bytes of the weight files `load_pipeline` reads from a baked directory."""
-    variant = (read_manifest(model_dir) or {}).get("weights_variant")
-    files = [p for p in Path(model_dir).glob("*/*.safetensors") if _variant_of(p.name) == variant]
-    return sum(p.stat().st_size for p in files)
+    return sum(p.stat().st_size for p in weight_files(model_dir))
 
 
 def _require_compiler(device: str) -> None:
