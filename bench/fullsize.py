@@ -1,14 +1,17 @@
-"""Full-size SD 1.5 and SDXL pipelines with random weights, built offline and baked for `load_model`.
+"""Full-size SD 1.5, SDXL, SD3.5 Medium and FLUX.1-schnell pipelines with random weights, built offline and baked.
 
-    python bench/fullsize.py [--models sd15 sdxl] [--cache DIR] [--rebuild] [--smoke]
+    python bench/fullsize.py [--models sd15 sdxl sd35m flux] [--cache DIR] [--rebuild] [--smoke]
 
-The architectures are the published ones (the configs of stable-diffusion-v1-5/stable-diffusion-v1-5 and
-stabilityai/stable-diffusion-xl-base-1.0, embedded below), built with diffusers' and transformers' own classes,
+The architectures are the published ones (the configs of stable-diffusion-v1-5/stable-diffusion-v1-5,
+stabilityai/stable-diffusion-xl-base-1.0, stabilityai/stable-diffusion-3.5-medium and
+black-forest-labs/FLUX.1-schnell, embedded below), built with diffusers' and transformers' own classes,
 so every layer has the real model's shape and a GPU spends the same time on it as on the real weights; only the
 pictures are noise. Each model is initialised in fp32 (on the GPU when there is one: much faster), cast to
 fp16, saved as a diffusers pipeline with `variant="fp16"` safetensors, and baked by the project's own
 `bake_model`, so the benchmark reads it through the worker's real loader. The tokenizers are the byte-level
 CLIP tokenizer of the tiny recipes (no download); prompts still pad to 77 tokens, as with the real vocabulary.
+SD3.5 Medium and FLUX.1-schnell carry T5-XXL's encoder at its full width but cut to T5_LAYERS of its 24 blocks
+(see T5_XXL below: the transformer sees the same text tokens; load time and peak memory leave out most of T5).
 
 With `--smoke` it builds SD 1.5 only, loads it with `load_model` and makes one 64x64 image in 2 steps (CPU is
 fine). Built models are kept in `--cache` (default: a folder in the system's temp dir) and reused.
@@ -153,10 +156,81 @@ SDXL_SCHEDULER: dict[str, Any] = {
     "use_karras_sigmas": False,
 }
 
-# Parameter counts of the published checkpoints, to check the builds against.
+# stabilityai/stable-diffusion-3.5-medium: the MMDiT with dual attention in its first 13 blocks, 16-channel VAE.
+SD35M_TRANSFORMER: dict[str, Any] = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 24,
+    "attention_head_dim": 64,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048,
+    "pos_embed_max_size": 384,
+    "dual_attention_layers": list(range(13)),
+    "qk_norm": "rms_norm",
+}
+DIT_VAE: dict[str, Any] = {
+    **SD15_VAE,
+    "sample_size": 1024,
+    "latent_channels": 16,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+SD3_VAE = {**DIT_VAE, "scaling_factor": 1.5305, "shift_factor": 0.0609}
+SD35M_SCHEDULER: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0}
+# black-forest-labs/FLUX.1-schnell: 19 double-stream and 38 single-stream blocks, no guidance embedding.
+FLUX_SCHNELL_TRANSFORMER: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": False,
+    "axes_dims_rope": [16, 56, 56],
+}
+FLUX_VAE = {**DIT_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159}
+FLUX_SCHNELL_SCHEDULER: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "use_dynamic_shifting": False,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+# T5-XXL's encoder (google/t5-v1_1-xxl) at its full width, cut to T5_LAYERS of its 24 blocks. It runs once per
+# prompt (about 1% of a 4-step FLUX.1-schnell image's arithmetic at 1024 px), but its 4.76B parameters would add
+# 9.5 GB to each model's files, to be written, baked and read again within the check's minutes; cut, it gives the
+# transformer the same 4096-wide text tokens, while the load time and the peak memory leave out 8.7 GB of it.
+T5_LAYERS = 2
+T5_XXL: dict[str, Any] = {
+    "vocab_size": 32128,
+    "d_model": 4096,
+    "d_ff": 10240,
+    "d_kv": 64,
+    "num_heads": 64,
+    "num_layers": T5_LAYERS,
+    "feed_forward_proj": "gated-gelu",
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "decoder_start_token_id": 0,
+    "tie_word_embeddings": False,
+}
+
+# Parameter counts of the published checkpoints, to check the builds against (T5 is cut: not compared).
 PUBLISHED_PARAMS = {
     "sd15": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
     "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840},
+    "sd35m": {"text_encoder": 123_650_304, "text_encoder_2": 694_659_840},
+    "flux": {"transformer": 11_891_178_560, "text_encoder": 123_060_480},  # FLUX.1-dev less its guidance embedder
 }
 
 
@@ -253,25 +327,95 @@ def build_sdxl(dest: Path, device: str = "cpu", seed: int = 0) -> dict[str, int]
     return _components_params(pipe)
 
 
-BUILDERS: dict[str, Callable[..., dict[str, int]]] = {"sd15": build_sd15, "sdxl": build_sdxl}
-UNET_CONFIGS = {"sd15": SD15_UNET, "sdxl": SDXL_UNET}
-NATIVE_SIZE = {"sd15": 512, "sdxl": 1024}
+def _t5_xxl(device: str) -> Any:
+    from transformers import T5Config, T5EncoderModel
+
+    return _fp16(lambda: T5EncoderModel(T5Config(**T5_XXL)), device)
+
+
+def build_sd35m(dest: Path, device: str = "cpu", seed: int = 0) -> dict[str, int]:
+    """Save a full-size Stable Diffusion 3.5 Medium pipeline (T5 cut to T5_LAYERS blocks) with random fp16 weights."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from sdworker.model.recipes import _tiny_t5, _tiny_tokenizer
+
+    torch.manual_seed(seed)
+    with _quiet():
+        pipe = StableDiffusion3Pipeline(
+            transformer=_fp16(lambda: SD3Transformer2DModel(**SD35M_TRANSFORMER), device),
+            vae=_fp16(lambda: AutoencoderKL(**SD3_VAE), device),
+            text_encoder=_fp16(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L_TEXT)), device),
+            text_encoder_2=_fp16(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG_TEXT)), device),
+            text_encoder_3=_t5_xxl(device),
+            tokenizer=_tiny_tokenizer(),
+            tokenizer_2=_tiny_tokenizer(),
+            tokenizer_3=_tiny_t5(8)[1],
+            scheduler=FlowMatchEulerDiscreteScheduler(**SD35M_SCHEDULER),
+        )
+        pipe.save_pretrained(dest, safe_serialization=True, variant="fp16")
+    return _components_params(pipe)
+
+
+def build_flux(dest: Path, device: str = "cpu", seed: int = 0) -> dict[str, int]:
+    """Save a full-size FLUX.1-schnell pipeline (T5 cut to T5_LAYERS blocks) with random fp16 weights."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sdworker.model.recipes import _tiny_t5, _tiny_tokenizer
+
+    torch.manual_seed(seed)
+    with _quiet():
+        pipe = FluxPipeline(
+            transformer=_fp16(lambda: FluxTransformer2DModel(**FLUX_SCHNELL_TRANSFORMER), device),
+            vae=_fp16(lambda: AutoencoderKL(**FLUX_VAE), device),
+            text_encoder=_fp16(lambda: CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)), device),
+            text_encoder_2=_t5_xxl(device),
+            tokenizer=_tiny_tokenizer(),
+            tokenizer_2=_tiny_t5(8)[1],
+            scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHNELL_SCHEDULER),
+        )
+        pipe.save_pretrained(dest, safe_serialization=True, variant="fp16")
+    return _components_params(pipe)
+
+
+BUILDERS: dict[str, Callable[..., dict[str, int]]] = {
+    "sd15": build_sd15,
+    "sdxl": build_sdxl,
+    "sd35m": build_sd35m,
+    "flux": build_flux,
+}
+# Each model's denoiser folder, and the config keys that tell the full-size one from a tiny recipe's.
+DENOISERS: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {
+    "sd15": ("unet", SD15_UNET, ("block_out_channels", "cross_attention_dim")),
+    "sdxl": ("unet", SDXL_UNET, ("block_out_channels", "cross_attention_dim")),
+    "sd35m": ("transformer", SD35M_TRANSFORMER, ("num_layers", "caption_projection_dim", "dual_attention_layers")),
+    "flux": ("transformer", FLUX_SCHNELL_TRANSFORMER, ("num_layers", "num_single_layers", "guidance_embeds")),
+}
+NATIVE_SIZE = {"sd15": 512, "sdxl": 1024, "sd35m": 1024, "flux": 1024}
 
 
 def _is_built(name: str, model_dir: Path) -> bool:
-    """Whether `model_dir` holds a baked pipeline whose UNet is the full-size `name` one."""
+    """Whether `model_dir` holds a baked pipeline whose denoiser is the full-size `name` one."""
     from sdworker.model import read_manifest
 
-    config_path = model_dir / "unet" / "config.json"
+    folder, wanted, keys = DENOISERS[name]
+    config_path = model_dir / folder / "config.json"
     if read_manifest(model_dir) is None or not config_path.is_file():
         return False
     config = json.loads(config_path.read_text())
-    wanted = UNET_CONFIGS[name]
-    return all(config.get(key) == wanted[key] for key in ("block_out_channels", "cross_attention_dim"))
+    return all(config.get(key) == wanted[key] for key in keys)
 
 
 def ensure_model(name: str, cache: Path, device: str | None = None, rebuild: bool = False) -> dict[str, Any]:
-    """The baked full-size model `name` (sd15 or sdxl) in `cache/name`, built and baked there unless already.
+    """The baked full-size model `name` (sd15, sdxl, sd35m, flux) in `cache/name`, built and baked there unless already.
 
     `device` is where the random init runs (default: cuda when available). Returns `model_dir`, `built` (False
     when reused), and for a build its `build_s`, `bake_s` and `params`."""
@@ -296,7 +440,9 @@ def ensure_model(name: str, cache: Path, device: str | None = None, rebuild: boo
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     published = PUBLISHED_PARAMS[name]
-    mismatched = {part: (count, published[part]) for part, count in params.items() if published.get(part) != count}
+    mismatched = {
+        part: (count, published[part]) for part, count in params.items() if published.get(part, count) != count
+    }
     if mismatched:
         print(f"warning: {name} parameter counts differ from the published model: {mismatched}", file=sys.stderr)
     return {

@@ -1,10 +1,11 @@
-"""Figure 4: GPU speed of the worker's own loader and generation on full-size SD 1.5 and SDXL, per speed option.
+"""Figure 4: GPU speed of the worker's own loader and generation on full-size models, per speed option.
 
-    python bench/gpu.py [--models sd15 sdxl] [--batch 1 4] [--options ...] [--runs 3] [--steps 30] [--out FILE]
+    python bench/gpu.py [--models sd15 sdxl sd35m flux] [--batch 1 4] [--options ...] [--runs 3] [--steps 30]
     python bench/gpu.py --smoke [--compile] [--out FILE]          # CPU is fine: a check of the code paths only
 
-For each model (SD 1.5 at 512x512, SDXL at 1024x1024), speed option and batch size it loads the baked model with
-`sdworker.model.load_model(Settings(...))`, so the loader itself applies the option, makes one warm-up batch
+For each model (SD 1.5 at 512x512, SDXL, SD3.5 Medium and FLUX.1-schnell at 1024x1024), speed option and batch
+size it loads the baked model with `sdworker.model.load_model(Settings(...))`, so the loader itself applies the
+option, makes one warm-up batch
 (`--warmup-steps` steps, at the same size and batch) and then `--runs` timed batches through
 `sdworker.generate.generate`, and reports the medians: seconds per image (wall time of `generate` / batch),
 steps/s (`--steps` / the pipeline call's seconds, text encoding and VAE decode included), the denoising loop's
@@ -44,6 +45,7 @@ import gc
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -102,8 +104,10 @@ def applied(model: Any, field: str) -> bool | None:
     import torch
 
     pipe = model.pipes["text2img"]
-    unet, vae = pipe.unet, pipe.vae
+    unet, vae = getattr(pipe, "unet", None) or pipe.transformer, pipe.vae  # the denoiser: a UNet or a transformer
     if field == "channels_last":
+        if not hasattr(unet, "conv_in"):
+            return None
         return unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     if field == "fuse_qkv":
         return any(getattr(module, "fused_projections", False) for module in unet.modules())
@@ -284,6 +288,7 @@ def main() -> None:
         help="use this baked pipeline for MODEL instead of building one (real weights, say)",
     )
     parser.add_argument("--rebuild", action="store_true", help="build the models again even when cached")
+    parser.add_argument("--drop-after", action="store_true", help="delete each built model after its rows (disk)")
     parser.add_argument("--smoke", action="store_true", help="sd15 at 64x64, 2 steps, batch 1 and 2: a CPU check")
     parser.add_argument("--compile", action="store_true", help="with --smoke, add torch_compile")
     parser.add_argument("--out", type=Path, help="write the report as JSON here")
@@ -361,6 +366,8 @@ def main() -> None:
         print(HEADER, flush=True)
         for option in options:
             run_option(name, model_dir, option, size, args, report_row)
+        if args.drop_after and name not in given:
+            shutil.rmtree(model_dir, ignore_errors=True)
     report["total_s"] = round(time.perf_counter() - started, 1)
     save()
     print(f"done in {report['total_s']:.0f} s" + (f"; wrote {args.out}" if args.out else ""))

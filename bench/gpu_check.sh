@@ -11,7 +11,9 @@
 # preflight of every requirement; 1. `pytest -m device` (tests/test_device.py) on DEVICE; 2. bench/gpu.py:
 # steps/s, s/image, peak memory per speed option (SDPA, xformers, torch.compile, ...) and batch, SD 1.5 at 512 and
 # SDXL at 1024; 3. bench/throughput.py through the real server, 1, 4 and 16 clients, MAX_BATCH 1 and 4;
-# 4. bench/coldstart.py, baked weights to the first image, beside the raw read of the same bytes.
+# 4. bench/coldstart.py, baked weights to the first image, beside the raw read of the same bytes; then, in the time
+# left, step 2's SD3.5 Medium and FLUX.1-schnell rows at 1024 (their builds write gigabytes: last, so that they
+# cannot crowd out the rest).
 #
 # Every step's output goes to $GPU_CHECK_WORK/logs (default: a folder in the temp dir; the built models are
 # kept in $GPU_CHECK_WORK/models for a second run). $OUT receives three files, as the GPU machine sends back only a
@@ -69,7 +71,9 @@ fi
 
 if [ "$DRY" = 1 ]; then
   # tiny-sd stands in for the full-size models: baked as download.py bakes, read by the same loader.
-  MODEL_ID=tiny-sd "$PY" download.py --model-dir "$CACHE/tiny-sd" > "$LOGS/bake.log" 2>&1 || echo "   bake failed"
+  for recipe in tiny-sd tiny-sd3 tiny-flux-schnell; do
+    MODEL_ID=$recipe "$PY" download.py --model-dir "$CACHE/$recipe" >> "$LOGS/bake.log" 2>&1 || echo "   bake failed"
+  done
   step cuda_tests 240 "$PY" -m pytest -q -p no:cacheprovider -m device tests/test_device.py \
     --junitxml "$LOGS/cuda_tests.xml"
   step steps 240 "$PY" bench/gpu.py --smoke --model-dir "sd15=$CACHE/tiny-sd" --out "$LOGS/steps.json"
@@ -77,17 +81,26 @@ if [ "$DRY" = 1 ]; then
     --rounds 1 --size 64 --steps 2 --out "$LOGS/throughput.json"
   step cold_start 240 "$PY" bench/coldstart.py --model-dir "$CACHE/tiny-sd" --runs 1 --size 64 --steps 2 \
     --no-server --out "$LOGS/cold_start.json"
+  step steps_sd35 240 "$PY" bench/gpu.py --smoke --models sd35m --options baseline \
+    --model-dir "sd35m=$CACHE/tiny-sd3" --out "$LOGS/steps_sd35.json"
+  step steps_flux 240 "$PY" bench/gpu.py --smoke --models flux --options baseline \
+    --model-dir "flux=$CACHE/tiny-flux-schnell" --out "$LOGS/steps_flux.json"
 else
   step cuda_tests 60 "$PY" -m pytest -q -p no:cacheprovider -m device tests/test_device.py \
     --junitxml "$LOGS/cuda_tests.xml"
   step steps 120 "$PY" bench/gpu.py --models sd15 --options baseline channels_last fuse_qkv xformers torch_compile \
     --batch 1 4 --runs 2 --steps 20 --cache "$CACHE" --out "$LOGS/steps.json"
   step steps_sdxl 140 "$PY" bench/gpu.py --models sdxl --options baseline fuse_qkv xformers torch_compile \
-    --batch 1 4 --runs 2 --steps 20 --cache "$CACHE" --out "$LOGS/steps_sdxl.json"
+    --batch 1 4 --runs 2 --steps 20 --cache "$CACHE" --drop-after --out "$LOGS/steps_sdxl.json"
   step throughput 75 "$PY" bench/throughput.py --model-dir "$CACHE/sd15" --clients 1 4 16 --batch 1 4 --calls 16 \
     --rounds 1 --size 512 --steps 20 --out "$LOGS/throughput.json"
   step cold_start 60 "$PY" bench/coldstart.py --model-dir "$CACHE/sd15" --runs 2 --size 512 --steps 20 --no-server \
     --out "$LOGS/cold_start.json"
+  # Last, in the time left: the DiTs of step 2, whose builds write 7 and 25 GB (each deleted after its rows).
+  step steps_sd35 75 "$PY" bench/gpu.py --models sd35m --options baseline --batch 1 4 --runs 2 --steps 20 \
+    --cache "$CACHE" --drop-after --out "$LOGS/steps_sd35.json"
+  step steps_flux 110 "$PY" bench/gpu.py --models flux --options baseline --batch 1 4 --runs 2 --steps 4 \
+    --cache "$CACHE" --drop-after --out "$LOGS/steps_flux.json"
 fi
 "$PY" bench/gpu_report.py "$LOGS"
 cp "$LOGS/gpu_check.json" "$LOGS/gpu_check.md" "$OUT/"

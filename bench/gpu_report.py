@@ -88,9 +88,14 @@ def report(out: Path) -> dict[str, Any]:
         "machine": _machine(),
         "install": section("install", install),
         "cuda_tests": section("cuda_tests", _tests(out / "cuda_tests.xml")),
+        # Step 2 runs as several steps (one per model or two): each one's status, and every row they wrote.
         "steps": {
             **section("steps", [data for data in speed if data]),
-            **({"sdxl": steps["steps_sdxl"]} if "steps_sdxl" in steps else {}),
+            "parts": {
+                name: {key: section(name, None)[key] for key in ("status", "seconds")}
+                for name in steps
+                if name.startswith("steps")
+            },
         },
         "throughput": section("throughput", _json(out / "throughput.json")),
         "cold_start": section("cold_start", _json(out / "cold_start.json")),
@@ -110,6 +115,8 @@ def markdown(data: dict[str, Any]) -> str:
     ]
     for name in ("install", "cuda_tests", "steps", "throughput", "cold_start"):
         lines.append(f"| {name} | {data[name]['status']} | {data[name]['seconds']} |")
+    for name, part in data["steps"].get("parts", {}).items():
+        lines.append(f"| step 2: {name} | {part['status']} | {part['seconds']} |")
     install = data["install"]["result"]
     if install:
         lines += ["", *[f"- install problem: {problem}" for problem in install["problems"]]]

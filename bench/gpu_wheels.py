@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata as metadata
-import re
 import shutil
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -170,23 +168,11 @@ def check(dest: Path, python: tuple[int, int] = PYTHON, pins: dict[str, str] | N
     return problems
 
 
-def wheel_requirements(dest: Path) -> dict[str, list[str]]:
-    """Each wheel's Requires-Dist, read from its METADATA."""
-    found = {}
-    for wheel in dest.glob("*.whl"):
-        name = parse_wheel_filename(wheel.name)[0]
-        with zipfile.ZipFile(wheel) as archive:
-            meta = next(item for item in archive.namelist() if re.fullmatch(r"[^/]+\.dist-info/METADATA", item))
-            text = archive.read(meta).decode()
-        found[name] = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Requires-Dist:")]
-    return found
-
-
 def preflight(pins: dict[str, str] | None = None) -> list[str]:
     """On the GPU machine after the install: each pin is what Python finds, and every requirement of theirs is
     installed (from the wheels or the image) at a version it accepts. Prints where each package came from."""
     pins = read_pins() if pins is None else pins
-    env = {**target_environment((sys.version_info.major, sys.version_info.minor))}
+    env = target_environment((sys.version_info.major, sys.version_info.minor))
     problems = []
     needed: dict[str, list[str]] = {}
     for name, version in pins.items():

@@ -63,8 +63,11 @@ def test_the_dry_run_of_the_gpu_check_passes_every_step_and_reports_them(tmp_pat
     assert report["install"]["status"] == "not run"  # the dry run uses the python it is given
     tests = report["cuda_tests"]["result"]
     assert tests["counts"]["failed"] == 0 and tests["counts"]["passed"] >= 9
+    assert set(report["steps"]["parts"]) == {"steps", "steps_sd35", "steps_flux"}
+    assert all(part["status"] == "passed" for part in report["steps"]["parts"].values()), report["steps"]["parts"]
     rows = [row for part in report["steps"]["result"] for row in part["rows"]]
     assert rows and all(row["s_per_image"] > 0 and "error" not in row for row in rows)
+    assert {row["model"] for row in rows} == {"sd15", "sd35m", "flux"}
     assert {(row["max_batch"], row["clients"]) for row in report["throughput"]["result"]["rows"]} == {
         (1, 1),
         (1, 2),
