@@ -33,7 +33,7 @@ def handler(context: dict, request: Request) -> Response:
 
 @app.handler("/stages/encode")
 def encode(context: dict, request: Request) -> Response:
-    """Seed 001's split, stage 1: the text encoders, prompt -> embeddings (see sdworker/stages.py)."""
+    """Seed 001's split, stage 1: the text encoders, prompt -> embeddings (see sdworker/stages/)."""
     status, body = run_stage(context["model"], "encode", request.json)
     return Response(status=status, json=body)
 

@@ -1,4 +1,4 @@
-"""A generation's inputs already encoded by other workers (seed 001's split stages, `sdworker/stages.py`): the
+"""A generation's inputs already encoded by other workers (seed 001's split stages, `sdworker/stages/`): the
 prompt's embeddings from the text encoders' worker and, for img2img and inpaint, the image as the VAE's worker
 encoded it. The UNet's worker runs the same pipeline call a whole generation makes, on these."""
 

@@ -1,0 +1,142 @@
+"""What travels between the stages (`sdworker/stages/`): each endpoint's body, checked by its schema, and the
+tensors, as base64 of a safetensors file whose header carries JSON metadata, checked by name, dtype and values
+on arrival (each stage checks their shapes against its model). A field that does not fit is a 422 naming it."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import torch
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import WorkerError
+from ..schema import GenerateInput, LoraChoice
+
+IMAGE = ("image_moments",)
+MASKED = ("image_moments", "masked_image_moments", "mask")
+POOLED = ("pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+EMBEDDINGS = ("prompt_embeds", "negative_prompt_embeds")
+MAX_BODY_TENSOR_BYTES = 256 * 1024 * 1024
+
+
+class EncodeInput(BaseModel):
+    """`POST /stages/encode`."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1)
+    negative_prompt: str | None = None
+    prompt_syntax: str | None = None
+    clip_skip: int | None = None
+    loras: list[LoraChoice] | None = Field(None, description="As a generation names them: their text-encoder part.")
+
+
+class EncodeImageInput(BaseModel):
+    """`POST /stages/encode_image`: img2img's or inpaint's image, on the VAE's worker."""
+
+    model_config = ConfigDict(extra="forbid")
+    image: str = Field(min_length=1, validation_alias=AliasChoices("image", "init_image"))
+    mask_image: str | None = None
+    width: int | None = None
+    height: int | None = None
+
+
+class DenoiseInput(BaseModel):
+    """`POST /stages/denoise`: the embeddings from encode, and what a generation takes besides its prompt."""
+
+    model_config = ConfigDict(extra="forbid")
+    embeddings: str = Field(min_length=1, description="encode's answer: base64 of a safetensors file")
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    num_images_per_prompt: int = 1
+    scheduler: str | None = None
+    eta: float | None = None
+    loras: list[LoraChoice] | None = Field(None, description="As a generation names them: their UNet part.")
+    image_latents: str | None = Field(None, description="img2img / inpaint: encode_image's answer")
+    strength: float | None = None
+
+
+class DecodeInput(BaseModel):
+    """`POST /stages/decode`: the latents from denoise."""
+
+    model_config = ConfigDict(extra="forbid")
+    latents: str = Field(min_length=1, description="denoise's answer: base64 of a safetensors file")
+    output_format: str = "png"
+    output_quality: int = 90
+    safety_checker: bool = True
+
+
+def parse(model_type: type[BaseModel], payload: Any) -> Any:
+    """`payload` checked by `model_type`: a bad field is a 422 naming it."""
+    try:
+        return model_type.model_validate(payload)
+    except ValidationError as err:
+        problem = err.errors()[0]
+        field = ".".join(str(part) for part in problem["loc"]) or "body"
+        raise WorkerError("INVALID_INPUTS", f"{field}: {problem['msg']}", field) from None
+
+
+def pack(tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> str:
+    """Tensors as base64 of a safetensors file; `metadata` rides in its header as JSON."""
+    from safetensors.torch import save
+
+    data = save(
+        {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()},
+        {"sdworker": json.dumps(metadata)},
+    )
+    return base64.b64encode(data).decode("ascii")
+
+
+def unpack(data: str, field: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and metadata of `pack`'s answer; anything else is a 422 naming `field`."""
+    from safetensors.torch import load
+
+    try:
+        raw = base64.b64decode(data, validate=True)
+        if len(raw) > MAX_BODY_TENSOR_BYTES:
+            raise ValueError("too large")
+        tensors = load(raw)
+    except Exception:
+        raise WorkerError("INVALID_INPUTS", f"{field}: not base64 of a safetensors file", field) from None
+    try:  # the header (8 bytes of length, then JSON) holds the metadata
+        header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+        metadata = json.loads(header.get("__metadata__", {}).get("sdworker", "{}"))
+    except (ValueError, AttributeError):
+        metadata = {}
+    return tensors, metadata if isinstance(metadata, dict) else {}
+
+
+def as_generation(**fields: Any) -> GenerateInput:
+    """A generation's fields, checked by the one schema."""
+    return parse(GenerateInput, fields)
+
+
+def check_tensors(
+    tensors: dict[str, torch.Tensor], names: tuple[str, ...], field: str, uint8: tuple[str, ...] = ()
+) -> None:
+    """Exactly `names`, each a finite float tensor (those in `uint8`: uint8)."""
+    missing = [name for name in names if name not in tensors]
+    extra = sorted(set(tensors) - set(names))
+    if missing or extra:
+        raise WorkerError(
+            "INVALID_INPUTS",
+            f"{field}: this model's {field} are {', '.join(names)}"
+            + (f"; missing {', '.join(missing)}" if missing else "")
+            + (f"; not {', '.join(extra)}" if extra else ""),
+            field,
+        )
+    for name, tensor in tensors.items():
+        if name in uint8:
+            if tensor.dtype != torch.uint8:
+                raise WorkerError("INVALID_INPUTS", f"{field}.{name}: uint8, not {tensor.dtype}", f"{field}.{name}")
+            continue
+        if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise WorkerError(
+                "INVALID_INPUTS", f"{field}.{name}: float16, bfloat16 or float32, not {tensor.dtype}", f"{field}.{name}"
+            )
+        if not torch.isfinite(tensor).all():
+            raise WorkerError("INVALID_INPUTS", f"{field}.{name}: has NaN or infinite values", f"{field}.{name}")
