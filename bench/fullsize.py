@@ -400,6 +400,7 @@ DENOISERS: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {
     "flux": ("transformer", FLUX_SCHNELL_TRANSFORMER, ("num_layers", "num_single_layers", "guidance_embeds")),
 }
 NATIVE_SIZE = {"sd15": 512, "sdxl": 1024, "sd35m": 1024, "flux": 1024}
+FILES_GB = {"sd15": 2.2, "sdxl": 7.0, "sd35m": 7.3, "flux": 25.2}  # each build's fp16 files
 
 
 def _is_built(name: str, model_dir: Path) -> bool:
@@ -426,6 +427,10 @@ def ensure_model(name: str, cache: Path, device: str | None = None, rebuild: boo
     model_dir = Path(cache) / name
     if not rebuild and _is_built(name, model_dir):
         return {"model_dir": model_dir, "built": False}
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    free, need = shutil.disk_usage(model_dir.parent).free / 1e9, 2 * FILES_GB[name] + 2
+    if free < need:  # the build is saved, then baked (copied): its files twice, for a moment
+        raise RuntimeError(f"{name} needs about {need:.0f} GB free to build and bake, and {cache} has {free:.0f} GB")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if model_dir.exists():
         shutil.rmtree(model_dir)

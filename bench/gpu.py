@@ -339,10 +339,12 @@ def main() -> None:
         "rows": [],
     }
 
-    def save() -> None:
+    def save() -> None:  # whole or not at all: a run cut short keeps the rows written before
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(report, indent=2) + "\n")
+            partial = args.out.with_name(args.out.name + ".partial")
+            partial.write_text(json.dumps(report, indent=2) + "\n")
+            partial.replace(args.out)
 
     def report_row(row: dict[str, Any]) -> None:
         report["rows"].append(row)
@@ -357,7 +359,11 @@ def main() -> None:
             model_dir = Path(given[name])
             report["models"][name] = {"given": True}
         else:
-            info = ensure_model(name, args.cache, rebuild=args.rebuild)
+            try:
+                info = ensure_model(name, args.cache, rebuild=args.rebuild)
+            except Exception as err:  # no room on the disk, say: the other models' rows go on
+                report_row({"model": name, "size": args.size or NATIVE_SIZE[name], "option": "-", "skipped": str(err)})
+                continue
             print(describe(name, info), flush=True)
             model_dir = info.pop("model_dir")
             report["models"][name] = info

@@ -38,8 +38,9 @@ def _tests(path: Path) -> dict[str, Any] | None:
     for case in cases:
         name = f"{case.get('classname', '')}.{case.get('name', '')}".rsplit(".", 1)[-1]
         problem = next((child for child in case if child.tag in ("failure", "error", "skipped")), None)
+        # `is not None`: an element without children is false, and <failure> has none.
         kind = {"failure": "failed", "error": "failed", "skipped": "skipped"}.get(
-            problem.tag if problem else "", "passed"
+            problem.tag if problem is not None else "", "passed"
         )
         detail = (problem.get("message") or "")[:300] if problem is not None else ""
         outcome[kind].append(f"{name}: {detail}" if detail else name)
@@ -47,15 +48,18 @@ def _tests(path: Path) -> dict[str, Any] | None:
 
 
 def _machine() -> dict[str, Any]:
-    import torch
+    """The device, torch and CUDA versions and Python; what torch cannot tell is left None (the report is still
+    written)."""
+    found: dict[str, Any] = {"device": None, "torch": None, "cuda": None, "python": platform.python_version()}
+    try:
+        import torch
 
-    cuda = torch.cuda.is_available()
-    return {
-        "device": torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)",
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-    }
+        found.update(torch=torch.__version__, cuda=torch.version.cuda)
+        cuda = torch.cuda.is_available()
+        found["device"] = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)"
+    except Exception as err:  # a broken CUDA must not cost the report
+        found["error"] = f"{type(err).__name__}: {err}"[:300]
+    return found
 
 
 def report(out: Path) -> dict[str, Any]:
@@ -134,7 +138,7 @@ def markdown(data: dict[str, Any]) -> str:
             lines.append(
                 f"| {row.get('model')} | {row.get('size')} | {row.get('option')} | {row.get('batch', '-')} | "
                 f"{row.get('s_per_image', '-')} | {row.get('steps_per_s', '-')} | {row.get('peak_gib', '-')} | "
-                f"{row.get('error') or row.get('skipped') or ''} |"
+                f"{' '.join(str(row.get('error') or row.get('skipped') or '').split())} |"
             )
     throughput = (data["throughput"]["result"] or {}).get("rows", [])
     if throughput:

@@ -3,19 +3,21 @@
     python bench/gpu_wheels.py pins                   # write bench/gpu-wheels.txt from this environment's versions
     python bench/gpu_wheels.py download [--dest D]    # pip download those pins into D (default .gpu-wheels), check
     python bench/gpu_wheels.py check [--dest D]       # one wheel per pin, each for the target, within the size limit
-    python bench/gpu_wheels.py install --target T --library L   # there: pip install them into T, then preflight
+    python bench/gpu_wheels.py install --target T --apart A     # there: pip install them into T, then preflight
     python bench/gpu_wheels.py preflight              # every requirement found, in range (install runs it)
 
 The GPU machine has Python 3.12, torch with CUDA and its image's own packages, and no network. bench/gpu_check.sh
 installs the wheels into a scratch folder on PYTHONPATH, so the worker runs the versions requirements.txt pins
 (the image's transformers and huggingface-hub are other versions), except:
-- torch and its own dependencies (the machine's CUDA build is what the check measures);
+- torch and its own dependencies (the machine's CUDA build is what the check measures), but typing-extensions,
+  which pydantic needs newer than torch does;
 - FROM_IMAGE: numpy, pillow, scipy and hf-xet, 28 MB of wheels together, whose versions do not change a figure;
   a call carries at most 64 MiB in all, the repository included;
 - NOT_BROUGHT: runpod, whose SDK the check never starts.
 Every other package of requirements.txt's closure for Python 3.12 on Linux is pinned in bench/gpu-wheels.txt
 (`pins` writes it from the installed versions, which are requirements.txt's; a test keeps the two equal), and
-from requirements-cuda.txt xformers and the CUDA 12 runtime library its kernels load. About 54 MiB in all.
+from requirements-cuda.txt xformers and the CUDA 12 runtime library its kernels load (installed apart: APART).
+About 54 MiB in all.
 """
 
 from __future__ import annotations
@@ -42,9 +44,13 @@ PLATFORMS = [f"manylinux_2_{minor}_x86_64" for minor in range(35, 16, -1)] + ["m
 FROM_IMAGE = {"numpy", "pillow", "scipy", "hf-xet"}
 NOT_BROUGHT = {"torch", "runpod"}
 # From requirements-cuda.txt, for ATTENTION=xformers: its wheel (torch's stable ABI) and the CUDA 12 runtime library
-# its kernels load, which gpu_check.sh installs apart, off PYTHONPATH, and puts on the loader's path as the image does.
+# its kernels load. Both are installed apart, each in a folder of its own off PYTHONPATH: diffusers imports an
+# installed xformers in every process, so that one that fails to load would fail every step; gpu_check.sh puts
+# xformers on the path of its own step only, and the library on the loader's path as the image does.
 CUDA_EXTRAS = ("xformers", "nvidia-cuda-runtime-cu12")
-LIBRARY_ONLY = {"nvidia-cuda-runtime-cu12"}
+APART = {"xformers": "xformers", "nvidia-cuda-runtime-cu12": "cuda12"}
+# Brought although torch depends on it too: pydantic and anyio need a newer one than torch does.
+ALSO_BROUGHT = {"typing-extensions"}
 HEADER = """\
 # The packages bench/gpu_check.sh installs on the GPU machine (make gpu-wheels downloads them as wheels for
 # Python 3.12, manylinux x86_64). Written by `python bench/gpu_wheels.py pins`: requirements.txt's closure at its
@@ -113,7 +119,8 @@ def wanted_pins() -> dict[str, str]:
     torch_side = closure(["torch"], env)
     everything = closure([name for name in project_roots() if canonicalize_name(name) not in NOT_BROUGHT], env)
     cuda = _pinned(ROOT / "requirements-cuda.txt")
-    brought = {name: everything[name] for name in everything if name not in {*torch_side, *FROM_IMAGE, *NOT_BROUGHT}}
+    left = {*torch_side, *FROM_IMAGE, *NOT_BROUGHT} - ALSO_BROUGHT
+    brought = {name: everything[name] for name in everything if name not in left}
     return dict(sorted({**brought, **{name: cuda[name] for name in CUDA_EXTRAS}}.items()))
 
 
@@ -176,7 +183,7 @@ def preflight(pins: dict[str, str] | None = None) -> list[str]:
     problems = []
     needed: dict[str, list[str]] = {}
     for name, version in pins.items():
-        if name in LIBRARY_ONLY:
+        if name in APART:  # off PYTHONPATH: checked by the step that uses it
             continue
         try:
             found = metadata.version(name)
@@ -203,8 +210,8 @@ def preflight(pins: dict[str, str] | None = None) -> list[str]:
     return problems
 
 
-def install(dest: Path, target: Path, library: Path) -> int:
-    """There: pip installs the wheels into an emptied `target` (the CUDA 12 runtime into `library`, off
+def install(dest: Path, target: Path, apart: Path) -> int:
+    """There: pip installs the wheels into an emptied `target` (each of APART into `apart`/its folder, off
     PYTHONPATH), then the preflight runs with `target` first on PYTHONPATH. Its exit status is the result."""
     import os
 
@@ -214,12 +221,15 @@ def install(dest: Path, target: Path, library: Path) -> int:
         return 1
     pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile"]
     pip += ["--no-cache-dir", "--upgrade"]
-    apart = [wheel for wheel in wheels if parse_wheel_filename(wheel.name)[0] in LIBRARY_ONLY]
-    for folder, group in ((target, [wheel for wheel in wheels if wheel not in apart]), (library, apart)):
+    groups: dict[Path, list[Path]] = {target: []}
+    for wheel in wheels:
+        folder = APART.get(parse_wheel_filename(wheel.name)[0])
+        groups.setdefault(apart / folder if folder else target, []).append(wheel)
+    shutil.rmtree(apart, ignore_errors=True)
+    for folder, group in groups.items():
         shutil.rmtree(folder, ignore_errors=True)
-        if group:
-            subprocess.run([*pip, "--target", str(folder), *map(str, group)], check=True)
-    print(f"installed {len(wheels) - len(apart)} wheels into {target}, {len(apart)} into {library}", flush=True)
+        subprocess.run([*pip, "--target", str(folder), *map(str, group)], check=True)
+        print(f"installed {len(group)} wheels into {folder}", flush=True)
     path = os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, __file__, "preflight"], env={**os.environ, "PYTHONPATH": path}).returncode
 
@@ -229,7 +239,7 @@ def main() -> None:
     parser.add_argument("action", choices=["pins", "download", "check", "install", "preflight"])
     parser.add_argument("--dest", type=Path, default=DEST, help="the wheels' folder (default: .gpu-wheels)")
     parser.add_argument("--target", type=Path, help="install: the scratch folder for PYTHONPATH")
-    parser.add_argument("--library", type=Path, help="install: the folder for the CUDA 12 runtime library")
+    parser.add_argument("--apart", type=Path, help="install: the folder for xformers and the CUDA 12 runtime")
     parser.add_argument(
         "--python-version", default="3.12", help="download for this Python instead (the CI's rehearsal)"
     )
@@ -240,9 +250,9 @@ def main() -> None:
         print(f"wrote {PINS.relative_to(ROOT)}: {len(read_pins())} pins")
         return
     if args.action == "install":
-        if not (args.target and args.library):
-            parser.error("install needs --target and --library")
-        sys.exit(install(args.dest, args.target, args.library))
+        if not (args.target and args.apart):
+            parser.error("install needs --target and --apart")
+        sys.exit(install(args.dest, args.target, args.apart))
     if args.action == "download":
         download(args.dest, python)
     problems = preflight() if args.action == "preflight" else check(args.dest, python)

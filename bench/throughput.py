@@ -101,44 +101,56 @@ def main() -> None:
     if not torch.cuda.is_available():
         env["OMP_NUM_THREADS"] = str(args.threads)
 
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    waves: dict[tuple[int, int], list[dict]] = {}
+
+    def summary() -> dict:
+        """The report of the waves so far: written after each, so that a run cut short keeps what it measured."""
+        rows = []
+        for (max_batch, clients), results in waves.items():
+            median = {
+                key: round(statistics.median(r[key] for r in results), 3)
+                for key in ("images_per_s", "p50_ms", "p95_ms")
+            }
+            batch_jobs = statistics.mean(r["mean_batch_jobs"] for r in results)
+            rows.append({"max_batch": max_batch, "clients": clients, **median, "mean_batch_jobs": round(batch_jobs, 2)})
+        rows.sort(key=lambda row: (row["max_batch"], row["clients"]))
+        return {
+            "machine": f"{os.cpu_count()} CPU cores, " + (gpu or "no GPU"),
+            "model": model_id,
+            "size": args.size,
+            "steps": args.steps,
+            "calls_per_wave": args.calls,
+            "rounds": args.rounds,
+            "waves": [{"max_batch": mb, "clients": c, **r} for (mb, c), results in waves.items() for r in results],
+            "torch_threads": None if gpu else args.threads,
+            "command": " ".join(["python", "bench/throughput.py", *sys.argv[1:]]),
+            "rows": rows,
+        }
+
+    def save() -> None:
+        if args.out:
+            partial = args.out.with_name(args.out.name + ".partial")
+            partial.write_text(json.dumps(summary(), indent=2) + "\n")
+            partial.replace(args.out)
+
     servers = {}  # all up at once, so that their waves interleave and a slow spell of the machine hits all alike
     try:
         for max_batch in args.batch:
             servers[max_batch] = start({**env, "MAX_BATCH": str(max_batch), "DATA_DIR": str(work / f"d{max_batch}")})
             wave(servers[max_batch][0], 1, 1, inputs)  # warm-up
-        waves: dict[tuple[int, int], list[dict]] = {}
         for round_ in range(args.rounds):
             for clients in args.clients:
                 for max_batch, (url, _) in servers.items():
                     result = wave(url, clients, max(1, args.calls // clients), inputs)
                     waves.setdefault((max_batch, clients), []).append(result)
                     print(json.dumps({"round": round_ + 1, "max_batch": max_batch, **result}), flush=True)
+                    save()
     finally:
         for _, server in servers.values():
             server.kill()
             server.wait()
-    rows = []
-    for (max_batch, clients), results in waves.items():
-        median = {
-            key: round(statistics.median(r[key] for r in results), 3) for key in ("images_per_s", "p50_ms", "p95_ms")
-        }
-        batch_jobs = statistics.mean(r["mean_batch_jobs"] for r in results)
-        rows.append({"max_batch": max_batch, "clients": clients, **median, "mean_batch_jobs": round(batch_jobs, 2)})
-    rows.sort(key=lambda row: (row["max_batch"], row["clients"]))
-
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    report = {
-        "machine": f"{os.cpu_count()} CPU cores, " + (gpu or "no GPU"),
-        "model": model_id,
-        "size": args.size,
-        "steps": args.steps,
-        "calls_per_wave": args.calls,
-        "rounds": args.rounds,
-        "waves": [{"max_batch": mb, "clients": c, **r} for (mb, c), results in waves.items() for r in results],
-        "torch_threads": None if gpu else args.threads,
-        "command": " ".join(["python", "bench/throughput.py", *sys.argv[1:]]),
-        "rows": rows,
-    }
+    rows = summary()["rows"]
     print(f"\n{'MAX_BATCH':>9}{'clients':>9}{'images/s':>10}{'p50 ms':>10}{'p95 ms':>10}{'jobs/batch':>12}")
     for row in rows:
         print(
@@ -152,8 +164,7 @@ def main() -> None:
             for clients in args.clients:
                 ratio = by_clients[(max_batch, clients)] / by_clients[(base, clients)]
                 print(f"MAX_BATCH={max_batch} over MAX_BATCH={base} at {clients} clients: {ratio:.2f}x images/s")
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    save()
 
 
 if __name__ == "__main__":

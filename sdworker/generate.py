@@ -406,6 +406,12 @@ def _progress(pipeline: Any, step: int, distinct: int) -> tuple[int, int]:
     return min(-(-(step + 1) * distinct // calls), distinct - 1), distinct
 
 
+def _cast_back(module: Any, dtype: Any) -> None:
+    """`module` in `dtype` again, where a failed pipeline call left it in another."""
+    if module is not None and module.dtype != dtype:
+        module.to(dtype)
+
+
 def _pipeline_call(model: LoadedModel, batch: list[_Job]) -> None:
     """One pipeline call for every image of `batch`; fills in each job's images, or its error."""
     first = batch[0]
@@ -443,6 +449,10 @@ def _pipeline_call(model: LoadedModel, batch: list[_Job]) -> None:
     switch_loras(model, pipe, first.request, first.lora_files)  # the batch's LoRAs: its jobs all name the same
     image = first.encoded.image if first.encoded else None  # the image encoded by the VAE's worker (split stages)
     stand_in = vae_stand_in(pipe, model.config_of("vae"), image, model.device) if image else nullcontext()
+    # SDXL's pipelines upcast a float16 VAE to float32 around decoding and cast it back only when the decode
+    # succeeds: after an out-of-memory error there, every later request would meet a float32 VAE.
+    vae = getattr(pipe, "vae", None)
+    vae_dtype = vae.dtype if vae is not None else None
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -472,11 +482,13 @@ def _pipeline_call(model: LoadedModel, batch: list[_Job]) -> None:
         out_of_memory = True
     except Exception as err:
         log.exception("generation failed")
+        _cast_back(vae, vae_dtype)
         raise WorkerError("PIPELINE_ERROR", f"generation failed: {err}"[:500], status=500) from None
     if out_of_memory:  # outside the except block, so the traceback no longer pins the tensors
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
+        _cast_back(vae, vae_dtype)  # once the memory is free: the cast makes a copy of the VAE
         size = f"{first.kwargs.get('width')}x{first.kwargs.get('height')}"
         raise WorkerError(
             "OUT_OF_MEMORY",
