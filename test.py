@@ -3,6 +3,7 @@
     python test.py --url http://localhost:8000 --api-key KEY [--model-key KEY] [--prompt "..."] [--steps 25]
                    [--seed 42] [--out outputs] [--timeout 600]
     python test.py --split ENCODE_URL DENOISE_URL DECODE_URL --api-key KEY [...]
+    python test.py ... --image photo.png [--strength 0.6]          # img2img instead of text-to-image
 
 It calls the worker three ways, as the clients in the wild do:
   1. Banana v4: POST /start/v4/ (startOnly), then POST /check/v4/ with longPoll until the call is done;
@@ -11,7 +12,8 @@ It calls the worker three ways, as the clients in the wild do:
      running when runsync answers (it waits RUNSYNC_WAIT_S, 90 s by default).
 The model key is --model-key, else the first one GET /health lists. With --split it instead runs seed 001's three
 stages, each on its own worker (STAGES=encode, denoise, decode; or one URL three times), and prints the bytes each
-stage sends and receives.
+stage sends and receives. With --image each call is img2img from that picture (through the stages: the decode
+worker's /stages/encode_image first, whose image latents go to denoise).
 
 Exits 0 when every call answered with valid images, 1 with a one-line reason on stderr otherwise.
 """
@@ -198,28 +200,46 @@ def runpod(client: Client, model_key: str, inputs: dict[str, Any]) -> StepResult
     return StepResult("runpod", time.monotonic() - started, answer["output"], notes)
 
 
+# What each stage takes of what the earlier ones answered.
+TAKES = {"encode": (), "encode_image": (), "denoise": ("embeddings", "image_latents"), "decode": ("latents",)}
+
+
 def split(urls: list[str], api_key: str, timeout: float, inputs: dict[str, Any]) -> StepResult:
-    """Seed 001's stages: POST /stages/encode, /stages/denoise and /stages/decode, on three workers."""
+    """Seed 001's stages: POST /stages/encode, /stages/denoise and /stages/decode, on three workers; with an image,
+    /stages/encode_image on the decode worker (the VAE's) before denoise."""
     started = time.monotonic()
     headers = {"X-BANANA-API-KEY": api_key}
     notes, answer = [], {}
-    stages = [
-        ("encode", {"prompt": inputs["prompt"]}, "embeddings"),
-        ("denoise", {k: v for k, v in inputs.items() if k != "prompt"}, "latents"),
-        ("decode", {}, None),
-    ]
+    encode_url, denoise_url, decode_url = urls
+    calls = [(encode_url, "encode", {"prompt": inputs["prompt"]}, "embeddings")]
+    if "image" in inputs:
+        calls.append((decode_url, "encode_image", {"image": inputs["image"]}, "image_latents"))
+    generation = {key: value for key, value in inputs.items() if key not in ("prompt", "image")}
+    calls += [(denoise_url, "denoise", generation, "latents"), (decode_url, "decode", {}, None)]
     carried: dict[str, Any] = {}
-    for url, (stage, body, produces) in zip(urls, stages, strict=True):
+    for url, stage, body, produces in calls:
         client = Client(url=url.rstrip("/"), api_key=api_key, timeout=timeout)
-        sent = {**body, **carried}
+        sent = {**body, **{name: carried[name] for name in TAKES[stage] if name in carried}}
         step_started = time.monotonic()
         status, answer = client.call("POST", f"/stages/{stage}", step_started + timeout, json=sent, headers=headers)
         if status != 200 or not isinstance(answer, dict) or "$error" in answer:
             raise SmokeError(f"POST {url}/stages/{stage}: {describe_error(status, answer)}")
         size_in, size_out = len(json.dumps(sent)), len(json.dumps(answer))
         notes.append(f"{stage} {size_in} B in, {size_out} B out, {(time.monotonic() - step_started) * 1000:.0f} ms")
-        carried = {produces: answer[produces]} if produces else {}
+        if produces:
+            carried[produces] = answer[produces]
     return StepResult("split", time.monotonic() - started, answer, notes)
+
+
+def read_image(path: Path) -> str:
+    """The picture at `path` as base64, once Pillow has read it as an image."""
+    try:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    except (OSError, SyntaxError) as err:
+        raise SmokeError(f"--image {path}: not a readable picture: {type(err).__name__}: {err}") from None
+    return base64.b64encode(data).decode("ascii")
 
 
 def save_images(step: StepResult, out: Path) -> None:
@@ -270,6 +290,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt", default="a watercolour lighthouse on a cliff at dawn")
     parser.add_argument("--steps", type=int, default=25, help="num_inference_steps")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--image", type=Path, help="img2img from this picture (PNG, JPEG, WebP) instead of text only")
+    parser.add_argument("--strength", type=float, help="with --image: how far from it (0 to 1; the worker's default)")
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the images")
     parser.add_argument(
         "--timeout",
@@ -277,16 +299,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=600,
         help="seconds each of the three calls may take (at least the server's RUNSYNC_WAIT_S, 90 s by default)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.strength is not None and args.image is None:
+        parser.error("--strength is img2img's: give --image too")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the three calls in turn; stop at the first failure with its reason."""
     args = parse_args(argv)
     client = Client(url=args.url.rstrip("/"), api_key=args.api_key, timeout=args.timeout)
-    inputs = {"prompt": args.prompt, "num_inference_steps": args.steps, "seed": args.seed}
+    inputs: dict[str, Any] = {"prompt": args.prompt, "num_inference_steps": args.steps, "seed": args.seed}
     started = time.monotonic()
     try:
+        if args.image:
+            inputs["image"] = read_image(args.image)
+            if args.strength is not None:
+                inputs["strength"] = args.strength
         if args.split:
             steps: list[Callable[[], StepResult]] = [lambda: split(args.split, args.api_key, args.timeout, inputs)]
         else:

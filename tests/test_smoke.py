@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 from conftest import ROOT, free_port, start_process
@@ -89,6 +90,24 @@ def test_smoke_script_passes_through_every_api(server: Server, tmp_path: Path, m
     assert result.stdout.count("worker timings: ") == 3 and "inference" in result.stdout
     if model_key is None:
         assert "model keys ['tiny-sd']" in result.stdout
+
+
+def test_smoke_script_sends_an_image_for_img2img_through_every_api(server: Server, tmp_path: Path) -> None:
+    picture = tmp_path / "picture.png"
+    Image.fromarray(np.linspace(0, 255, 64 * 64 * 3).astype(np.uint8).reshape(64, 64, 3)).save(picture)
+    text = smoke(server.url, tmp_path / "text", "--api-key", KEY)
+    result = smoke(server.url, tmp_path / "out", "--api-key", KEY, "--image", str(picture), "--strength", "0.6")
+
+    assert text.returncode == 0 and result.returncode == 0, f"{result.stdout}{result.stderr}\n{server.log_tail()}"
+    assert "PASS: 3 APIs answered; 3 image(s) saved" in result.stdout
+    for step in STEPS:  # the same seed, but from the picture: another image than the text-only one
+        with (
+            Image.open(tmp_path / "out" / f"{step}-0-seed-7.png") as image,
+            Image.open(tmp_path / "text" / f"{step}-0-seed-7.png") as from_text,
+        ):
+            assert image.size == (64, 64) and not np.array_equal(np.asarray(image), np.asarray(from_text))
+    bad = smoke(server.url, tmp_path / "bad", "--api-key", KEY, "--image", str(ROOT / "README.md"))
+    assert_one_line_failure(bad, "--image", "not a readable picture")
 
 
 def assert_one_line_failure(result: subprocess.CompletedProcess[str], *wanted: str) -> str:

@@ -203,6 +203,17 @@ def test_the_smoke_script_runs_the_three_stages_on_three_workers(three_workers: 
     for stage in ("encode", "denoise", "decode"):
         assert re.search(rf"{stage} \d+ B in, \d+ B out, \d+ ms", result.stdout), result.stdout
     assert (tmp_path / "split-0-seed-7.png").exists()
+    picture = tmp_path / "picture.png"
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(picture)
+    img2img = [*command, "--out", str(tmp_path / "img2img"), "--image", str(picture)]
+    result = subprocess.run(img2img, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"encode_image \d+ B in, \d+ B out", result.stdout), result.stdout  # on the decode worker
+    with (
+        Image.open(tmp_path / "img2img" / "split-0-seed-7.png") as image,
+        Image.open(tmp_path / "split-0-seed-7.png") as from_text,
+    ):
+        assert not np.array_equal(np.asarray(image), np.asarray(from_text))
 
 
 def test_a_stage_and_a_generation_waiting_together_each_run_their_own_work(sd: LoadedModel) -> None:
