@@ -79,7 +79,7 @@ if [ -n "$WHEELS" ]; then
 fi
 
 if [ "$DRY" = 1 ]; then
-  # tiny-sd stands in for the full-size models: baked as download.py bakes, read by the same loader.
+  # The tiny recipes stand in for the full-size models: baked as download.py bakes, read by the same loader.
   for recipe in tiny-sd tiny-sd3 tiny-flux-schnell; do
     MODEL_ID=$recipe "$PY" download.py --model-dir "$CACHE/$recipe" >> "$LOGS/bake.log" 2>&1 || echo "   bake failed"
   done

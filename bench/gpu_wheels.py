@@ -181,33 +181,40 @@ def preflight(pins: dict[str, str] | None = None) -> list[str]:
     pins = read_pins() if pins is None else pins
     env = target_environment((sys.version_info.major, sys.version_info.minor))
     problems = []
-    needed: dict[str, list[str]] = {}
+    needed: dict[str, list[tuple[Requirement, str]]] = {}  # name -> (requirement, the pin that has it)
     for name, version in pins.items():
         if name in APART:  # off PYTHONPATH: checked by the step that uses it
             continue
-        try:
-            found = metadata.version(name)
-        except metadata.PackageNotFoundError:
+        found = _installed(name)
+        if found is None:
             problems.append(f"{name}=={version} is not installed")
             continue
         if found != version:
             problems.append(f"{name}: Python finds {found}, not the pinned {version} (PYTHONPATH?)")
         for requirement in requirements_of(metadata.requires(name), env):
-            needed.setdefault(canonicalize_name(requirement.name), []).append(f"{requirement} (by {name})")
+            needed.setdefault(canonicalize_name(requirement.name), []).append((requirement, name))
     for name, wants in sorted(needed.items()):
         if name in pins:
             continue
-        try:
-            found = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            problems.append(f"{name} is missing: needed by {'; '.join(wants)}")
+        found = _installed(name)
+        if found is None:
+            problems.append(f"{name} is missing: needed by {'; '.join(f'{r} (by {by})' for r, by in wants)}")
             continue
-        where = metadata.distribution(name).locate_file("")
-        print(f"from the image: {name} {found} ({where})")
-        for want in wants:
-            if not Requirement(want.split(" (by ")[0]).specifier.contains(found, prereleases=True):
-                problems.append(f"{name} {found} from the image does not meet {want}")
+        print(f"from the image: {name} {found} ({metadata.distribution(name).locate_file('')})")
+        problems += [
+            f"{name} {found} from the image does not meet {requirement} (by {by})"
+            for requirement, by in wants
+            if not requirement.specifier.contains(found, prereleases=True)
+        ]
     return problems
+
+
+def _installed(name: str) -> str | None:
+    """The version of `name` Python finds, or None."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def install(dest: Path, target: Path, apart: Path) -> int:
@@ -221,13 +228,13 @@ def install(dest: Path, target: Path, apart: Path) -> int:
         return 1
     pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile"]
     pip += ["--no-cache-dir", "--upgrade"]
-    groups: dict[Path, list[Path]] = {target: []}
+    groups: dict[Path, list[Path]] = {}
     for wheel in wheels:
         folder = APART.get(parse_wheel_filename(wheel.name)[0])
         groups.setdefault(apart / folder if folder else target, []).append(wheel)
-    shutil.rmtree(apart, ignore_errors=True)
-    for folder, group in groups.items():
+    for folder in (target, apart):
         shutil.rmtree(folder, ignore_errors=True)
+    for folder, group in groups.items():
         subprocess.run([*pip, "--target", str(folder), *map(str, group)], check=True)
         print(f"installed {len(group)} wheels into {folder}", flush=True)
     path = os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))

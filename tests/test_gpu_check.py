@@ -87,7 +87,7 @@ def test_a_step_that_fails_runs_out_of_time_or_finds_no_time_left_is_reported(tm
     steps = [
         {"step": "cuda_tests", "rc": 1, "seconds": 3, "limit_s": 60},
         {"step": "steps", "rc": 124, "seconds": 150, "limit_s": 150},
-        {"step": "cold_start", "rc": None, "skipped": "9 s left of the 530 s budget"},
+        {"step": "cold_start", "rc": None, "skipped": "9 s left of the 500 s budget"},
     ]
     (logs / "steps.jsonl").write_text("".join(json.dumps(step) + "\n" for step in steps))
     (logs / "cuda_tests.xml").write_text(  # as pytest --junitxml writes one failure, one skip and one pass
@@ -107,7 +107,7 @@ def test_a_step_that_fails_runs_out_of_time_or_finds_no_time_left_is_reported(tm
     assert tests["counts"] == {"passed": 1, "failed": 1, "skipped": 1}
     assert tests["failed"] == ["test_a: assert 1 == 2"] and tests["skipped"] == ["test_b: needs a GPU"]
     assert report["throughput"]["status"] == "not run"
-    assert report["cold_start"]["status"] == "skipped: 9 s left of the 530 s budget"
+    assert report["cold_start"]["status"] == "skipped: 9 s left of the 500 s budget"
 
 
 def test_the_gpu_wheels_pin_requirements_txt_closure_beside_torch_and_the_gpu_image(tmp_path: Path) -> None:
@@ -124,8 +124,7 @@ def test_the_gpu_wheels_pin_requirements_txt_closure_beside_torch_and_the_gpu_im
 def test_make_gpu_wheels_brings_one_wheel_per_pin_for_python_312_within_the_call_limit(tmp_path: Path) -> None:
     dest = tmp_path / "wheels"
     gpu_wheels.download(dest)
-    assert gpu_wheels.check(dest) == []
-    assert sum(path.stat().st_size for path in dest.glob("*.whl")) <= 60 * 1024**2
+    assert gpu_wheels.check(dest) == []  # the size limit among the rest
     # A missing wheel and a second version are each named.
     wheel = next(dest.glob("diffusers-*.whl"))
     wheel.rename(tmp_path / wheel.name)
