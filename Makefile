@@ -26,7 +26,7 @@ node_modules/.installed: package.json package-lock.json
 	$(NPM) ci --no-audit --no-fund
 	touch $@
 
-.PHONY: run test lint system-tools image image-test gpu-wheels
+.PHONY: run test test-quick lint system-tools image image-test gpu-wheels
 run: $(VENV)/.run  ## bake MODEL_ID (skipped when already baked), then serve on HOST:PORT
 	$(PY) download.py
 	$(PY) app.py
@@ -53,8 +53,17 @@ system-tools:
 	  command -v $$tool >/dev/null || { echo "apt-get did not install $$tool" >&2; exit 1; }; \
 	done
 
-test: lint node_modules/.installed system-tools .venv-clients/.installed  ## lint, then the whole test suite
-	$(PY) -m pytest
+# pytest-xdist runs the suite on every core, each file whole on one worker (its module's servers start once), the
+# files with a slow check first (tests/conftest.py orders them), so that the longest never start last.
+# ARGS goes to pytest: make test ARGS="-k lora -x"; make test-quick leaves out the checks marked slow.
+PYTEST := $(PY) -m pytest -n auto --dist loadfile --no-loadscope-reorder
+TEST_DEPS := $(VENV)/.dev node_modules/.installed system-tools .venv-clients/.installed
+
+test: lint $(TEST_DEPS)  ## lint, then the whole test suite (what CI runs)
+	$(PYTEST) $(ARGS)
+
+test-quick: $(TEST_DEPS)  ## the suite without its few minute-long checks (the GPU check's, schemathesis, compile)
+	$(PYTEST) -m "not slow" $(ARGS)
 
 # The Docker image. Both start a Docker engine when none answers (as root). BASE_IMAGE=... builds on another base,
 # BASE_IMAGE=standin on one made from Debian's mirror; image-test uses that one by itself when the default base

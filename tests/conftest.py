@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import http.server
 import io
 import json
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import filelock
 import numpy as np
 import pytest
 import requests
@@ -32,27 +34,62 @@ from sdworker.model import LoadedModel, bake_model, load_model
 from sdworker.schema import GenerateInput
 
 ROOT = Path(__file__).resolve().parent.parent
-# The tests run torch on every core, as before TORCH_THREADS existed (the worker's default leaves one to serving):
-# the tiny models' many short calls finish sooner so. test_operations checks the default itself.
-os.environ.setdefault("TORCH_THREADS", str(os.cpu_count() or 1))
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+"""pytest-xdist's processes running the suite side by side (`make test` runs one per core), 1 without it."""
+# Alone, the tests run torch on every core, as before TORCH_THREADS existed (the worker's default leaves one to
+# serving): the tiny models' many short calls finish sooner so. Beside other xdist workers, each takes its share of
+# the cores, so that they do not fight over them. test_operations checks the default itself.
+os.environ.setdefault("TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
+
+# The tiny recipes' code: a change to how they are built or baked makes a new cache key, so never a stale bake.
+RECIPE_KEY = hashlib.sha256(
+    b"".join((ROOT / "sdworker" / "model" / name).read_bytes() for name in ("recipes.py", "bake.py"))
+).hexdigest()[:12]
+
+
+def shared(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], None]) -> Path:
+    """A folder made once per test session by `make(folder)`, whichever xdist worker asks first; the others wait
+    for it and then share it. It lives beside the workers' own temp folders, keyed by the recipes' code."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = root / f"shared-{RECIPE_KEY}" / name
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(str(folder) + ".lock"):
+        if not (folder / ".done").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            (folder / ".done").touch()
+    return folder
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files holding a `slow` check run first, in their order, the rest after them in theirs: xdist hands out whole
+    files as workers free up, so the longest start at once rather than last, beside nothing."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
 
 
 @pytest.fixture(scope="session")
 def baked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """tiny-sd and tiny-sdxl, baked into a session folder."""
-    root = tmp_path_factory.mktemp("models")
-    return {name: bake_model(name, root / name).model_dir for name in ("tiny-sd", "tiny-sdxl")}
+    """tiny-sd and tiny-sdxl, baked once per session with the real baking code."""
+    return {
+        name: shared(tmp_path_factory, name, lambda folder, name=name: bake_model(name, folder / "model")) / "model"
+        for name in ("tiny-sd", "tiny-sdxl")
+    }
 
 
 @pytest.fixture(scope="session")
 def lora_baked(baked: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tiny-sd baked by download.py with two random LoRAs: `ink` (UNet and text encoder) and `fog` (UNet only)."""
-    root = tmp_path_factory.mktemp("lora-baked")
-    ink = make_lora(baked["tiny-sd"], root / "ink.safetensors", seed=1)
-    fog = make_lora(baked["tiny-sd"], root / "fog.safetensors", seed=2, text_encoder=False)
-    result = download("--model-dir", str(root / "model"), MODEL_ID="tiny-sd", LORAS=f"ink={ink},fog={fog}")
-    assert result.returncode == 0, result.stderr
-    return root / "model"
+
+    def make(root: Path) -> None:
+        ink = make_lora(baked["tiny-sd"], root / "ink.safetensors", seed=1)
+        fog = make_lora(baked["tiny-sd"], root / "fog.safetensors", seed=2, text_encoder=False)
+        result = download("--model-dir", str(root / "model"), MODEL_ID="tiny-sd", LORAS=f"ink={ink},fog={fog}")
+        assert result.returncode == 0, result.stderr
+
+    return shared(tmp_path_factory, "lora-baked", make) / "model"
 
 
 @pytest.fixture(scope="session")
@@ -159,7 +196,7 @@ def start_process(args: list[str], url: str, env: dict[str, str], timeout: float
         try:
             requests.get(url, timeout=1)
             return process
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or too busy to answer in 1 s
             time.sleep(0.2)
     process.kill()
     pytest.fail(f"{args} did not answer at {url} within {timeout} s")
