@@ -249,7 +249,7 @@ def denoise(model: Any, payload: Any) -> dict:
 
 
 def decode(model: Any, payload: Any) -> dict:
-    from ..generate import _check_safety
+    from ..generate import check_safety
 
     asked = parse(DecodeInput, payload)
     request = as_generation(prompt="(decoded)", output_format=asked.output_format, output_quality=asked.output_quality)
@@ -282,7 +282,7 @@ def decode(model: Any, payload: Any) -> dict:
                 image = vae.decode(scaled, return_dict=False)[0]
             images = pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True] * len(image))
             if asked.safety_checker and model.safety_checker is not None:
-                return _check_safety(model, images)  # as a whole generation checks it: flagged images black
+                return check_safety(model, images)  # as a whole generation checks it: flagged images black
         return images, None
 
     images, nsfw = _in_turn(model, work)
