@@ -85,7 +85,7 @@ def test_help_explains_each_mode_and_where_the_settings_are(env: dict[str, str])
     assert result.returncode == 0
     for mode in ("serve", "gateway", "worker", "potassium", "runpod"):
         assert re.search(rf"^  {mode} +\S", result.stdout, re.MULTILINE), result.stdout
-    assert "README.md's Settings table" in " ".join(result.stdout.split())
+    assert "docs/settings.md lists each" in " ".join(result.stdout.split())
 
 
 def test_runpod_serverless_is_detected_from_runpods_own_variables(monkeypatch: pytest.MonkeyPatch) -> None:
