@@ -45,7 +45,7 @@ class Settings(BaseSettings):
         description="Hub id, local directory, s3://bucket/prefix, one checkpoint file (path, URL, s3://, hub file), "
         "or a tiny recipe (tiny-sd, tiny-sdxl, tiny-sd3, tiny-flux, tiny-flux-schnell).",
     )
-    model_revision: str | None = Field(None, description="Hub branch, tag or commit to bake; unset: the main branch.")
+    model_revision: str | None = Field(None, description="Hub branch, tag or commit to bake; unset: the default one.")
     model_variant: str | None = Field(
         None,
         description="Weight variant to bake (fp16 in build_args.env); components without it get their plain weights.",
