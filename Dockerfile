@@ -11,7 +11,7 @@
 #
 # Without API_KEYS the server makes a key at start and prints it, so set API_KEYS on serverless platforms,
 # where every cold start is a fresh container. MODE=gateway|worker with REDIS_URL scales past one machine;
-# on RunPod serverless set MODE=runpod on the endpoint (see the README's RunPod section).
+# on RunPod serverless set MODE=runpod on the endpoint (see docs/deploying.md's RunPod section).
 #
 # The base is plain Python: PyPI's torch wheels carry their own CUDA runtime (cuBLAS, cuDNN, NCCL), so a
 # CUDA base image would only add a second copy of those libraries. The host needs an NVIDIA driver.

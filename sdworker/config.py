@@ -38,55 +38,126 @@ class Settings(BaseSettings):
         populate_by_name=True,
     )
 
+    # Each group's first field starts a section of docs/settings.md's table (GROUPS below), in this order.
     # What to bake and where it lives.
     model_id: str = Field(
         "stable-diffusion-v1-5/stable-diffusion-v1-5",
-        description="Hub id, local directory, s3://bucket/prefix, or a built-in recipe (tiny-sd, tiny-sdxl).",
+        description="Hub id, local directory, s3://bucket/prefix, one checkpoint file (path, URL, s3://, hub file), "
+        "or a tiny recipe (tiny-sd, tiny-sdxl, tiny-sd3, tiny-flux, tiny-flux-schnell).",
     )
-    model_revision: str | None = Field(None, description="Hub branch, tag or commit to bake.")
-    model_variant: str | None = Field(None, description="Weight variant to bake, such as fp16.")
-    refiner_id: str | None = Field(None, description="An SDXL refiner to bake beside the base, in MODEL_DIR/refiner.")
+    model_revision: str | None = Field(None, description="Hub branch, tag or commit to bake; unset: the default one.")
+    model_variant: str | None = Field(
+        None,
+        description="Weight variant to bake (fp16 in build_args.env); components without it get their plain weights.",
+    )
+    refiner_id: str | None = Field(
+        None, description="An SDXL refiner to bake beside the base, in MODEL_DIR/refiner (tiny-sdxl-refiner in tests)."
+    )
     model_config_id: str | None = Field(
         None,
         validation_alias=AliasChoices("MODEL_CONFIG", "model_config_id"),
         description="A single-file MODEL_ID's family configuration: a diffusers repo or folder.",
     )
-    model_sha256: str | None = Field(None, description="Pins a single-file MODEL_ID's download.")
-    allow_pickle: bool = Field(False, description="Bake pickled checkpoints (.ckpt, .pt, .bin), which can run code.")
-    loras: str | None = Field(None, description="LoRAs to bake beside the model: name=source,name=source.")
+    model_sha256: str | None = Field(
+        None, description="The sha256 a single-file MODEL_ID's download must have (a mismatch stops the build)."
+    )
+    allow_pickle: bool = Field(
+        False, description="Bake pickled checkpoints (.ckpt, .pt, .pth, .bin), which can run code when read."
+    )
+    loras: str | None = Field(
+        None,
+        description="LoRAs to bake beside the model: name=source,... (hub repo, URL, s3://, path; safetensors only).",
+    )
     embeddings: str | None = Field(
         None, description="Textual-inversion embeddings to bake: name=source,...; a prompt uses each by its name."
     )
     bake_dtype: Literal["float16", "bfloat16"] | None = Field(
-        None, description="Store float32 weights in this dtype when baking: half the bytes in the image."
+        None,
+        description="Store float32 weights in this dtype when baking: half the bytes in the image, the values a GPU "
+        "runs anyway (single files are always stored in their family's GPU dtype).",
     )
-    hf_token: SecretStr | None = Field(None, description="Hub token for gated or private models.")
-    model_dir: Path = Field(Path("models"), description="Where the baked pipeline is written and loaded from.")
+    hf_token: SecretStr | None = Field(
+        None,
+        description="Hub token for gated or private models: pass it as a build secret (read from "
+        "/run/secrets/HF_TOKEN), never a build arg.",
+    )
+    model_dir: Path = Field(
+        Path("models"), description="Where the pipeline is baked and loaded from (/models in the image)."
+    )
 
     # How it runs.
-    host: str = "0.0.0.0"
-    port: int = Field(8000, ge=1, le=65535)
-    device: str | None = Field(None, description="torch device; default cuda when available, else cpu.")
+    mode: Literal["serve", "gateway", "worker", "potassium", "runpod"] = Field(
+        default_factory=lambda: "runpod" if any(os.environ.get(name) for name in RUNPOD_SERVERLESS) else "serve",
+        description="serve: HTTP and a worker in one process; gateway: HTTP only; worker: model only; "
+        "potassium: Potassium's server; runpod: a RunPod serverless worker. Unset: runpod on RunPod serverless "
+        "(RUNPOD_ENDPOINT_ID set), else serve. The same as --mode; python app.py --help says what each runs.",
+    )
+    host: str = Field("0.0.0.0", description="The address python app.py listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="The port python app.py listens on.")
+    device: str | None = Field(None, description="torch device; unset: cuda when available, else cpu.")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto", description="Weights' dtype at load: auto is the family's GPU dtype on CUDA, float32 elsewhere."
     )
     torch_threads: int | None = Field(
-        None, ge=1, le=1024, description="torch's threads on a CPU device; default: the cores less one, at least 1."
+        None,
+        ge=1,
+        le=1024,
+        description="torch's threads on a CPU device; unset: the cores less one, at least 1 (unless OMP_NUM_THREADS "
+        "is set). The core left free serves HTTP, encoding and the queue (bench/threads.py).",
     )
-    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line, with the job id.")
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="json: one JSON object per line (time, level, logger, message, job_id while a job runs, "
+        "exception).",
+    )
     metrics_port: int | None = Field(
-        None, ge=1, le=65535, description="Serve /metrics here without a key (any mode); else on PORT, with one."
+        None,
+        ge=1,
+        le=65535,
+        description="Serve /metrics on this port without a key, in any mode (a --mode worker process has no other "
+        "HTTP); unset: on PORT, with a key.",
     )
-    attention: Literal["sdpa", "xformers"] = Field("sdpa", description="Attention backend on CUDA.")
+    attention: Literal["sdpa", "xformers"] = Field(
+        "sdpa",
+        description="Attention backend on CUDA: sdpa (PyTorch's fused attention) or xformers (in the image; "
+        "elsewhere pip install -r requirements-cuda.txt).",
+    )
+    stages: str = Field(
+        "all",
+        pattern=r"^\s*(all|(encode|denoise|decode)(\s*,\s*(encode|denoise|decode))*)\s*$",
+        description="all, or some of encode, denoise, decode (comma-separated): the split stages (seed 001) this "
+        "worker loads and serves.",
+    )
+    idle_shutdown_s: float | None = Field(
+        None,
+        gt=0,
+        description="serve mode: exit 0 after this many seconds with no request and no job; unset: never.",
+    )
 
-    # Speed options, each applied at load (bench/gpu.py measures every one; see the README's Performance section).
+    # Speed options, each applied at load (bench/gpu.py measures every one; see docs/performance.md).
     max_batch: int = Field(
-        1, ge=1, le=64, description="Jobs of the same shape run together as one batch, up to this many."
+        1,
+        ge=1,
+        le=64,
+        description="Jobs of the same shape that wait for the GPU run as one batch, up to this many (and MAX_IMAGES "
+        "images).",
+    )
+    worker_concurrency: int | None = Field(
+        None,
+        ge=1,
+        le=128,
+        validation_alias=AliasChoices("WORKER_CONCURRENCY", "RUNPOD_CONCURRENCY"),
+        description="Jobs in flight per worker (unset: 2 x MAX_BATCH): a batch denoises while the one before "
+        "encodes and uploads. The GPU runs one batch at a time.",
     )
     channels_last: bool = Field(False, description="UNet and VAE in channels-last memory format.")
-    fuse_qkv: bool = Field(False, description="Fuse the attention q/k/v projections into one matmul.")
+    fuse_qkv: bool = Field(
+        False, description="Fuse the attention q/k/v projections into one matmul (not with ATTENTION=xformers)."
+    )
     torch_compile: bool = Field(
-        False, description="torch.compile the UNet and VAE decoder; compiled at start, cached in DATA_DIR."
+        False,
+        description="torch.compile the UNet and VAE decoder at start, kernels cached in DATA_DIR/torch-compile; needs "
+        "a C compiler (the image: --build-arg COMPILE_TOOLS=1).",
     )
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
         "default", description="torch.compile mode when TORCH_COMPILE (max-autotune: faster, compiles for minutes)."
@@ -97,24 +168,31 @@ class Settings(BaseSettings):
 
     # Memory options for models larger than the GPU (a little slower each; measured on a GPU only).
     quantize: Literal["none", "int8", "fp8"] = Field(
-        "none", description="Weight-only quantization of the UNet or transformer with torchao: int8 or fp8 weights."
+        "none",
+        description="Weight-only quantization of the UNet or transformer with torchao: about half its memory at "
+        "fp16/bf16, pixels move slightly (the image installs torchao; elsewhere pip install torchao==0.18.0).",
     )
     enable_model_cpu_offload: bool = Field(
-        False, description="Keep each component in host memory until it runs (for models larger than the GPU)."
+        False,
+        description="Keep each component in host memory until it runs: a model larger than the GPU fits, slower; "
+        "GPU only.",
     )
 
     # Limits on what one request may ask.
-    max_steps: int = Field(150, ge=1)
-    max_images: int = Field(8, ge=1)
-    max_side: int = Field(2048, ge=64)
-    max_pixels: int = Field(1536 * 1536, ge=64 * 64)
-    max_prompt_chars: int = Field(4000, ge=1)
+    max_steps: int = Field(150, ge=1, description="Most num_inference_steps a request may ask.")
+    max_images: int = Field(8, ge=1, description="Most num_images_per_prompt a request may ask.")
+    max_side: int = Field(2048, ge=64, description="Largest width or height.")
+    max_pixels: int = Field(1536 * 1536, ge=64 * 64, description="Largest width x height (1536 x 1536).")
+    max_prompt_chars: int = Field(4000, ge=1, description="Longest prompt or negative prompt, in characters.")
     prompt_syntax: Literal["a1111", "compel", "plain"] = Field(
         "a1111", description="How prompts are read when a request does not say: A1111 weights, compel's, or as text."
     )
-    max_input_image_bytes: int = Field(10 * 1024 * 1024, ge=1024)
-    max_input_image_pixels: int = Field(4096 * 4096, ge=64 * 64)
+    max_input_image_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest input image, encoded.")
+    max_input_image_pixels: int = Field(
+        4096 * 4096, ge=64 * 64, description="Largest input image, decoded (4096 x 4096)."
+    )
     image_fetch_timeout: float = Field(15.0, gt=0, description="Seconds an image URL's whole download may take.")
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 past it).")
     allow_lora_urls: bool = Field(False, description="Let requests name LoRAs by URL (public hosts only).")
     max_lora_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="Largest LoRA file a request may name.")
     lora_fetch_timeout: float = Field(120.0, gt=0, description="Seconds a LoRA URL's whole download may take.")
@@ -125,27 +203,38 @@ class Settings(BaseSettings):
         8, ge=1, description="LoRAs fetched by URL held loaded at once, least recently used out first."
     )
 
-    # URLs a request names (images, masks, webhooks) are fetched only from public addresses (sdworker/urls.py).
+    # URLs a request names (images, masks, webhooks, LoRAs) are fetched only from public addresses (sdworker/urls.py).
     allow_private_urls: bool = Field(
-        False, description="Let request URLs reach loopback and private addresses (self-hosted use, tests)."
+        False,
+        description="Let request URLs (images, masks, webhooks, LoRAs) reach loopback and private addresses "
+        "(self-hosted use, tests).",
     )
     allowed_url_hosts: str | None = Field(
         None, description="Host names request URLs may reach whatever they resolve to, comma-separated."
     )
 
     # The job server (python app.py): who may call, which model, where jobs live.
-    mode: Literal["serve", "gateway", "worker", "potassium", "runpod"] = Field(
-        default_factory=lambda: "runpod" if any(os.environ.get(name) for name in RUNPOD_SERVERLESS) else "serve",
-        description="serve: HTTP and a worker in one process; gateway: HTTP only; worker: model only; "
-        "potassium: Potassium's server; runpod: a RunPod serverless worker (the default on RunPod serverless).",
+    api_keys: SecretStr | None = Field(
+        None,
+        description="Accepted API keys, comma-separated; each key sees only its own jobs. Unset: one is made at "
+        "first start, printed once and kept in DATA_DIR/api_key.",
     )
-    api_keys: SecretStr | None = Field(None, description="Accepted API keys, comma-separated; one is made if unset.")
     admin_api_keys: SecretStr | None = Field(
-        None, description="Keys that also see and manage every key's jobs, comma-separated (accepted keys too)."
+        None, description="Keys that also see, cancel and purge every key's jobs, comma-separated (accepted keys too)."
     )
-    model_key: str | None = Field(None, description="Model key(s) this deployment answers to; default from MODEL_ID.")
-    data_dir: Path = Field(Path("data"), description="The SQLite job store and the generated API key.")
-    redis_url: SecretStr | None = Field(None, description="redis://... to queue jobs in Redis for many workers.")
+    model_key: str | None = Field(
+        None,
+        description="The model key(s) jobs may name, comma-separated (a gateway may serve several); unset: from the "
+        "baked model's id, else MODEL_ID.",
+    )
+    data_dir: Path = Field(
+        Path("data"),
+        description="The SQLite job store and the generated API key; made readable by the server's user only "
+        "(0700, files 0600).",
+    )
+    redis_url: SecretStr | None = Field(
+        None, description="redis://...: jobs in Redis, for gateways and workers on many machines."
+    )
     redis_allow_volatile: bool = Field(
         False, description="Start even when Redis keeps nothing on disk (no AOF, no RDB): a restart loses every job."
     )
@@ -155,19 +244,14 @@ class Settings(BaseSettings):
     banana_wait_s: float = Field(50.0, ge=0, description="How long start/v4 and a long-polled check/v4 wait.")
     runsync_wait_s: float = Field(90.0, ge=0, description="How long /runsync waits before answering IN_PROGRESS.")
     direct_wait_s: float = Field(600.0, gt=0, description="How long a direct POST / waits for its job.")
-    stages: str = Field(
-        "all",
-        pattern=r"^\s*(all|(encode|denoise|decode)(\s*,\s*(encode|denoise|decode))*)\s*$",
-        description="all, or some of encode, denoise, decode (comma-separated): the split stages (seed 001) this "
-        "worker loads and serves.",
-    )
-    idle_shutdown_s: float | None = Field(
-        None, gt=0, description="serve mode: exit 0 after this long with no request and no job (default off)."
-    )
     result_ttl_s: int = Field(1800, ge=1, description="How long a finished job's result is kept.")
-    runsync_result_ttl_s: int = Field(60, ge=1, description="How long a /runsync result is kept.")
+    runsync_result_ttl_s: int = Field(
+        60, ge=1, description="How long the result of a /runsync or a direct call is kept."
+    )
     job_ttl_s: int = Field(86400, ge=1, description="Default for policy.ttl: a job not started by then times out.")
-    execution_timeout_s: float = Field(600.0, gt=0, description="Default for policy.executionTimeout.")
+    execution_timeout_s: float = Field(
+        600.0, gt=0, description="Default for policy.executionTimeout: a job running longer ends as TIMED_OUT."
+    )
     lease_s: float = Field(10.0, gt=0, description="A running job whose worker is silent this long runs elsewhere.")
     shutdown_grace_s: float = Field(
         25.0,
@@ -175,41 +259,53 @@ class Settings(BaseSettings):
         description="On SIGTERM: no new jobs; running ones get this long to finish, then go back to the queue.",
     )
     max_attempts: int = Field(2, ge=1, description="Runs of one job before a lost worker fails it for good.")
-    webhook_secret: SecretStr | None = Field(None, description="Signs webhook bodies (HMAC-SHA256) when set.")
-    webhook_timeout_s: float = Field(10.0, gt=0)
+
+    # Webhooks: a job's end POSTed where it asked, from the job store's outbox.
+    webhook_secret: SecretStr | None = Field(
+        None, description="Signs webhook bodies (HMAC-SHA256, X-Webhook-Signature) when set."
+    )
+    webhook_timeout_s: float = Field(10.0, gt=0, description="Seconds each try of a webhook delivery may take.")
     webhook_retries: int = Field(2, ge=0, description="Further tries after a failed webhook delivery.")
     webhook_retry_delay_s: float = Field(10.0, ge=0, description="Wait before the first retry; doubles after each.")
     webhook_concurrency: int = Field(16, ge=1, le=256, description="Webhooks sent at once, each target on its own.")
-    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
 
     # RunPod serverless (--mode runpod).
-    runpod_stream: bool = Field(False, description="Stream step chunks and latent previews, then the answer.")
-    runpod_preview_every: int = Field(5, ge=0, description="A preview every N steps when streaming; 0: none.")
-    worker_concurrency: int | None = Field(
-        None,
-        ge=1,
-        le=128,
-        validation_alias=AliasChoices("WORKER_CONCURRENCY", "RUNPOD_CONCURRENCY"),
-        description="Jobs in flight per worker (default 2 x MAX_BATCH): a batch denoises while the one before "
-        "encodes and uploads. The GPU runs one batch at a time.",
+    runpod_stream: bool = Field(
+        False, description="--mode runpod: stream step chunks and latent previews, then the answer."
     )
+    runpod_preview_every: int = Field(5, ge=0, description="A preview every N steps when streaming; 0: none.")
 
     # Images to S3 (any S3-compatible store). RunPod's BUCKET_* names and the AWS standard ones are accepted too.
-    output_type: Literal["base64", "s3"] = Field("base64", description="Default delivery of images.")
-    s3_bucket: str | None = Field(None, validation_alias=AliasChoices("S3_BUCKET", "BUCKET_NAME"))
+    output_type: Literal["base64", "s3"] = Field(
+        "base64", description="Where images go unless a request says: base64 in the answer, or s3 (needs S3_BUCKET)."
+    )
+    s3_bucket: str | None = Field(
+        None, validation_alias=AliasChoices("S3_BUCKET", "BUCKET_NAME"), description="The bucket for s3 output."
+    )
     s3_endpoint_url: str | None = Field(
-        None, validation_alias=AliasChoices("S3_ENDPOINT_URL", "BUCKET_ENDPOINT_URL", "AWS_ENDPOINT_URL")
+        None,
+        validation_alias=AliasChoices("S3_ENDPOINT_URL", "BUCKET_ENDPOINT_URL", "AWS_ENDPOINT_URL"),
+        description="Any S3-compatible endpoint (R2, Spaces, MinIO); unset: AWS.",
     )
     s3_access_key_id: str | None = Field(
-        None, validation_alias=AliasChoices("S3_ACCESS_KEY_ID", "BUCKET_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID")
+        None,
+        validation_alias=AliasChoices("S3_ACCESS_KEY_ID", "BUCKET_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"),
+        description="The upload and signing key's id; unset: boto3's own credentials.",
     )
     s3_secret_access_key: SecretStr | None = Field(
         None,
         validation_alias=AliasChoices("S3_SECRET_ACCESS_KEY", "BUCKET_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY"),
+        description="The upload and signing key's secret; unset: boto3's own credentials.",
     )
-    s3_region: str | None = Field(None, validation_alias=AliasChoices("S3_REGION", "AWS_REGION", "AWS_DEFAULT_REGION"))
+    s3_region: str | None = Field(
+        None,
+        validation_alias=AliasChoices("S3_REGION", "AWS_REGION", "AWS_DEFAULT_REGION"),
+        description="The bucket's region; unset: from the endpoint URL, else us-east-1.",
+    )
     s3_prefix: str = Field("outputs/", description="Key prefix for uploaded images.")
-    s3_url_expires_s: int = Field(3600, ge=1, le=604800, description="Lifetime of presigned URLs (SigV4: 7 days).")
+    s3_url_expires_s: int = Field(
+        3600, ge=1, le=604800, description="Lifetime of presigned URLs, at most 7 days (SigV4's limit)."
+    )
 
     def __init__(self, **values: Any) -> None:
         """Read the settings; a bad one is a WorkerError (INVALID_SETTINGS) of one line naming the environment
@@ -287,8 +383,8 @@ def env_names(name: str, field: FieldInfo) -> list[str]:
     return [str(alias or name).upper()]
 
 
-def _accepts(field: FieldInfo) -> str:
-    """What a setting accepts, in words."""
+def _accepts(field: FieldInfo, other: str | None = None) -> str:
+    """What a setting accepts, in words; `other` for text (else the field's description)."""
     kind = field.annotation
     args = [kind]
     if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
@@ -317,7 +413,7 @@ def _accepts(field: FieldInfo) -> str:
         )
         number = "a whole number" if args[0] is int else "a number"
         return " ".join(part for part in (number, low, "and" if low and high else "", high) if part)
-    return field.description or "see the Settings table in README.md"
+    return other or field.description or "see the settings table in docs/settings.md"
 
 
 def _settings_error(err: ValidationError) -> WorkerError:
@@ -336,3 +432,68 @@ def _settings_error(err: ValidationError) -> WorkerError:
     if problem["type"] in REWORDED:
         message = f"takes {_accepts(fields[name])}"
     return WorkerError("INVALID_SETTINGS", f"{shown}: {message}", variable)
+
+
+# --- docs/settings.md's table, generated from the fields above (tests/test_docs.py checks the two agree) ---------
+GROUPS = {
+    "model_id": "What to bake and where it lives",
+    "mode": "How it runs",
+    "max_batch": "Speed",
+    "quantize": "Memory, for models larger than the GPU",
+    "max_steps": "Limits on what one request may ask",
+    "allow_private_urls": "URLs in requests",
+    "api_keys": "Keys, jobs and queues",
+    "webhook_secret": "Webhooks",
+    "runpod_stream": "RunPod serverless",
+    "output_type": "Images to S3",
+}
+"""The table's sections: each starts at its first field and runs to the next one's, in Settings' order."""
+TABLE_START, TABLE_END = "<!-- settings-table:start -->", "<!-- settings-table:end -->"
+
+
+def _shown_default(name: str, field: FieldInfo) -> str:
+    """A setting's default as an operator writes it: `none`, `false`, 8, `models`, bytes with their unit."""
+    if field.default_factory is not None:
+        return "see meaning"
+    value = field.default
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and name.endswith("_bytes"):
+        units = [(unit, power) for unit, power in (("GiB", 30), ("MiB", 20), ("KiB", 10)) if value % 2**power == 0]
+        return f"{value} ({value >> units[0][1]} {units[0][0]})" if value and units else str(value)
+    return str(value) if isinstance(value, int | float) else f"`{value}`"
+
+
+def settings_table() -> str:
+    """Every setting as Markdown: a table per group of its variables (aliases in brackets), default, what it takes
+    (as a bad value's error says it) and what it means (the field's description)."""
+    out = []
+    for name, field in Settings.model_fields.items():
+        if name in GROUPS:
+            out += ["", f"### {GROUPS[name]}", "", "| setting | default | takes | meaning |", "|---|---|---|---|"]
+        first, *aliases = (f"`{env}`" for env in env_names(name, field))
+        variable = f"{first} ({', '.join(aliases)})" if aliases else first
+        kind = "a folder" if field.annotation is Path else "text"
+        cells = (variable, _shown_default(name, field), _accepts(field, kind), field.description or "")
+        out.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(out).lstrip("\n") + "\n"
+
+
+def write_settings_table(path: Path) -> None:
+    """Put settings_table() between the markers of `path` (docs/settings.md)."""
+    head, rest = path.read_text().split(TABLE_START, 1)
+    tail = rest.split(TABLE_END, 1)[1]
+    path.write_text(f"{head}{TABLE_START}\n\n{settings_table()}\n{TABLE_END}{tail}")
+
+
+if __name__ == "__main__":  # python -m sdworker.config [--write docs/settings.md]
+    import sys
+
+    if sys.argv[1:2] == ["--write"]:
+        write_settings_table(Path(sys.argv[2] if len(sys.argv) > 2 else "docs/settings.md"))
+    else:
+        print(settings_table(), end="")

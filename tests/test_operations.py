@@ -85,7 +85,7 @@ def test_help_explains_each_mode_and_where_the_settings_are(env: dict[str, str])
     assert result.returncode == 0
     for mode in ("serve", "gateway", "worker", "potassium", "runpod"):
         assert re.search(rf"^  {mode} +\S", result.stdout, re.MULTILINE), result.stdout
-    assert "README.md's Settings table" in " ".join(result.stdout.split())
+    assert "docs/settings.md lists each" in " ".join(result.stdout.split())
 
 
 def test_runpod_serverless_is_detected_from_runpods_own_variables(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -233,23 +233,27 @@ def test_torch_leaves_a_core_to_serving_on_a_cpu(monkeypatch: pytest.MonkeyPatch
 
 
 def test_the_readmes_first_requests_work_on_the_quick_start_worker(baked: dict[str, Path], tmp_path: Path) -> None:
-    """The quick start's curl body and the first request of README's Requests section, on tiny-sd; and its
-    commands run in a fresh shell (the venv's python, not the system's)."""
+    """The quick start's curl body, the README's request and the first of docs/requests.md, on tiny-sd; and the
+    commands of the README and docs/ run in a fresh shell (the venv's python, not the system's)."""
     readme = (ROOT / "README.md").read_text()
     curl = json.loads(re.search(r"curl -s localhost:8000/ .*?-d '(\{.*?\})'", readme, re.DOTALL).group(1))
-    requests_section = readme[readme.index("## Requests") :]
-    first = json.loads(re.search(r"```json\n(.*?)\n```", requests_section, re.DOTALL).group(1))
+
+    def first_json(text: str, heading: str) -> dict:
+        return json.loads(re.search(r"```json\n(.*?)\n```", text[text.index(heading) :], re.DOTALL).group(1))
+
+    requests_doc = (ROOT / "docs" / "requests.md").read_text()
+    bodies = (curl, first_json(readme, "## A request and its answer"), first_json(requests_doc, "## Requests"))
     process, url = start_worker(baked["tiny-sd"], tmp_path, SECRET)
     try:
-        for body in (curl, first):
+        for body in bodies:
             answer = requests.post(url, json=body, headers={"X-BANANA-API-KEY": SECRET}, timeout=300)
             assert answer.status_code == 200, answer.text
     finally:
         process.terminate()
         process.wait(30)
-    commands = [
-        line.strip() for line in re.findall(r"```bash\n(.*?)```", readme, re.DOTALL) for line in line.split("\n")
-    ]
+    pages = [readme, *(page.read_text() for page in (ROOT / "docs").glob("*.md"))]
+    blocks = [block for page in pages for block in re.findall(r"```bash\n(.*?)```", page, re.DOTALL)]
+    commands = [line.strip() for block in blocks for line in block.split("\n")]
     assert not [line for line in commands if re.match(r"python3? test\.py", line)]
 
 

@@ -175,7 +175,7 @@ def test_postman_collection_passes_under_newman(server: Server, tmp_path: Path) 
 
 
 def test_npm_run_newman_takes_the_key_from_the_environment(server: Server, tmp_path: Path) -> None:
-    """The README's `API_KEY=... npm run newman` passes against a worker; without a key it says how to give one."""
+    """The README's `npm run newman` (API_KEY exported) passes against a worker; without a key it says how."""
     npm = shutil.which("npm")
     assert npm, "npm is not installed: install Node.js 18+ (make test needs it)"
     env = {key: value for key, value in os.environ.items() if key not in ("API_KEY", "API_KEYS", "MODEL_KEY")}

@@ -33,7 +33,7 @@ def run(app: Any, argv: list[str] | None = None) -> None:
         description="Serve app.py's Stable Diffusion worker. Modes:\n"
         + "\n".join(f"  {mode:<10} {text}" for mode, text in MODE_HELP.items()),
         epilog="Every setting is an environment variable (MODEL_DIR, API_KEYS, PORT, MAX_BATCH, REDIS_URL, ...), also "
-        "read from build_args.env: README.md's Settings table lists each with its default, sdworker/config.py "
+        "read from build_args.env: docs/settings.md lists each with its default, sdworker/config.py "
         "defines them. python download.py bakes MODEL_ID first; python test.py --help smoke-tests a deployment.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
