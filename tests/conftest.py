@@ -23,7 +23,6 @@ import filelock
 import numpy as np
 import pytest
 import requests
-import torch
 from PIL import Image
 
 from sdworker.batching import Batcher
@@ -31,6 +30,7 @@ from sdworker.config import Settings
 from sdworker.errors import WorkerError
 from sdworker.generate import Generation, generate
 from sdworker.model import LoadedModel, bake_model, load_model
+from sdworker.model.recipes import make_tiny_lora
 from sdworker.schema import GenerateInput
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,21 +109,9 @@ def make_lora(
     text_encoder: bool = True,
     clip_modules: tuple[str, ...] = ("q_proj", "v_proj"),
 ) -> Path:
-    """A random LoRA for tiny-sd's UNet (and text encoder's `clip_modules`), saved as diffusers saves one."""
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    pipe = DiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
-    torch.manual_seed(seed)
-    unet = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
-    pipe.unet.add_adapter(unet)
-    layers = {"unet_lora_layers": get_peft_model_state_dict(pipe.unet)}
-    if text_encoder:
-        clip = LoraConfig(r=4, lora_alpha=4, target_modules=list(clip_modules), init_lora_weights=False)
-        pipe.text_encoder.add_adapter(clip)
-        layers["text_encoder_lora_layers"] = get_peft_model_state_dict(pipe.text_encoder)
-    StableDiffusionPipeline.save_lora_weights(path.parent, weight_name=path.name, safe_serialization=True, **layers)
+    """A random LoRA for tiny-sd's UNet (and text encoder's `clip_modules`), saved as diffusers saves one: the
+    tiny-lora recipe's code."""
+    make_tiny_lora(model_dir, path, seed, text_encoders=text_encoder, clip_modules=clip_modules)
     return path
 
 

@@ -4,6 +4,8 @@ one or at scale 0, and never leak from one request (or batch) into another."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -262,3 +264,74 @@ def test_a_stage_encode_after_a_lora_request_reads_the_plain_text_encoder(with_l
     status, after = run_stage(model, "encode", {"prompt": "a lighthouse"})
     assert status == 200
     assert after["embeddings"] == run_stage(sd, "encode", {"prompt": "a lighthouse"})[1]["embeddings"]
+
+
+# --- the named recipes: tiny-lora and tiny-embedding ----------------------------------------------------------
+QUICK_START = {"LORAS": "ink=tiny-lora,fog=tiny-lora", "EMBEDDINGS": "easynegative=tiny-embedding"}
+
+
+def test_the_quick_start_worker_bakes_the_readmes_loras_and_embedding_and_they_change_the_picture(
+    baked: dict[str, Path], sd: LoadedModel, tmp_path: Path
+) -> None:
+    model_dir = tmp_path / "model"
+    result = download("--model-dir", str(model_dir), MODEL_ID="tiny-sd", **QUICK_START)  # as `make run` bakes
+    assert result.returncode == 0, result.stderr
+    assert "baked loras ink, fog" in result.stdout, result.stdout
+    assert "baked embeddings easynegative" in result.stdout, result.stdout
+    index = json.loads((model_dir / "loras" / "index.json").read_text())
+    assert {name: entry["source"] for name, entry in index.items()} == {"ink": "tiny-lora", "fog": "tiny-lora"}
+    assert index["ink"]["sha256"] != index["fog"]["sha256"]  # seeded by the name: two LoRAs
+    model = load_model(Settings(model_dir=model_dir))
+    assert model.loras == ["ink", "fog"] and model.embeddings == ["easynegative"]
+    plain = image(sd)
+    assert image(model) == plain  # loaded, and off
+    inked = image(model, loras=[{"name": "ink", "scale": 1}])
+    assert inked != plain
+    both = image(model, loras=[{"name": "ink", "scale": 0.8}, {"name": "fog", "scale": 0.3}])  # the README's
+    assert both not in (plain, inked)
+    assert image(model, negative_prompt="easynegative") != image(sd, negative_prompt="easynegative")
+    readme = {
+        "prompt": "a photo of a red scaley ((dragon)) playing a (guitar:1.3) on a [beach]",
+        "negative_prompt": "(cartoon:1.2), blurry",
+        "loras": [{"name": "ink", "scale": 0.8}],
+        "clip_skip": 1,
+    }
+    assert image(model, **readme) != image(sd, **{key: value for key, value in readme.items() if key != "loras"})
+
+
+def test_the_named_recipes_are_deterministic_made_for_the_baked_model_and_for_tiny_models_only(
+    baked: dict[str, Path], tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    from sdworker.errors import WorkerError
+    from sdworker.model.bake import bake_named
+    from sdworker.model.recipes import make_tiny_embedding, make_tiny_lora, name_seed
+
+    made = {}
+    for label, seed in (("a", 7), ("b", 7), ("c", 8)):
+        make_tiny_lora(baked["tiny-sd"], tmp_path / f"lora-{label}.safetensors", seed)
+        make_tiny_embedding(baked["tiny-sd"], tmp_path / f"embedding-{label}.safetensors", seed)
+        made[label] = [(tmp_path / f"{kind}-{label}.safetensors").read_bytes() for kind in ("lora", "embedding")]
+    assert made["a"] == made["b"]  # the same seed, the same bytes
+    assert all(x != y for x, y in zip(made["a"], made["c"], strict=True))
+    assert set(load_file(str(tmp_path / "embedding-a.safetensors"))) == {"emb_params"}
+
+    # tiny-sdxl: LoRA layers for its UNet and both text encoders, the embedding as SDXL's pair; both load.
+    sdxl = tmp_path / "sdxl"
+    shutil.copytree(baked["tiny-sdxl"], sdxl)
+    assert bake_named(sdxl, "loras", {"ink": "tiny-lora"}, None) == ["ink"]
+    assert bake_named(sdxl, "embeddings", {"easynegative": "tiny-embedding"}, None) == ["easynegative"]
+    parts = {key.split(".")[0] for key in load_file(str(sdxl / "loras" / "ink.safetensors"))}
+    assert parts == {"unet", "text_encoder", "text_encoder_2"}
+    assert set(load_file(str(sdxl / "embeddings" / "easynegative.safetensors"))) == {"clip_l", "clip_g"}
+    make_tiny_lora(baked["tiny-sdxl"], tmp_path / "again.safetensors", name_seed("ink"))
+    assert (tmp_path / "again.safetensors").read_bytes() == (sdxl / "loras" / "ink.safetensors").read_bytes()
+
+    real = tmp_path / "real"  # a model that is no tiny recipe: refused, nothing made
+    shutil.copytree(baked["tiny-sd"], real)
+    manifest = json.loads((real / "sdworker.json").read_text())
+    (real / "sdworker.json").write_text(json.dumps({**manifest, "model_id": "someone/model", "source": "hub"}))
+    with pytest.raises(WorkerError, match="tiny-lora is a LoRA of random weights for the tiny recipes") as refused:
+        bake_named(real, "loras", {"ink": "tiny-lora"}, None)
+    assert refused.value.code == "NOT_A_LORA" and not (real / "loras" / "ink.safetensors").exists()

@@ -10,6 +10,7 @@ test drives both clients in a fresh process with the variables themselves.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -24,6 +25,8 @@ import runpod
 from banana_dev import generics
 from banana_dev import package as banana
 from conftest import decode, free_port, start_process, wait_for
+
+from sdworker.platforms.server import DOCS_ASSETS
 
 KEY = "server-test-key"
 OTHER = "other-key"  # a second accepted key: a second customer of the same endpoint
@@ -353,6 +356,27 @@ def test_health_docs_and_openapi(server: str) -> None:
     assert requests.get(f"{server}/docs", timeout=10).status_code == 200
     paths = requests.get(f"{server}/openapi.json", timeout=10).json()["paths"]
     assert {"/start/v4/", "/check/v4/", "/v2/{endpoint_id}/run", "/health"} <= set(paths)
+
+
+def test_the_api_docs_load_their_scripts_from_the_worker_not_a_cdn(server: str) -> None:
+    """/docs (Swagger UI) and /redoc are public pages whose scripts, stylesheet and icon the worker serves itself
+    (the fastapi-offline package's copies): they work with no network."""
+    pages = {
+        "/docs": {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css", "favicon.png": "image/png"},
+        "/redoc": {"redoc.standalone.js": "text/javascript", "favicon.png": "image/png"},
+    }
+    for page, assets in pages.items():
+        html = requests.get(f"{server}{page}", timeout=10)  # no key: public, as FastAPI's own pages are
+        assert html.status_code == 200 and html.headers["content-type"].startswith("text/html"), page
+        assert "://" not in html.text and "/openapi.json" in html.text, html.text  # no CDN, no other host
+        linked = set(re.findall(r'(?:src|href)="([^"]+)"', html.text))
+        assert linked == {f"{DOCS_ASSETS}/{name}" for name in assets}, linked
+        for name, kind in assets.items():
+            asset = requests.get(f"{server}{DOCS_ASSETS}/{name}", timeout=10)
+            assert asset.status_code == 200 and asset.headers["content-type"].startswith(kind), name
+            assert len(asset.content) > 1000, name
+    missing = requests.get(f"{server}{DOCS_ASSETS}/no-such.js", timeout=10)
+    assert missing.status_code == 404 and missing.json()["$error"]["code"] == "NOT_FOUND"
 
 
 def test_clients_configured_by_their_environment_variables(server: str) -> None:

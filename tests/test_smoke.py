@@ -196,3 +196,21 @@ def test_npm_run_newman_takes_the_key_from_the_environment(server: Server, tmp_p
     (bare / "node_modules").symlink_to(ROOT / "node_modules")
     result = subprocess.run([npm, "run", "--silent", "newman"], cwd=bare, env=env, capture_output=True, text=True)
     assert result.returncode != 0 and "set API_KEY to one of the worker's API_KEYS" in result.stderr, result.stderr
+
+
+def test_npm_run_newman_installs_newman_on_a_fresh_clone(tmp_path: Path) -> None:
+    """On a fresh clone (no node_modules: `make test` not run yet) `npm run newman` installs newman first, at
+    package-lock.json's versions (from npm's cache where it has them), then runs: here it stops at the key."""
+    npm = shutil.which("npm")
+    assert npm, "npm is not installed: install Node.js 18+ (make test needs it)"
+    for name in ("package.json", "package-lock.json", "postman_collection.json"):
+        shutil.copy(ROOT / name, tmp_path)
+    env = {key: value for key, value in os.environ.items() if key not in ("API_KEY", "API_KEYS", "MODEL_KEY")}
+    result = subprocess.run(
+        [npm, "run", "--silent", "newman"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert "installing newman" in result.stderr, result.stderr
+    assert (tmp_path / "node_modules" / ".bin" / "newman").exists(), result.stderr
+    assert result.returncode == 2 and "set API_KEY to one of the worker's API_KEYS" in result.stderr, result.stderr
+    again = subprocess.run([npm, "run", "--silent", "newman"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert again.returncode == 2 and "installing newman" not in again.stderr, again.stderr

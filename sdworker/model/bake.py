@@ -14,7 +14,7 @@ from ..errors import WorkerError
 from ..manifest import MANIFEST, read_manifest
 from .load import load_pipeline
 from .loras import INDEX, KINDS, NAME, baked
-from .recipes import RECIPES
+from .recipes import NAMED_RECIPES, RECIPES, name_seed
 from .single_file import _sha256, bake_single_file, fetch_file, is_single_file
 from .sources import _copy_local, _fetch_hub, _fetch_s3, _variant_of
 
@@ -168,8 +168,9 @@ def parse_named_sources(value: str | None, setting: str) -> dict[str, str]:
 
 def bake_named(model_dir: Path, kind: str, named: dict[str, str], token: str | None, verify: bool = True) -> list[str]:
     """Fetch the LoRAs or embeddings (`kind`) not yet baked in `model_dir` (the ones there are kept); answers the
-    names added. With `verify`, each is loaded into the baked model first, so a file that is not one for this
-    model stops the build with its name."""
+    names added; a named recipe (`tiny-lora`, `tiny-embedding`) is made for the baked model instead. With `verify`,
+    each is loaded into the baked model first, so a file that is not one for this model stops the build with its
+    name."""
     setting = KINDS[kind][0]
     folder = Path(model_dir) / kind
     folder.mkdir(exist_ok=True)
@@ -183,7 +184,11 @@ def bake_named(model_dir: Path, kind: str, named: dict[str, str], token: str | N
             raise WorkerError("NOT_SAFETENSORS", f"{setting}: {name}: only .safetensors files are baked", setting)
         scratch = Path(tempfile.mkdtemp(prefix=f".{kind}.", dir=folder))
         try:
-            path = fetch_file(source, scratch, token, setting)
+            if source in NAMED_RECIPES[kind]:
+                path = scratch / f"{name}.safetensors"
+                _make_named(model_dir, kind, name, source, path)
+            else:
+                path = fetch_file(source, scratch, token, setting)
             if verify:
                 _check_loads(model_dir, kind, name, path)
             shutil.copyfile(path, folder / f"{name}.safetensors")
@@ -207,4 +212,25 @@ def _check_loads(model_dir: Path, kind: str, name: str, path: Path) -> None:
     except Exception as err:
         raise WorkerError(
             code, f"{setting}: {name} does not load as {what} of this model: {type(err).__name__}: {err}"[:400], setting
+        ) from None
+
+
+def _make_named(model_dir: Path, kind: str, name: str, source: str, path: Path) -> None:
+    """Make the named recipe `source` for the model in `model_dir` into `path`, seeded by `name`. A named recipe is
+    random weights for the tiny recipes' models only: on a real model it would load the whole pipeline in fp32 on
+    the CPU to draw noise."""
+    setting, code, what, _ = KINDS[kind]
+    manifest = read_manifest(model_dir) or {}
+    if manifest.get("source") != "recipe":
+        raise WorkerError(
+            code,
+            f"{setting}: {name}: {source} is {what} of random weights for the tiny recipes ({', '.join(RECIPES)}), "
+            f"not for {manifest.get('model_id')}",
+            setting,
+        )
+    try:
+        NAMED_RECIPES[kind][source](Path(model_dir), path, name_seed(name))
+    except Exception as err:
+        raise WorkerError(
+            code, f"{setting}: {name}: cannot make {source} for this model: {type(err).__name__}: {err}"[:400], setting
         ) from None

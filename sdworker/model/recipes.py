@@ -1,9 +1,14 @@
 """Small random-weight pipelines built offline with diffusers' and transformers' own classes, for tests and CI:
 they run the real loading and inference code in seconds on a CPU, and draw noise, not pictures. A recipe is a
-function that saves a pipeline into a folder; RECIPES names them."""
+function that saves a pipeline into a folder; RECIPES names them.
+
+NAMED_RECIPES are the same for what is baked beside a model by name (LORAS, EMBEDDINGS): `tiny-lora`, a random
+LoRA, and `tiny-embedding`, a random textual-inversion embedding, each made for the tiny model baked in
+MODEL_DIR and seeded by the name it is baked under (`LORAS=ink=tiny-lora,fog=tiny-lora`: two LoRAs)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from collections.abc import Callable
@@ -308,3 +313,70 @@ RECIPES: dict[str, Callable[[Path], None]] = {
     "tiny-flux-schnell": lambda dest: _bake_tiny_flux(dest, guidance_embeds=False),
 }
 """The built-in recipes by MODEL_ID."""
+
+
+# The attention projections a LoRA adapts in a UNet or a DiT (diffusers' names), as diffusers' training scripts do.
+DENOISER_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def name_seed(name: str) -> int:
+    """The seed a named recipe is made with when baked as `name`: the same name, the same weights."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big")
+
+
+def make_tiny_lora(
+    model_dir: Path,
+    dest: Path,
+    seed: int,
+    text_encoders: bool = True,
+    clip_modules: tuple[str, ...] = ("q_proj", "v_proj"),
+) -> None:
+    """A random rank-4 LoRA for the pipeline baked in `model_dir`, written to `dest`: peft adapters on its UNet's
+    or transformer's attention projections and, with `text_encoders`, on its CLIP text encoders' `clip_modules`,
+    saved with the pipeline class's own `save_lora_weights`, as diffusers saves a trained one. The same model and
+    seed give the same bytes."""
+    import torch
+    from diffusers import DiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = DiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
+    layers = {}
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        for part in pipe._lora_loadable_modules:
+            module = getattr(pipe, part, None)
+            denoiser = part in ("unet", "transformer")
+            if module is None or not (denoiser or text_encoders):
+                continue
+            targets = list(DENOISER_MODULES if denoiser else clip_modules)
+            module.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+            layers[f"{part}_lora_layers"] = get_peft_model_state_dict(module)
+    type(pipe).save_lora_weights(dest.parent, weight_name=dest.name, safe_serialization=True, **layers)
+
+
+def make_tiny_embedding(model_dir: Path, dest: Path, seed: int, vectors: int = 2) -> None:
+    """A random textual-inversion embedding of `vectors` tokens for the pipeline baked in `model_dir`, written to
+    `dest`: A1111's one-file form (`emb_params`) for one CLIP text encoder, SDXL's `clip_l`/`clip_g` pair for
+    two. The same model and seed give the same bytes."""
+    import torch
+    from safetensors.torch import save_file
+
+    widths = []
+    for part in ("text_encoder", "text_encoder_2"):
+        config = Path(model_dir) / part / "config.json"
+        if config.is_file() and json.loads(config.read_text()).get("model_type", "").startswith("clip"):
+            widths.append(json.loads(config.read_text())["hidden_size"])
+    if not widths:
+        raise ValueError("the model has no CLIP text encoder to make an embedding for")
+    generator = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(vectors, width, generator=generator) for width in widths]
+    state = {"emb_params": tensors[0]} if len(tensors) == 1 else {"clip_l": tensors[0], "clip_g": tensors[1]}
+    save_file(state, str(dest))
+
+
+NAMED_RECIPES: dict[str, dict[str, Callable[[Path, Path, int], None]]] = {
+    "loras": {"tiny-lora": make_tiny_lora},
+    "embeddings": {"tiny-embedding": make_tiny_embedding},
+}
+"""The built-in sources of LORAS and EMBEDDINGS: (the baked model's folder, the file to write, the seed)."""

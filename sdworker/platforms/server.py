@@ -4,6 +4,7 @@
 - `POST /start/v4/`, `/check/v4/`: Banana's call-ID API, with its long-poll.
 - `/v2/{endpoint_id}/run|runsync|status|stream|cancel|retry|purge-queue|health`: RunPod's endpoint API.
 - `POST /_k/warmup`, `GET /__status__`, `GET /_k/status`: Potassium's own routes; `GET /health`: readiness.
+- `GET /docs`, `/redoc`, `/openapi.json`: the API's docs, public, their scripts served from here (no CDN).
 - `GET /` (readiness) and `POST /infer`: seed 003's OctoAI service (octoai.py).
 - `POST /generate`, `/img2img`, `GET /status/<id>`, `/recent`: seed 002's Flask+Celery API (dockerized.py).
 
@@ -21,15 +22,18 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.resources import files
 from typing import Annotated, Any
 
 import anyio
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Path, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
@@ -211,6 +215,45 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
+DOCS_ASSETS = "/docs/assets"
+"""Where the API docs' scripts, stylesheet and icon are served from (fastapi-offline's copies)."""
+
+
+def serve_docs(server: FastAPI) -> None:
+    """`/docs` (Swagger UI) and `/redoc`, public as FastAPI's own are, with their scripts, stylesheet and icon
+    served by the worker from the fastapi-offline package under DOCS_ASSETS: the pages work with no network (a
+    worker behind a firewall, a laptop offline), where FastAPI's own load them from a CDN."""
+    server.mount(DOCS_ASSETS, StaticFiles(directory=str(files("fastapi_offline") / "static")), name="docs-assets")
+
+    def under(request: Request, path: str) -> str:
+        return request.scope.get("root_path", "").rstrip("/") + path  # behind a proxy's prefix, as FastAPI does
+
+    @server.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=under(request, server.openapi_url),
+            title=f"{server.title} - Swagger UI",
+            oauth2_redirect_url=under(request, server.swagger_ui_oauth2_redirect_url),
+            swagger_js_url=under(request, f"{DOCS_ASSETS}/swagger-ui-bundle.js"),
+            swagger_css_url=under(request, f"{DOCS_ASSETS}/swagger-ui.css"),
+            swagger_favicon_url=under(request, f"{DOCS_ASSETS}/favicon.png"),
+        )
+
+    @server.get(server.swagger_ui_oauth2_redirect_url, include_in_schema=False)
+    async def swagger_ui_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @server.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url=under(request, server.openapi_url),
+            title=f"{server.title} - ReDoc",
+            redoc_js_url=under(request, f"{DOCS_ASSETS}/redoc.standalone.js"),
+            redoc_favicon_url=under(request, f"{DOCS_ASSETS}/favicon.png"),
+            with_google_fonts=False,
+        )
+
+
 def create_server(
     settings: Settings, store: JobStore, routes: dict[str, bool], ready: Callable[[], bool] = lambda: True
 ) -> FastAPI:
@@ -221,8 +264,11 @@ def create_server(
         title="sd-worker",
         description="Stable Diffusion worker: direct calls, Banana start/check v4, RunPod v2, Potassium routes.",
         version="1",
+        docs_url=None,  # FastAPI's own pages load their scripts from a CDN: serve_docs serves them from here
+        redoc_url=None,
     )
     server.state.jobs = state
+    serve_docs(server)
 
     server.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     server.add_middleware(Measured)
