@@ -66,10 +66,17 @@ class Settings(BaseSettings):
     )
     loras: str | None = Field(
         None,
-        description="LoRAs to bake beside the model: name=source,... (hub repo, URL, s3://, path; safetensors only).",
+        description=(
+            "LoRAs to bake beside the model: name=source,... (hub repo, URL, s3://, path; safetensors only;"
+            " tiny-lora on a tiny recipe)."
+        ),
     )
     embeddings: str | None = Field(
-        None, description="Textual-inversion embeddings to bake: name=source,...; a prompt uses each by its name."
+        None,
+        description=(
+            "Textual-inversion embeddings to bake: name=source,... (tiny-embedding on a tiny recipe); a prompt uses"
+            " each by its name."
+        ),
     )
     bake_dtype: Literal["float16", "bfloat16"] | None = Field(
         None,
