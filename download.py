@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from sdworker.config import Settings
 from sdworker.errors import WorkerError
-from sdworker.model import BakeResult, bake_model, family_of
-from sdworker.model.bake import bake_named, parse_named_sources
+
+if TYPE_CHECKING:
+    from sdworker.model import BakeResult
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,17 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="bake again even if MODEL_DIR holds this model")
     parser.add_argument("--no-verify", action="store_true", help="skip loading the result to check it")
     args = parser.parse_args(argv)
-    from diffusers.utils import logging as diffusers_logging  # after sdworker, which quiets what they log
-    from huggingface_hub.utils import logging as hf_logging
-    from transformers.utils import logging as transformers_logging
-
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # The libraries' warnings would bury the one line that says what happened; the hub's download bars stay.
-    hf_logging.set_verbosity_error()
-    for library in (diffusers_logging, transformers_logging):
-        library.set_verbosity_error()
-        library.disable_progress_bar()
-
     overrides = {
         "model_id": args.model_id,
         "model_revision": args.revision,
@@ -62,6 +54,20 @@ def main(argv: list[str] | None = None) -> int:
     except WorkerError as err:
         print(f"download.py: {err.message}", file=sys.stderr)
         return 2
+    # torch and diffusers only now: a wrong setting is said in a fraction of a second, not after their imports.
+    from diffusers.utils import logging as diffusers_logging  # after sdworker, which quiets what they log
+    from huggingface_hub.utils import logging as hf_logging
+    from transformers.utils import logging as transformers_logging
+
+    from sdworker.model import bake_model, family_of
+    from sdworker.model.bake import bake_named, parse_named_sources
+
+    # The libraries' warnings would bury the one line that says what happened; the hub's download bars stay.
+    hf_logging.set_verbosity_error()
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+
     token = settings.hf_token.get_secret_value() if settings.hf_token else None
     bakes = [(settings.model_id, settings.model_dir, settings.model_revision, False)]
     if settings.refiner_id:  # beside the base, which is baked first (or kept, when it already is)
