@@ -69,8 +69,11 @@ def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_document(s
         os.environ.get("CONTRACT_SEED", "1"),
         "--request-timeout",
         "30",
+        # One worker: with two, hypothesis describes strategies (ast.parse) in two threads at once, which CPython
+        # 3.11's parser can fail with "SystemError: AST constructor recursion depth mismatch" (CPython gh-106905):
+        # a crash of the tool, not a finding about the server.
         "--workers",
-        "2",
+        "1",
         "--no-color",
     ]
     result = subprocess.run(
