@@ -84,8 +84,8 @@ def lora_baked(baked: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
     """tiny-sd baked by download.py with two random LoRAs: `ink` (UNet and text encoder) and `fog` (UNet only)."""
 
     def make(root: Path) -> None:
-        ink = make_lora(baked["tiny-sd"], root / "ink.safetensors", seed=1)
-        fog = make_lora(baked["tiny-sd"], root / "fog.safetensors", seed=2, text_encoder=False)
+        ink = make_tiny_lora(baked["tiny-sd"], root / "ink.safetensors", seed=1)
+        fog = make_tiny_lora(baked["tiny-sd"], root / "fog.safetensors", seed=2, text_encoders=False)
         result = download("--model-dir", str(root / "model"), MODEL_ID="tiny-sd", LORAS=f"ink={ink},fog={fog}")
         assert result.returncode == 0, result.stderr
 
@@ -100,19 +100,6 @@ def sd(baked: dict[str, Path]) -> LoadedModel:
 @pytest.fixture(scope="session")
 def sdxl(baked: dict[str, Path]) -> LoadedModel:
     return load_model(Settings(model_dir=baked["tiny-sdxl"]))
-
-
-def make_lora(
-    model_dir: Path,
-    path: Path,
-    seed: int,
-    text_encoder: bool = True,
-    clip_modules: tuple[str, ...] = ("q_proj", "v_proj"),
-) -> Path:
-    """A random LoRA for tiny-sd's UNet (and text encoder's `clip_modules`), saved as diffusers saves one: the
-    tiny-lora recipe's code."""
-    make_tiny_lora(model_dir, path, seed, text_encoders=text_encoder, clip_modules=clip_modules)
-    return path
 
 
 def decode(data: str) -> Image.Image:

@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import download, make_lora, same_picture, serve_folder
+from conftest import download, same_picture, serve_folder
 
 from sdworker.config import Settings
 from sdworker.generate import generate
 from sdworker.handler import handle
 from sdworker.model import LoadedModel, load_model, read_manifest
 from sdworker.model.loras import baked
+from sdworker.model.recipes import make_tiny_lora
 from sdworker.schema import GenerateInput
 
 FAST = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 4}
@@ -28,8 +29,8 @@ FAST = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 4}
 @pytest.fixture(scope="module")
 def with_loras(baked: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     root = tmp_path_factory.mktemp("loras")
-    ink = make_lora(baked["tiny-sd"], root / "ink.safetensors", seed=1)
-    fog = make_lora(baked["tiny-sd"], root / "fog.safetensors", seed=2, text_encoder=False)
+    ink = make_tiny_lora(baked["tiny-sd"], root / "ink.safetensors", seed=1)
+    fog = make_tiny_lora(baked["tiny-sd"], root / "fog.safetensors", seed=2, text_encoders=False)
     model_dir = root / "model"
     first = download("--model-dir", str(model_dir), MODEL_ID="tiny-sd", LORAS=f"ink={ink}")
     assert first.returncode == 0, first.stderr
@@ -148,7 +149,7 @@ def kohya(diffusers_file: Path, path: Path) -> Path:
 
 def test_a_kohya_format_lora_is_the_same_lora_as_its_diffusers_form(baked: dict[str, Path], tmp_path: Path) -> None:
     attention = ("q_proj", "k_proj", "v_proj", "out_proj")  # what Kohya's trainer adapts in the text encoder
-    ours = make_lora(baked["tiny-sd"], tmp_path / "ours.safetensors", seed=3, clip_modules=attention)
+    ours = make_tiny_lora(baked["tiny-sd"], tmp_path / "ours.safetensors", seed=3, clip_modules=attention)
     theirs = kohya(ours, tmp_path / "theirs.safetensors")
     model_dir = tmp_path / "model"
     result = download("--model-dir", str(model_dir), MODEL_ID="tiny-sd", LORAS=f"ours={ours},theirs={theirs}")
@@ -306,7 +307,7 @@ def test_the_named_recipes_are_deterministic_made_for_the_baked_model_and_for_ti
 
     from sdworker.errors import WorkerError
     from sdworker.model.bake import bake_named
-    from sdworker.model.recipes import make_tiny_embedding, make_tiny_lora, name_seed
+    from sdworker.model.recipes import make_tiny_embedding, name_seed
 
     made = {}
     for label, seed in (("a", 7), ("b", 7), ("c", 8)):

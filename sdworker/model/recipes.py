@@ -330,11 +330,11 @@ def make_tiny_lora(
     seed: int,
     text_encoders: bool = True,
     clip_modules: tuple[str, ...] = ("q_proj", "v_proj"),
-) -> None:
+) -> Path:
     """A random rank-4 LoRA for the pipeline baked in `model_dir`, written to `dest`: peft adapters on its UNet's
     or transformer's attention projections and, with `text_encoders`, on its CLIP text encoders' `clip_modules`,
     saved with the pipeline class's own `save_lora_weights`, as diffusers saves a trained one. The same model and
-    seed give the same bytes."""
+    seed give the same bytes. Answers `dest`."""
     import torch
     from diffusers import DiffusionPipeline
     from peft import LoraConfig
@@ -353,6 +353,7 @@ def make_tiny_lora(
             module.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
             layers[f"{part}_lora_layers"] = get_peft_model_state_dict(module)
     type(pipe).save_lora_weights(dest.parent, weight_name=dest.name, safe_serialization=True, **layers)
+    return dest
 
 
 def make_tiny_embedding(model_dir: Path, dest: Path, seed: int, vectors: int = 2) -> None:
@@ -364,9 +365,10 @@ def make_tiny_embedding(model_dir: Path, dest: Path, seed: int, vectors: int = 2
 
     widths = []
     for part in ("text_encoder", "text_encoder_2"):
-        config = Path(model_dir) / part / "config.json"
-        if config.is_file() and json.loads(config.read_text()).get("model_type", "").startswith("clip"):
-            widths.append(json.loads(config.read_text())["hidden_size"])
+        path = Path(model_dir) / part / "config.json"
+        config = json.loads(path.read_text()) if path.is_file() else {}
+        if config.get("model_type", "").startswith("clip"):
+            widths.append(config["hidden_size"])
     if not widths:
         raise ValueError("the model has no CLIP text encoder to make an embedding for")
     generator = torch.Generator().manual_seed(seed)
