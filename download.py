@@ -54,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     except WorkerError as err:
         print(f"download.py: {err.message}", file=sys.stderr)
         return 2
-    # torch and diffusers only now: a wrong setting is said in a fraction of a second, not after their imports.
+    from sdworker.model.bake import nothing_to_bake  # sdworker.model imports torch only once it loads or bakes
+
+    if not args.force and nothing_to_bake(settings):
+        print(f"{settings.model_id} is already baked in {settings.model_dir}; nothing to do")
+        return 0
+    # torch and diffusers only now: a wrong setting, or a model already baked, is said in a fraction of a second.
     from diffusers.utils import logging as diffusers_logging  # after sdworker, which quiets what they log
     from huggingface_hub.utils import logging as hf_logging
     from transformers.utils import logging as transformers_logging

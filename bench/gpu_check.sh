@@ -79,7 +79,8 @@ if [ -n "$WHEELS" ]; then
 fi
 
 if [ "$DRY" = 1 ]; then
-  # The tiny recipes stand in for the full-size models: baked as download.py bakes, read by the same loader.
+  # The tiny recipes stand in for the full-size models: baked as download.py bakes (unless GPU_CHECK_CACHE holds
+  # them already), read by the same loader.
   for recipe in tiny-sd tiny-sd3 tiny-flux-schnell; do
     MODEL_ID=$recipe "$PY" download.py --model-dir "$CACHE/$recipe" >> "$LOGS/bake.log" 2>&1 || echo "   bake failed"
   done
@@ -88,8 +89,8 @@ if [ "$DRY" = 1 ]; then
   step steps 240 "$PY" bench/gpu.py --smoke --model-dir "sd15=$CACHE/tiny-sd" --out "$LOGS/steps.json"
   step throughput 240 "$PY" bench/throughput.py --model-dir "$CACHE/tiny-sd" --clients 1 2 --batch 1 2 --calls 4 \
     --rounds 1 --size 64 --steps 2 --out "$LOGS/throughput.json"
-  step cold_start 240 "$PY" bench/coldstart.py --model-dir "$CACHE/tiny-sd" --runs 1 --size 64 --steps 2 \
-    --no-server --out "$LOGS/cold_start.json"
+  step cold_start 240 "$PY" bench/coldstart.py --model-dir "$CACHE/tiny-sd" --runs 1 --no-warm-up --size 64 \
+    --steps 2 --no-server --out "$LOGS/cold_start.json"
   step steps_sd35 240 "$PY" bench/gpu.py --smoke --models sd35m --options baseline \
     --model-dir "sd35m=$CACHE/tiny-sd3" --out "$LOGS/steps_sd35.json"
   step steps_flux 240 "$PY" bench/gpu.py --smoke --models flux --options baseline \

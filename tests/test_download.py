@@ -18,6 +18,7 @@ from sdworker.model import load_model, read_manifest, select_files
 
 
 def assert_one_line_failure(result: subprocess.CompletedProcess, *words: str) -> None:
+    """download.py (run `fresh`: all a user sees) failed with one line holding `words`, and no traceback."""
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -61,7 +62,7 @@ def test_a_different_model_replaces_the_baked_one(tmp_path: Path) -> None:
 def test_a_folder_with_other_files_is_never_overwritten(tmp_path: Path) -> None:
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "thesis.txt").write_text("years of work")
-    result = download("--model-id", "tiny-sd", "--model-dir", str(tmp_path / "m"))
+    result = download("--model-id", "tiny-sd", "--model-dir", str(tmp_path / "m"), fresh=True)
     assert_one_line_failure(result, "refusing to overwrite")
     assert (tmp_path / "m" / "thesis.txt").read_text() == "years of work"
 
@@ -71,7 +72,7 @@ def test_a_failed_bake_keeps_the_model_that_was_there(tmp_path: Path, baked: dic
     broken = tmp_path / "broken"
     shutil.copytree(baked["tiny-sdxl"], broken)
     (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not weights")
-    result = download("--model-id", str(broken), "--model-dir", str(tmp_path / "m"))
+    result = download("--model-id", str(broken), "--model-dir", str(tmp_path / "m"), fresh=True)
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
     assert read_manifest(tmp_path / "m")["model_id"] == "tiny-sd"
     assert load_model(Settings(model_dir=tmp_path / "m")).family == "sd1"
@@ -132,27 +133,36 @@ def test_an_s3_prefix_is_baked(tmp_path: Path, messy_source: Path, s3_endpoint: 
     assert not list((tmp_path / "m").rglob("*.bin"))
     model = load_model(Settings(model_dir=tmp_path / "m"))
     assert (model.family, model.manifest["source"]) == ("sd1", "s3")
-    missing = download("--model-id", "s3://no-such-bucket/x", "--model-dir", str(tmp_path / "n"), **env)
+    missing = download("--model-id", "s3://no-such-bucket/x", "--model-dir", str(tmp_path / "n"), fresh=True, **env)
     assert_one_line_failure(missing, "s3://no-such-bucket/x")
 
 
 # --- failures that must end in one clear line ------------------------------------------------------------------
 def test_no_network_is_one_clear_line(tmp_path: Path) -> None:
     result = download(
-        "--model-id", "someone/some-model", "--model-dir", str(tmp_path / "m"), HF_ENDPOINT="http://127.0.0.1:9"
+        "--model-id",
+        "someone/some-model",
+        "--model-dir",
+        str(tmp_path / "m"),
+        fresh=True,
+        HF_ENDPOINT="http://127.0.0.1:9",
     )
     assert_one_line_failure(result, "cannot reach the hub", "someone/some-model")
     assert not (tmp_path / "m").exists()
 
 
 def test_offline_mode_is_one_clear_line(tmp_path: Path) -> None:
-    result = download("--model-id", "someone/some-model", "--model-dir", str(tmp_path / "m"), HF_HUB_OFFLINE="1")
+    result = download(
+        "--model-id", "someone/some-model", "--model-dir", str(tmp_path / "m"), fresh=True, HF_HUB_OFFLINE="1"
+    )
     assert_one_line_failure(result, "HF_HUB_OFFLINE")
 
 
 @pytest.mark.parametrize("model_id", ["not a model id", "./missing-folder", "a/b/c"])
 def test_an_unknown_id_is_one_clear_line(tmp_path: Path, model_id: str) -> None:
-    assert_one_line_failure(download("--model-id", model_id, "--model-dir", str(tmp_path / "m")), "MODEL_ID")
+    assert_one_line_failure(
+        download("--model-id", model_id, "--model-dir", str(tmp_path / "m"), fresh=True), "MODEL_ID"
+    )
 
 
 # --- which hub files are baked ---------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ loader, served through the one handler; and the family table's rules (defaults, 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,16 +17,14 @@ from conftest import decode, download, free_port, png_base64, start_process, wai
 from sdworker.config import Settings
 from sdworker.errors import WorkerError
 from sdworker.handler import handle
-from sdworker.model import FAMILIES, LoadedModel, bake_model, family_of, load_model, read_manifest
+from sdworker.model import FAMILIES, LoadedModel, family_of, load_model, read_manifest
 
 FAST = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 5, "width": 64, "height": 64}
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("families")
-    names = ("tiny-sd3", "tiny-flux", "tiny-flux-schnell")
-    return {name: bake_model(name, root / name).model_dir for name in names}
+def tiny(recipe: Callable[[str], Path]) -> dict[str, Path]:
+    return {name: recipe(name) for name in ("tiny-sd3", "tiny-flux", "tiny-flux-schnell")}
 
 
 @pytest.fixture(scope="module")
@@ -145,14 +145,15 @@ def test_a_flow_matching_model_refuses_noise_prediction_schedulers(models: dict[
 
 # --- the SDXL refiner -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def refined(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    """tiny-sdxl baked by download.py, then download.py again with REFINER_ID: the refiner is added, the base
-    kept as it was."""
+def refined(baked: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """tiny-sdxl, baked, then download.py with REFINER_ID: the refiner is added, the base kept as it was."""
     model_dir = tmp_path_factory.mktemp("refined") / "model"
-    first = download("--model-id", "tiny-sdxl", "--model-dir", str(model_dir))
-    assert first.returncode == 0, first.stderr
+    shutil.copytree(baked["tiny-sdxl"], model_dir)
     baked_at = read_manifest(model_dir)["baked_at"]
-    second = download("--model-dir", str(model_dir), MODEL_ID="tiny-sdxl", REFINER_ID="tiny-sdxl-refiner")
+    # MODEL_VARIANT as the suite's bake had it (build_args.env's fp16 would make it another bake of tiny-sdxl)
+    second = download(
+        "--model-dir", str(model_dir), MODEL_ID="tiny-sdxl", MODEL_VARIANT="", REFINER_ID="tiny-sdxl-refiner"
+    )
     assert second.returncode == 0, second.stderr
     assert "already baked" in second.stdout and "baked tiny-sdxl-refiner" in second.stdout, second.stdout
     return {"dir": model_dir, "baked_at": baked_at, "model": load_model(Settings(model_dir=model_dir))}
@@ -207,7 +208,8 @@ def test_the_refiner_is_refused_where_it_cannot_run(refined: dict, sd: LoadedMod
     assert status == 422 and body["$error"]["field"] == "high_noise_frac"
 
 
-def test_a_refiner_beside_a_family_without_one_is_refused_at_bake(tmp_path: Path) -> None:
+def test_a_refiner_beside_a_family_without_one_is_refused_at_bake(baked: dict[str, Path], tmp_path: Path) -> None:
+    shutil.copytree(baked["tiny-sd"], tmp_path / "m")  # baked already: the refiner is what download.py adds
     result = download("--model-dir", str(tmp_path / "m"), MODEL_ID="tiny-sd", REFINER_ID="tiny-sdxl-refiner")
     assert result.returncode == 1 and "sd1 family has no refiner" in result.stderr
     result = download("--model-dir", str(tmp_path / "r"), MODEL_ID="tiny-sdxl-refiner")

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ def run_check(tmp_path: Path, sections: tuple[str, ...] = SECTIONS, **env: str) 
     """bench/gpu_check.sh's dry run; the report from what came back in OUT (and nothing else came back), each of
     `sections` passed."""
     env = {"GPU_CHECK_DRY": "1", "OUT": str(tmp_path / "out"), "GPU_CHECK_WORK": str(tmp_path / "work"), **env}
+    env.setdefault("MODEL_VARIANT", "")  # the recipes as the suite bakes them (build_args.env says fp16)
     env.setdefault("PYTHON", sys.executable)
     result = subprocess.run(
         ["bash", "bench/gpu_check.sh"],
@@ -82,7 +84,18 @@ def _gpu_image_python(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+def models(recipe: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The check's model cache holding the suite's own bakes of the recipes it serves: its download.py calls find
+    them baked (download.py baking each is tested on its own, in test_download). `run_check` asks for them as the
+    suite baked them, with no MODEL_VARIANT."""
+    cache = tmp_path_factory.mktemp("gpu-check-models")
+    for name in ("tiny-sd", "tiny-sd3", "tiny-flux-schnell"):
+        (cache / name).symlink_to(recipe(name), target_is_directory=True)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def rehearsal(models: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     """The dry run as the GPU machine runs the check: on a Python that holds only torch and what the GPU image
     holds, the same pins installed from wheels (downloaded for this machine's Python), then every step."""
     tmp_path = tmp_path_factory.mktemp("rehearsal")
@@ -91,7 +104,7 @@ def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     assert subprocess.run(imports, capture_output=True).returncode != 0  # nothing of the project's is there yet
     wheels = tmp_path / "wheels"
     gpu_wheels.download(wheels, sys.version_info[:2])
-    return tmp_path, run_check(tmp_path, PYTHON=str(python), GPU_CHECK_WHEELS=str(wheels))
+    return tmp_path, run_check(tmp_path, PYTHON=str(python), GPU_CHECK_WHEELS=str(wheels), GPU_CHECK_CACHE=str(models))
 
 
 @pytest.mark.slow
@@ -185,10 +198,7 @@ def test_rehearsal_the_wheels_installed_beside_torch_alone_pass_every_step(
     assert "filelock" in from_image and "numpy" in from_image
 
 
-def test_a_dry_run_with_the_python_it_is_given_installs_nothing(
-    rehearsal: tuple[Path, dict[str, Any]], tmp_path: Path
-) -> None:
-    models = rehearsal[0] / "work" / "models"  # baked already: the recipes are not baked twice
+def test_a_dry_run_with_the_python_it_is_given_installs_nothing(models: Path, tmp_path: Path) -> None:
     report = run_check(tmp_path, (), GPU_CHECK_STEPS="steps_sd35", GPU_CHECK_CACHE=str(models))  # its shortest
     assert report["install"]["status"] == "not run"
     assert report["steps"]["parts"]["steps_sd35"]["status"] == "passed"

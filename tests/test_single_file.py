@@ -97,8 +97,14 @@ def test_a_wrong_sha256_a_pickle_or_no_config_is_refused_in_one_line(
     checkpoint: Path, baked: dict[str, Path], tmp_path: Path
 ) -> None:
     config = str(baked["tiny-sd"])
-    wrong = download(
-        "--model-id", str(checkpoint), "--model-dir", str(tmp_path / "a"), MODEL_CONFIG=config, MODEL_SHA256="0" * 64
+    wrong = download(  # fresh: all a user would see
+        "--model-id",
+        str(checkpoint),
+        "--model-dir",
+        str(tmp_path / "a"),
+        fresh=True,
+        MODEL_CONFIG=config,
+        MODEL_SHA256="0" * 64,
     )
     assert wrong.returncode == 1 and "MODEL_SHA256" in wrong.stderr and "Traceback" not in wrong.stderr
     assert not (tmp_path / "a").exists()  # nothing half-baked left behind
