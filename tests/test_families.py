@@ -150,10 +150,7 @@ def refined(baked: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) ->
     model_dir = tmp_path_factory.mktemp("refined") / "model"
     shutil.copytree(baked["tiny-sdxl"], model_dir)
     baked_at = read_manifest(model_dir)["baked_at"]
-    # MODEL_VARIANT as the suite's bake had it (build_args.env's fp16 would make it another bake of tiny-sdxl)
-    second = download(
-        "--model-dir", str(model_dir), MODEL_ID="tiny-sdxl", MODEL_VARIANT="", REFINER_ID="tiny-sdxl-refiner"
-    )
+    second = download("--model-dir", str(model_dir), MODEL_ID="tiny-sdxl", REFINER_ID="tiny-sdxl-refiner")
     assert second.returncode == 0, second.stderr
     assert "already baked" in second.stdout and "baked tiny-sdxl-refiner" in second.stdout, second.stdout
     return {"dir": model_dir, "baked_at": baked_at, "model": load_model(Settings(model_dir=model_dir))}

@@ -33,7 +33,6 @@ def run_check(tmp_path: Path, sections: tuple[str, ...] = SECTIONS, **env: str) 
     """bench/gpu_check.sh's dry run; the report from what came back in OUT (and nothing else came back), each of
     `sections` passed."""
     env = {"GPU_CHECK_DRY": "1", "OUT": str(tmp_path / "out"), "GPU_CHECK_WORK": str(tmp_path / "work"), **env}
-    env.setdefault("MODEL_VARIANT", "")  # the recipes as the suite bakes them (build_args.env says fp16)
     env.setdefault("PYTHON", sys.executable)
     result = subprocess.run(
         ["bash", "bench/gpu_check.sh"],
@@ -86,8 +85,7 @@ def _gpu_image_python(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def models(recipe: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The check's model cache holding the suite's own bakes of the recipes it serves: its download.py calls find
-    them baked (download.py baking each is tested on its own, in test_download). `run_check` asks for them as the
-    suite baked them, with no MODEL_VARIANT."""
+    them baked (download.py baking each is tested on its own, in test_download)."""
     cache = tmp_path_factory.mktemp("gpu-check-models")
     for name in ("tiny-sd", "tiny-sd3", "tiny-flux-schnell"):
         (cache / name).symlink_to(recipe(name), target_is_directory=True)
@@ -113,6 +111,8 @@ def test_the_dry_run_of_the_gpu_check_passes_every_step_and_reports_them(
 ) -> None:
     tmp_path, report = rehearsal
     assert report["dry_run"] and report["machine"]["device"].startswith("CPU")
+    bakes = (tmp_path / "work" / "logs" / "bake.log").read_text()  # the suite's bakes, found by download.py
+    assert bakes.count("is already baked") == 3, bakes[-2000:]
     assert "bench/gpu_check.sh" in report["command"]
     tests = report["cuda_tests"]["result"]
     assert tests["counts"]["failed"] == 0 and tests["counts"]["passed"] >= 9

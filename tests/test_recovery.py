@@ -18,7 +18,7 @@ from sdworker.jobs.sqlite_store import SQLiteStore
 
 KEY = "recovery-key"
 FAST = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 3}
-SLOW = {"prompt": "slow", "num_inference_steps": 300}  # about 5 s on a CPU
+SLOW = {"prompt": "slow", "num_inference_steps": 200}  # about 3 s on a CPU: outlasts the 1 s grace below
 
 
 def env_for(model_dir: Path, data_dir: Path, **extra: str) -> dict[str, str]:
@@ -65,7 +65,7 @@ def test_jobs_and_results_survive_a_killed_server(baked: dict[str, Path], tmp_pa
         kept = rp(url, "GET", f"status/{done['id']}")
         assert kept["status"] == "COMPLETED" and kept["output"]["images"][0]["seed"] == 3
         rerun = wait_for(lambda: (body := rp(url, "GET", f"status/{slow}"))["status"] == "COMPLETED" and body)
-        assert rerun["output"]["$meta"]["num_inference_steps"] == 300
+        assert rerun["output"]["$meta"]["num_inference_steps"] == SLOW["num_inference_steps"]
         assert wait_for(lambda: rp(url, "GET", f"status/{queued}")["status"] == "COMPLETED")
     finally:
         process.terminate()
@@ -123,7 +123,10 @@ def test_a_killed_workers_job_completes_once_on_another_worker(
         killed_at = time.monotonic()
         done = wait_for(lambda: (body := rp(url, "GET", f"status/{job_id}"))["status"] == "COMPLETED" and body)
         took = time.monotonic() - killed_at
-        assert done["workerId"] != first["workerId"] and done["output"]["$meta"]["num_inference_steps"] == 300
+        assert (
+            done["workerId"] != first["workerId"]
+            and done["output"]["$meta"]["num_inference_steps"] == SLOW["num_inference_steps"]
+        )
         assert rp(url, "GET", "health")["jobs"]["completed"] == 1  # once, not twice
         assert took < 60, f"the job took {took:.1f} s to finish elsewhere"
     finally:
@@ -155,7 +158,7 @@ def test_sigterm_finishes_the_running_job_refusing_new_ones_meanwhile(baked: dic
     done = store.get(slow)
     store.close()
     assert done.status == "COMPLETED" and done.attempts == 1, done
-    assert done.output["$meta"]["num_inference_steps"] == 300
+    assert done.output["$meta"]["num_inference_steps"] == SLOW["num_inference_steps"]
 
 
 def test_a_job_outlasting_the_shutdown_grace_goes_back_to_the_queue(baked: dict[str, Path], tmp_path: Path) -> None:

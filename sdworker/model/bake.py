@@ -60,7 +60,9 @@ def _dir_size(path: Path) -> tuple[int, int]:
 
 
 def _source(model_id: str, revision: str | None, variant: str | None, dtype: str | None) -> dict:
-    """What a manifest records of where a bake came from; the same four, the same bake."""
+    """What a manifest records of where a bake came from; the same four, the same bake. A recipe has no weight
+    variants: build_args.env's MODEL_VARIANT=fp16 does not make another bake of it."""
+    variant = None if model_id in RECIPES else variant
     return {"model_id": model_id, "revision": revision, "variant": variant, "bake_dtype": dtype}
 
 
