@@ -82,14 +82,18 @@ def nothing_to_bake(settings: Settings) -> bool:
         if not _holds(read_manifest(model_dir), source):
             return False
     for kind, value in (("loras", settings.loras), ("embeddings", settings.embeddings)):
-        index = baked(settings.model_dir, kind)
         try:
             named = parse_named_sources(value, kind.upper())
         except WorkerError:  # said by the bake itself, as every other entry that cannot be baked
             return False
-        if any(name not in index or index[name]["source"] != source for name, source in named.items()):
+        if _unbaked(baked(settings.model_dir, kind), named):
             return False
     return True
+
+
+def _unbaked(index: dict[str, dict], named: dict[str, str]) -> dict[str, str]:
+    """Of the `named` LoRAs or embeddings, those not in the baked `index` from the same source."""
+    return {name: source for name, source in named.items() if index.get(name, {}).get("source") != source}
 
 
 def bake_model(
@@ -210,9 +214,7 @@ def bake_named(model_dir: Path, kind: str, named: dict[str, str], token: str | N
     folder.mkdir(exist_ok=True)
     index = baked(model_dir, kind)
     added = []
-    for name, source in named.items():
-        if name in index and index[name]["source"] == source:
-            continue
+    for name, source in _unbaked(index, named).items():
         suffix = Path(source.split("?")[0]).suffix.lower()
         if suffix and suffix != ".safetensors":
             raise WorkerError("NOT_SAFETENSORS", f"{setting}: {name}: only .safetensors files are baked", setting)
