@@ -366,12 +366,43 @@ def run_together(
     return results
 
 
+# The keys of the files sharing `quick_start_worker`, one each: a file's jobs, results and refusals are its own.
+SHARED_KEYS = {"smoke": "smoke-test-key", "octoai": "octo-key", "operations": "operations-secret-key"}
+
+
+@dataclasses.dataclass
+class Worker:
+    """A running `python app.py`: its base URL and what it has printed so far (for failure messages)."""
+
+    url: str
+    output: list[str]
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "".join(self.output[-lines:])
+
+
+@pytest.fixture(scope="session")
+def quick_start_worker(baked: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    """`python app.py` on tiny-sd with every setting at its default (SQLite, the quick start's worker), started
+    once per xdist worker and shared by the files that need nothing else, each with its key in SHARED_KEYS."""
+    process, url = start_worker(
+        baked["tiny-sd"], tmp_path_factory.mktemp("quick-start"), ",".join(SHARED_KEYS.values())
+    )
+    yield Worker(url, process.output)  # type: ignore[attr-defined]
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+
+
 def start_worker(model_dir: Path, data: Path, api_keys: str, **extra: str) -> tuple[subprocess.Popen, str]:
     """`python app.py` (HTTP and the worker, SQLite unless REDIS_URL is given) on a baked tiny-sd, on a free
     loopback port, once /health answers; answers the process and its base URL."""
     port = free_port()
     env = {
-        **os.environ,
+        **{key: value for key, value in os.environ.items() if key not in ("REDIS_URL", "API_KEYS")},
         "MODEL_ID": "tiny-sd",
         "MODEL_DIR": str(model_dir),
         "DATA_DIR": str(data),

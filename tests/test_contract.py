@@ -6,7 +6,7 @@ real worker, SQLite) for a bounded time, with every check it has but one, and th
 schema states (a webhook whose host does not resolve to a public address, a size past MAX_PIXELS, a prompt
 missing inside a free-form direct call), and those refusals are right.
 
-CONTRACT_SECONDS (default 60) sets the budget; CONTRACT_SEED the seed (default fixed, so a CI run is
+CONTRACT_SECONDS (default 40) sets the budget; CONTRACT_SEED the seed (default fixed, so a CI run is
 reproducible; set another to explore).
 """
 
@@ -52,7 +52,7 @@ def server(baked: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_document(server: str, tmp_path: Path) -> None:
-    seconds = os.environ.get("CONTRACT_SECONDS", "60")
+    seconds = os.environ.get("CONTRACT_SECONDS", "40")
     command = [
         str(Path(sys.executable).parent / "schemathesis"),
         "run",

@@ -8,19 +8,18 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT, decode, start_worker, wait_for
+from conftest import ROOT, SHARED_KEYS, Worker, decode, start_worker, wait_for
 from fastapi.testclient import TestClient
 
 from sdworker.config import Settings
 from sdworker.jobs import open_store
 from sdworker.platforms.server import create_server
 
-KEY = "octo-key"
+KEY = SHARED_KEYS["octoai"]
 CLIENT_PYTHON = ROOT / ".venv-clients" / "bin" / "python"
 SEEDED = {"num_inference_steps": 2, "seed": 11}
 
@@ -29,12 +28,10 @@ def start(baked: dict[str, Path], data: Path, **extra: str) -> tuple[subprocess.
     return start_worker(baked["tiny-sd"], data, KEY, **extra)
 
 
-@pytest.fixture(scope="module")
-def worker(baked: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    process, url = start(baked, tmp_path_factory.mktemp("octo-data"))
-    yield url
-    process.terminate()
-    process.wait(10)
+@pytest.fixture
+def worker(quick_start_worker: Worker) -> str:
+    """The suite's shared quick-start worker (tiny-sd, default settings), called with this file's key."""
+    return quick_start_worker.url
 
 
 def test_get_root_is_503_until_the_model_is_loaded_then_200(tmp_path: Path) -> None:

@@ -7,8 +7,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import redis
 import requests
 from conftest import ROOT, HookTarget, free_port, output_of, start_process, start_redis, wait_for
@@ -47,54 +50,62 @@ def serve(env: dict[str, str], *mode: str) -> tuple[str, subprocess.Popen]:
     return url, process
 
 
-def test_jobs_and_results_survive_a_killed_server(baked: dict[str, Path], tmp_path: Path) -> None:
-    env = env_for(baked["tiny-sd"], tmp_path / "data")
+@dataclass
+class Restarted:
+    """A server killed with -9 in the middle of its work, and the server started again on its DATA_DIR."""
+
+    url: str
+    done: dict  # completed before the kill
+    slow: str  # IN_PROGRESS at the kill
+    queued: str  # IN_QUEUE at the kill
+    hooked: list[str]  # completed before the kill, their webhooks not delivered: the receiver was down
+    hooks: HookTarget  # the receiver, up once the server was killed
+
+
+@pytest.fixture(scope="module")
+def restarted(baked: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Restarted]:
+    port = free_port()  # the receiver is down while the jobs end
+    data = tmp_path_factory.mktemp("restarted") / "data"
+    env = env_for(baked["tiny-sd"], data, ALLOW_PRIVATE_URLS="1", WEBHOOK_RETRY_DELAY_S="1")
     url, process = serve(env)
     try:
         done = rp(url, "POST", "runsync", json={"input": FAST})
         assert done["status"] == "COMPLETED"
+        hooked = [
+            rp(url, "POST", "run", json={"input": FAST, "webhook": f"http://127.0.0.1:{port}/hook/{n}"})["id"]
+            for n in range(12)
+        ]
+        wait_for(lambda: all(rp(url, "GET", f"status/{job}")["status"] == "COMPLETED" for job in hooked))
         slow = rp(url, "POST", "run", json={"input": SLOW})["id"]
         queued = rp(url, "POST", "run", json={"input": FAST})["id"]
         wait_for(lambda: rp(url, "GET", f"status/{slow}").get("progress"))
     finally:
         process.send_signal(signal.SIGKILL)  # no clean shutdown: the job is IN_PROGRESS on disk
         process.wait(10)
-
-    url, process = serve(env)
-    try:
-        kept = rp(url, "GET", f"status/{done['id']}")
-        assert kept["status"] == "COMPLETED" and kept["output"]["images"][0]["seed"] == 3
-        rerun = wait_for(lambda: (body := rp(url, "GET", f"status/{slow}"))["status"] == "COMPLETED" and body)
-        assert rerun["output"]["$meta"]["num_inference_steps"] == SLOW["num_inference_steps"]
-        assert wait_for(lambda: rp(url, "GET", f"status/{queued}")["status"] == "COMPLETED")
-    finally:
-        process.terminate()
-        process.wait(10)
-
-
-def test_webhooks_pending_at_a_kill_are_delivered_after_the_restart(baked: dict[str, Path], tmp_path: Path) -> None:
-    port = free_port()  # the receiver is down while the jobs end
-    env = env_for(baked["tiny-sd"], tmp_path / "data", ALLOW_PRIVATE_URLS="1", WEBHOOK_RETRY_DELAY_S="1")
-    url, process = serve(env)
-    try:
-        ids = [
-            rp(url, "POST", "run", json={"input": FAST, "webhook": f"http://127.0.0.1:{port}/hook/{n}"})["id"]
-            for n in range(12)
-        ]
-        wait_for(lambda: all(rp(url, "GET", f"status/{job}")["status"] == "COMPLETED" for job in ids))
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait(10)
     hooks = HookTarget(port)
     url, process = serve(env)
     try:
-        wait_for(lambda: len(hooks.received) >= len(ids), timeout=60)
-        assert sorted(body["id"] for _, _, body in hooks.received) == sorted(ids)
-        assert {body["status"] for _, _, body in hooks.received} == {"COMPLETED"}
+        yield Restarted(url, done, slow, queued, hooked, hooks)
     finally:
         process.terminate()
         process.wait(10)
         hooks.close()
+
+
+def test_jobs_and_results_survive_a_killed_server(restarted: Restarted) -> None:
+    url = restarted.url
+    kept = rp(url, "GET", f"status/{restarted.done['id']}")
+    assert kept["status"] == "COMPLETED" and kept["output"]["images"][0]["seed"] == 3
+    rerun = wait_for(lambda: (body := rp(url, "GET", f"status/{restarted.slow}"))["status"] == "COMPLETED" and body)
+    assert rerun["output"]["$meta"]["num_inference_steps"] == SLOW["num_inference_steps"]
+    assert wait_for(lambda: rp(url, "GET", f"status/{restarted.queued}")["status"] == "COMPLETED")
+
+
+def test_webhooks_pending_at_a_kill_are_delivered_after_the_restart(restarted: Restarted) -> None:
+    hooks = restarted.hooks
+    wait_for(lambda: len(hooks.received) >= len(restarted.hooked), timeout=60)
+    assert sorted(body["id"] for _, _, body in hooks.received) == sorted(restarted.hooked)
+    assert {body["status"] for _, _, body in hooks.received} == {"COMPLETED"}
 
 
 def test_a_killed_workers_job_completes_once_on_another_worker(

@@ -9,64 +9,22 @@ import re
 import shutil
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
-from conftest import ROOT, free_port, start_process
+from conftest import ROOT, SHARED_KEYS, Worker, free_port
 from PIL import Image
 
-KEY = "smoke-test-key"
+KEY = SHARED_KEYS["smoke"]
 NEWMAN = ROOT / "node_modules" / ".bin" / "newman"
 STEPS = ("banana", "direct", "runpod")
 
 
-@dataclass
-class Server:
-    """A running `python app.py`: its URL and what it has printed so far (for failure messages)."""
-
-    url: str
-    output: list[str] = field(default_factory=list)
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "".join(self.output[-lines:])
-
-
-@pytest.fixture(scope="module")
-def server(baked: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """`python app.py` serving tiny-sd on a free port, with one API key and its own DATA_DIR; ready to answer."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "MODEL_ID": "tiny-sd",
-        "MODEL_DIR": str(baked["tiny-sd"]),
-        "DATA_DIR": str(tmp_path_factory.mktemp("smoke-data")),
-        "API_KEYS": KEY,
-        "PORT": str(port),
-        "HOST": "127.0.0.1",
-    }
-    env.pop("REDIS_URL", None)
-    server = Server(f"http://127.0.0.1:{port}")
-    process = start_process([sys.executable, "app.py"], f"{server.url}/health", env)
-    server.output = process.output  # read all along by start_process
-    try:
-        deadline = time.monotonic() + 120
-        while requests.get(f"{server.url}/health", timeout=5).status_code != 200:
-            if time.monotonic() > deadline or process.poll() is not None:
-                pytest.fail(f"the server did not get ready:\n{server.log_tail()}")
-            time.sleep(0.1)
-        yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+@pytest.fixture
+def server(quick_start_worker: Worker) -> Worker:
+    """The suite's shared quick-start worker (tiny-sd, default settings), called with this file's key."""
+    return quick_start_worker
 
 
 def smoke(url: str, out: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -76,7 +34,7 @@ def smoke(url: str, out: Path, *args: str, timeout: float = 300) -> subprocess.C
 
 
 @pytest.mark.parametrize("model_key", [None, "tiny-sd"], ids=["model-key-from-health", "model-key-given"])
-def test_smoke_script_passes_through_every_api(server: Server, tmp_path: Path, model_key: str | None) -> None:
+def test_smoke_script_passes_through_every_api(server: Worker, tmp_path: Path, model_key: str | None) -> None:
     extra = ["--model-key", model_key] if model_key else []
     result = smoke(server.url, tmp_path / "out", "--api-key", KEY, *extra)
 
@@ -92,7 +50,7 @@ def test_smoke_script_passes_through_every_api(server: Server, tmp_path: Path, m
         assert "model keys ['tiny-sd']" in result.stdout
 
 
-def test_smoke_script_sends_an_image_for_img2img_through_every_api(server: Server, tmp_path: Path) -> None:
+def test_smoke_script_sends_an_image_for_img2img_through_every_api(server: Worker, tmp_path: Path) -> None:
     picture = tmp_path / "picture.png"
     Image.fromarray(np.linspace(0, 255, 64 * 64 * 3).astype(np.uint8).reshape(64, 64, 3)).save(picture)
     text = smoke(server.url, tmp_path / "text", "--api-key", KEY)
@@ -121,26 +79,26 @@ def assert_one_line_failure(result: subprocess.CompletedProcess[str], *wanted: s
     return lines[0]
 
 
-def test_smoke_script_fails_on_a_wrong_api_key(server: Server, tmp_path: Path) -> None:
+def test_smoke_script_fails_on_a_wrong_api_key(server: Worker, tmp_path: Path) -> None:
     result = smoke(server.url, tmp_path / "out", "--api-key", "not-the-key")
 
     assert_one_line_failure(result, "the server refused the API key")
     assert not (tmp_path / "out").exists()
 
 
-def test_smoke_script_fails_on_a_wrong_api_key_for_runpod_too(server: Server, tmp_path: Path) -> None:
+def test_smoke_script_fails_on_a_wrong_api_key_for_runpod_too(server: Worker, tmp_path: Path) -> None:
     result = smoke(server.url, tmp_path / "out", "--api-key", "not-the-key", "--model-key", "tiny-sd")
 
     assert_one_line_failure(result, "the server refused the API key")
 
 
-def test_smoke_script_reports_the_workers_error(server: Server, tmp_path: Path) -> None:
+def test_smoke_script_reports_the_workers_error(server: Worker, tmp_path: Path) -> None:
     result = smoke(server.url, tmp_path / "out", "--api-key", KEY, "--steps", "100000")
 
     assert_one_line_failure(result, "INVALID_INPUTS", "num_inference_steps")
 
 
-def test_smoke_script_fails_on_an_unknown_model_key(server: Server, tmp_path: Path) -> None:
+def test_smoke_script_fails_on_an_unknown_model_key(server: Worker, tmp_path: Path) -> None:
     result = smoke(server.url, tmp_path / "out", "--api-key", KEY, "--model-key", "no-such-model")
 
     assert_one_line_failure(result, "no-such-model", "tiny-sd")
@@ -153,7 +111,7 @@ def test_smoke_script_fails_against_a_dead_url(tmp_path: Path) -> None:
     assert_one_line_failure(result, f"cannot reach {url}")
 
 
-def test_postman_collection_passes_under_newman(server: Server, tmp_path: Path) -> None:
+def test_postman_collection_passes_under_newman(server: Worker, tmp_path: Path) -> None:
     if not NEWMAN.exists():
         pytest.fail(f"{NEWMAN.relative_to(ROOT)} is missing: run `npm ci` in the repository root (make test does)")
     report = tmp_path / "newman.json"
@@ -174,7 +132,7 @@ def test_postman_collection_passes_under_newman(server: Server, tmp_path: Path) 
     assert {"401 UNAUTHORIZED", "422 naming the bad field", "200: the whole prompt was read"} <= passed
 
 
-def test_npm_run_newman_takes_the_key_from_the_environment(server: Server, tmp_path: Path) -> None:
+def test_npm_run_newman_takes_the_key_from_the_environment(server: Worker, tmp_path: Path) -> None:
     """The README's `npm run newman` (API_KEY exported) passes against a worker; without a key it says how."""
     npm = shutil.which("npm")
     assert npm, "npm is not installed: install Node.js 18+ (make test needs it)"
