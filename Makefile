@@ -27,9 +27,10 @@ node_modules/.installed: package.json package-lock.json
 	touch $@
 
 .PHONY: run test test-quick lint system-tools image image-test gpu-wheels
+# make run serves on this machine only (HOST=127.0.0.1) unless HOST says otherwise; the image keeps 0.0.0.0.
 run: $(VENV)/.run  ## bake MODEL_ID (skipped when already baked), then serve on HOST:PORT
 	$(PY) download.py
-	$(PY) app.py
+	HOST=$(or $(HOST),127.0.0.1) $(PY) app.py
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .

@@ -138,7 +138,7 @@ class Settings(BaseSettings):
     idle_shutdown_s: float | None = Field(
         None,
         gt=0,
-        description="serve mode: exit 0 after this many seconds with no request and no job; unset: never.",
+        description="serve mode: exit 0 after this many seconds with no keyed request and no job; unset: never.",
     )
 
     # Speed options, each applied at load (bench/gpu.py measures every one; see docs/performance.md).

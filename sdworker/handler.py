@@ -70,7 +70,8 @@ def handle(model: LoadedModel, payload: Any, on_step: StepCallback | None = None
             timings["upload"] = round((time.perf_counter() - upload_started) * 1000, 1)
     except WorkerError as err:
         err.field = where.get(err.field, err.field) if err.field else None
-        log.info("request refused: %s %s", err.code, err.message)
+        stopped = err.code in ("CANCELLED", "TIMED_OUT")  # stopped while running, not refused
+        log.info("%s: %s %s", "job stopped" if stopped else "request refused", err.code, err.message)
         return err.status, {"$error": err.to_dict()}
     except Exception:
         log.exception("unexpected error")

@@ -27,6 +27,7 @@ PIPELINES = {
     "AutoPipelineForInpainting": "inpaint",
     "StableDiffusionInpaintPipeline": "inpaint",
     "StableDiffusionXLInpaintPipeline": "inpaint",
+    "StableDiffusionInpaintPipelineLegacy": "inpaint",  # diffusers' old one: docker-diffusers-api's test sends it
     "text2img": "text2img",
     "txt2img": "text2img",
     "img2img": "img2img",
@@ -40,14 +41,66 @@ CALL_INPUTS = {
     "safety_checker": "safety_checker",
     "output": "output",
 }
-# callInputs docker-diffusers-api clients send that are fixed when the image is built here; accepted, not used.
-BUILD_TIME_CALL_INPUTS = {"MODEL_PRECISION", "MODEL_REVISION", "MODEL_URL", "xformers_memory_efficient_attention"}
+# callInputs docker-diffusers-api clients send that choose nothing here, accepted and not used: fixed when the image
+# is built, or streamEvents (a job's progress is on its status and stream routes already).
+BUILD_TIME_CALL_INPUTS = {
+    "MODEL_PRECISION",
+    "MODEL_REVISION",
+    "MODEL_URL",
+    "xformers_memory_efficient_attention",
+    "streamEvents",
+}
 
 
-class OutputTarget(BaseModel):
+def invalid_text(value: Any, path: str = "") -> str | None:
+    """Where `value` (a parsed JSON body or part of one) holds a string that is not Unicode text, else None: a lone
+    UTF-16 surrogate, which a JSON `\\ud800` escape can carry and no store, log or answer can write. The path is
+    as the client wrote it (`input.prompt`, `loras[0].name`); a bad key is named by its parent."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if invalid_text(key) is not None:
+                return f"{path or 'body'} (one of its keys)"
+            if (found := invalid_text(item, f"{path}.{key}" if path else str(key))) is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            if (found := invalid_text(item, f"{path}[{index}]")) is not None:
+                return found
+    return None
+
+
+def refuse_invalid_text(payload: Any, prefix: str = "") -> None:
+    """A 422 naming the field when `payload` holds a string that is not Unicode text (see `invalid_text`)."""
+    if (where := invalid_text(payload, prefix)) is not None:
+        raise WorkerError("INVALID_INPUTS", f"{where} is not valid Unicode text (it holds a lone surrogate)", where)
+
+
+class RequestModel(BaseModel):
+    """What a request may carry: unknown fields, NaN, Infinity and text that is not Unicode (a lone surrogate) are
+    refused, naming the field. JSON parsers let all three through; a NaN compares false with every bound, and a
+    lone surrogate fails only where the job is stored."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _unicode_text(cls, value: Any) -> Any:
+        if (where := invalid_text(value)) is not None:
+            inside = f" at {where}" if where != "body" else ""
+            raise ValueError(f"is not valid Unicode text{inside} (it holds a lone surrogate)")
+        return value
+
+
+class OutputTarget(RequestModel):
     """Where the images go: back in the answer as base64, or to S3 with a presigned URL in the answer."""
-
-    model_config = ConfigDict(extra="forbid")
 
     type: Literal["base64", "s3"] = "base64"
     prefix: str | None = Field(
@@ -64,10 +117,8 @@ class OutputTarget(BaseModel):
         return value
 
 
-class LoraChoice(BaseModel):
+class LoraChoice(RequestModel):
     """One baked LoRA to apply, and how strongly."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(None, min_length=1, max_length=64, description="A LoRA baked with LORAS.")
     url: str | None = Field(
@@ -82,10 +133,10 @@ class LoraChoice(BaseModel):
         return self
 
 
-class GenerateInput(BaseModel):
+class GenerateInput(RequestModel):
     """What one generation may ask, with diffusers' names. Unknown fields are refused, not ignored."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(protected_namespaces=())
 
     prompt: str = Field(min_length=1, description="What to draw.")
     negative_prompt: str | None = Field(None, description="What to steer away from.")
@@ -162,6 +213,13 @@ def parse_request(payload: Any) -> tuple[GenerateInput, dict[str, str]]:
     """
     if not isinstance(payload, dict):
         raise WorkerError("INVALID_INPUTS", "the request body must be a JSON object")
+    if isinstance(payload.get("input"), dict) and "prompt" not in payload:
+        raise WorkerError(
+            "INVALID_INPUTS",
+            'input: {"input": ...} is a RunPod body, for POST /v2/{model key}/run or /runsync; this route takes the '
+            "inputs themselves",
+            "input",
+        )
     where: dict[str, str] = {}
     if "modelInputs" in payload or "callInputs" in payload:
         for key in payload:

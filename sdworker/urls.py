@@ -4,7 +4,9 @@ A URL passes when it is http(s) and its host resolves to a public unicast addres
 that very address (requests-hardened pins it), so a DNS answer that changes between the check and the connection
 cannot swap in another, and every redirect is checked the same way. Loopback, private, link-local, unique-local,
 shared (100.64/10), multicast, reserved and unspecified ranges are refused, IPv4 and IPv6, however the address
-is spelled (`2130706433`, `0x7f000001`, `0177.0.0.1`, `[::ffff:127.0.0.1]` all resolve to 127.0.0.1 first).
+is spelled (`2130706433`, `0x7f000001`, `0177.0.0.1`, `[::ffff:127.0.0.1]` all resolve to 127.0.0.1 first). An IPv6
+address that carries an IPv4 one (compatible, mapped, translated, 6to4, NAT64, Teredo) passes only when the IPv4
+address it carries is public.
 
 One error for every way a fetch can fail, refused or unreachable alike, naming the field and never the URL: a
 caller learns nothing of what answers inside the network. `ALLOW_PRIVATE_URLS` lifts the rule (self-hosted use,
@@ -34,13 +36,35 @@ from .errors import WorkerError
 MAX_REDIRECTS = 5
 
 
+# IPv6 prefixes whose last 32 bits are an IPv4 address, which the host may route to: IPv4-compatible (::/96,
+# deprecated), IPv4-mapped, IPv4-translated (RFC 2765) and NAT64's well-known prefix (RFC 6052). 6to4 and Teredo
+# carry theirs elsewhere (ipaddress reads both). NAT64's local-use prefix (RFC 8215) is never public.
+_EMBEDDING = tuple(map(ipaddress.IPv6Network, ("::/96", "::ffff:0:0/96", "::ffff:0:0:0/96", "64:ff9b::/96")))
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries (6to4's, Teredo's server and client, the last 32 bits of the
+    compatible, mapped, translated and NAT64 forms), empty for a plain IPv6 address."""
+    if address.sixtofour is not None:
+        return [address.sixtofour]
+    if address.teredo is not None:
+        return list(address.teredo)
+    if any(address in prefix for prefix in _EMBEDDING):
+        return [ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)]
+    return []
+
+
 def _refuse_unless_global(host: str) -> None:
-    """requests-hardened refuses private and loopback ranges; also refuse whatever else is not globally routable."""
+    """requests-hardened refuses private and loopback ranges; also refuse whatever else is not globally routable,
+    and an IPv6 address that embeds an IPv4 one unless each embedded address is public."""
     address = ipaddress.ip_address(host.strip("[]"))
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    if not address.is_global or address.is_multicast:
+    inner = embedded_ipv4(address) if isinstance(address, ipaddress.IPv6Address) else []
+    if isinstance(address, ipaddress.IPv6Address) and address in _NAT64_LOCAL:
         raise InvalidIPAddress(address)
+    for checked in inner or [address]:
+        if not checked.is_global or checked.is_multicast:
+            raise InvalidIPAddress(address)
 
 
 class GuardedAdapter(IPFilterAdapter):

@@ -99,17 +99,25 @@ def test_an_idle_worker_exits_0_but_never_while_a_job_runs(baked: dict[str, Path
     try:
         wait_for(lambda: requests.get(url, timeout=5).status_code == 200, timeout=60)
         started = time.monotonic()
-        slow = requests.post(  # about 5 s of denoising on a CPU: longer than IDLE_SHUTDOWN_S
+        slow = requests.post(  # 3 to 10 s of denoising on a CPU: longer than IDLE_SHUTDOWN_S
             f"{url}/infer",
-            json={"prompt": {"text": "slow"}, "num_inference_steps": 300},
+            json={"prompt": {"text": "slow"}, "num_inference_steps": 900},
             headers={"Authorization": f"Bearer {KEY}"},
             timeout=120,
         )
         assert slow.status_code == 200 and slow.json()["output"]["image_b64"]
         assert time.monotonic() - started > 2  # it ran longer than the idle time, and the worker stayed up
+        unkeyed = (  # not use, so none keeps it up: probes, refusals, unknown routes, Potassium's warm-up
+            ("GET", url, {}),
+            ("POST", f"{url}/infer", {"Authorization": "Bearer wrong"}),
+            ("POST", f"{url}/", {}),
+            ("GET", f"{url}/no-such-route", {}),
+            ("POST", f"{url}/_k/warmup", {}),
+        )
         while process.poll() is None and time.monotonic() - started < 60:
             try:
-                requests.get(url, timeout=5)  # readiness probes are not use: they do not keep it up
+                for method, address, headers in unkeyed:
+                    requests.request(method, address, json={"prompt": "x"}, headers=headers, timeout=5)
             except requests.ConnectionError:
                 break  # it has stopped listening
             time.sleep(0.2)

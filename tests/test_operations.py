@@ -253,13 +253,24 @@ def test_the_readmes_first_requests_work_on_the_quick_start_worker(quick_start_w
     assert not [line for line in commands if re.match(r"python3? test\.py", line)]
 
 
-def test_make_run_says_what_it_is_installing() -> None:
+def test_make_run_says_what_it_is_installing_and_serves_this_machine_only() -> None:
+    env = {key: value for key, value in os.environ.items() if key != "HOST"}
     plan = subprocess.run(
-        ["make", "-n", "run", "VENV=/nonexistent/venv"], cwd=ROOT, capture_output=True, text=True, timeout=30
+        ["make", "-n", "run", "VENV=/nonexistent/venv"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30
     ).stdout
     install = next(line for line in plan.splitlines() if "pip install" in line and "requirements.txt" in line)
     assert " -q" not in install  # pip's own progress shows
     assert re.search(r"echo .*installing.*minutes", plan), plan
+    assert "HOST=127.0.0.1 .venv/bin/python app.py" in plan.replace("/nonexistent/venv", ".venv")  # this machine
+    elsewhere = subprocess.run(
+        ["make", "-n", "run", "VENV=.venv", "HOST=0.0.0.0"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
+    assert "HOST=0.0.0.0 .venv/bin/python app.py" in elsewhere, elsewhere
 
 
 def test_a_json_body_sent_as_a_form_is_told_to_say_it_is_json(quick_start_worker: Worker) -> None:

@@ -9,6 +9,7 @@ test drives both clients in a fresh process with the variables themselves.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -429,3 +430,32 @@ def test_json_nested_as_deep_as_the_parser_allows_is_refused_with_the_limit(serv
         assert response.status_code == 400, response.text[:300]
         assert response.json()["$error"]["code"] == "INVALID_JSON" and "deeper than 64" in response.json()["error"]
     assert rp(server, "POST", "runsync", json={"input": {**FAST, "extra": [[[["fine"]]]]}}).status_code == 200
+
+
+def test_text_that_is_not_unicode_is_a_422_naming_the_field_on_every_route_and_the_server_goes_on(server: str) -> None:
+    """A JSON string may carry a lone UTF-16 surrogate (`\\ud800`), which no store can write: refused on every
+    route before it is stored, naming the field as the client wrote it; a valid pair (an emoji) is text."""
+    lone = "a \\ud800 lighthouse"  # as it appears in the raw JSON
+    bodies = [
+        ("/", {"prompt": lone, "num_inference_steps": 2}, "prompt"),
+        ("/stages/encode", {"prompt": lone}, "prompt"),
+        ("/v2/tiny-sd/run", {"input": {"prompt": lone}}, "input"),
+        ("/v2/tiny-sd/runsync", {"input": {"prompt": "a", "negative_prompt": lone}}, "input"),
+        ("/v2/tiny-sd/run", {"input": {"prompt": "a"}, "webhook": f"https://example.org/{lone}"}, "webhook"),
+        ("/start/v4/", {"apiKey": KEY, "modelInputs": {"prompt": lone}}, "modelInputs"),
+        ("/start/v4/", {"apiKey": KEY, "id": lone, "modelInputs": {"prompt": "a"}}, "id"),
+        ("/check/v4/", {"apiKey": KEY, "callID": lone}, "callID"),
+        ("/generate", {"prompt": lone, "api_key": KEY}, "prompt"),
+        ("/infer", {"prompt": {"text": lone}}, "prompt"),
+        ("/infer", {"prompt": "a", "negative_prompt": lone}, "negative_prompt"),  # an input beside OctoAI's prompt
+    ]
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}", "X-BANANA-API-KEY": KEY}
+    for route, body, field in bodies:
+        raw = json.dumps(body).replace("\\\\ud800", "\\ud800")  # json.dumps escaped the backslash: undo it
+        answer = requests.post(f"{server}{route}", data=raw.encode(), headers=headers, timeout=30)
+        assert answer.status_code == 422, (route, answer.status_code, answer.text[:300])
+        error = answer.json()["$error"]
+        assert error["field"].startswith(field) and "unicode" in error["message"].lower(), (route, error)
+    emoji = json.dumps({"input": {"prompt": "a \\ud83c\\udf0a wave", "num_inference_steps": 2}})
+    done = requests.post(f"{server}/v2/tiny-sd/runsync", data=emoji.replace("\\\\", "\\"), headers=headers, timeout=60)
+    assert done.status_code == 200 and done.json()["status"] == "COMPLETED", done.text[:300]

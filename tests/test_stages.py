@@ -23,6 +23,7 @@ from conftest import ROOT, batched, decode, start_worker, wait_for
 from PIL import Image
 
 from sdworker.config import Settings
+from sdworker.errors import WorkerError
 from sdworker.generate import generate
 from sdworker.handler import handle
 from sdworker.model import LoadedModel, load_model
@@ -484,3 +485,45 @@ def test_an_encode_image_waiting_beside_a_split_img2img_encodes_its_own_image(sd
     first.join(60)
     second.join(60)
     assert unpack(answers[0]["image_latents"], "x")[0]["image_moments"].equal(unpack(alone, "x")[0]["image_moments"])
+
+
+def _safetensors(metadata: dict[str, str]) -> str:
+    """base64 of a safetensors file holding one small tensor and `metadata` as its header's metadata."""
+    from safetensors.torch import save
+
+    return base64.b64encode(save({"latents": torch.zeros(1, 4, 8, 8)}, metadata)).decode()
+
+
+def test_any_bytes_sent_as_tensors_are_a_422_naming_the_field_whatever_is_inside() -> None:
+    """Crafted headers (metadata nested past any recursion limit, too large, not an object) and a seeded fuzz of
+    a real pack (bytes flipped, cut short, lengths rewritten): each is refused naming the field or read whole,
+    never another error."""
+    from sdworker.stages.wire import MAX_METADATA_CHARS, pack, unpack
+
+    crafted = [
+        _safetensors({"sdworker": "[" * 200_000 + "]" * 200_000}),
+        _safetensors({"sdworker": '{"a": "' + "x" * MAX_METADATA_CHARS + '"}'}),
+        _safetensors({"sdworker": "{not json"}),
+    ]
+    for data in crafted:
+        with pytest.raises(WorkerError) as refused:
+            unpack(data, "latents")
+        assert refused.value.field == "latents" and refused.value.status == 422
+    assert unpack(_safetensors({"sdworker": "[1, 2]"}), "latents")[1] == {}  # JSON, not an object: no metadata
+    good = base64.b64decode(pack({"latents": torch.ones(1, 4, 8, 8)}, {"family": "sd1", "dtype": "torch.float32"}))
+    random = np.random.default_rng(25)
+    for trial in range(400):
+        raw = bytearray(good)
+        if trial % 4 == 0:
+            raw = raw[: random.integers(0, len(raw))]  # cut short
+        elif trial % 4 == 1:
+            raw[:8] = int(random.integers(0, 2**63)).to_bytes(8, "little")  # the header's length rewritten
+        else:
+            for at in random.integers(0, len(raw), size=random.integers(1, 8)):
+                raw[at] = random.integers(0, 256)  # bytes flipped, in the header or the data
+        try:
+            tensors, metadata = unpack(base64.b64encode(bytes(raw)).decode(), "latents")
+        except WorkerError as err:
+            assert err.field == "latents" and err.status == 422, err
+        else:
+            assert isinstance(tensors, dict) and isinstance(metadata, dict)

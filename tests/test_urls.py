@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import http.server
+import ipaddress
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from sdworker.jobs.sqlite_store import SQLiteStore
 from sdworker.jobs.webhooks import post
 from sdworker.jobs.worker import Worker
 from sdworker.model import LoadedModel
-from sdworker.urls import check_url, fetch
+from sdworker.urls import check_url, embedded_ipv4, fetch
 
 PNG = base64.b64decode(png_base64(72, 64))
 FAST = {"prompt": "a lighthouse", "num_inference_steps": 2, "width": 64, "height": 64, "seed": 1}
@@ -222,3 +223,46 @@ def test_a_url_that_does_not_parse_is_refused_like_any_other() -> None:
         with pytest.raises(WorkerError) as failed:
             fetch(broken, "image", settings, 1024, "IMAGE_FETCH_FAILED")
         assert failed.value.code == "IMAGE_FETCH_FAILED" and failed.value.field == "image"
+
+
+def _ipv6_forms(v4: str) -> dict[str, str]:
+    """Every IPv6 spelling that carries the IPv4 address `v4`, by name."""
+    number = int(ipaddress.IPv4Address(v4))
+    high, low = f"{number >> 16:x}", f"{number & 0xFFFF:x}"
+    client = ~number & 0xFFFFFFFF  # Teredo stores its client's address inverted; its server here is public
+    return {
+        "compatible": f"::{v4}",
+        "mapped": f"::ffff:{v4}",
+        "translated": f"::ffff:0:{v4}",
+        "6to4": f"2002:{high}:{low}::1",
+        "nat64": f"64:ff9b::{v4}",
+        "teredo": f"2001:0:4136:e378:8000:63bf:{client >> 16:x}:{client & 0xFFFF:x}",
+    }
+
+
+@pytest.mark.parametrize("v4", ["127.0.0.1", "169.254.169.254", "10.0.0.1", "192.168.1.1", "100.64.0.1", "0.0.0.0"])
+def test_ipv6_forms_that_carry_a_private_ipv4_address_are_refused(v4: str) -> None:
+    settings = Settings(webhook_retries=0)
+    forms = {**_ipv6_forms(v4), "nat64 local use": "64:ff9b:1::808:808"}
+    for name, address in forms.items():
+        url = f"http://[{address}]:8080/x.png"
+        with pytest.raises(WorkerError) as refused_now:
+            check_url(url, "webhook", settings)
+        assert refused_now.value.code == "INVALID_URL", name
+        with pytest.raises(WorkerError) as failed:
+            fetch(url, "image", settings, 1024, "IMAGE_FETCH_FAILED")
+        assert failed.value.code == "IMAGE_FETCH_FAILED", name
+        assert not post(Delivery(job_id="job", url=url, body={"id": "job"}), settings), name
+
+
+def test_ipv6_forms_that_carry_a_public_ipv4_address_pass_the_check_where_they_can_route() -> None:
+    """The compatible, mapped and translated forms of a public address pass; 6to4, NAT64 and Teredo addresses go
+    through relays, which requests-hardened refuses whatever they carry."""
+    for name, address in _ipv6_forms("8.8.8.8").items():
+        assert embedded_ipv4(ipaddress.IPv6Address(address))[-1] == ipaddress.IPv4Address("8.8.8.8"), name
+        url = f"http://[{address}]/hook"
+        if name in ("compatible", "mapped", "translated"):
+            check_url(url, "webhook", Settings())  # refusing would raise
+        else:
+            with pytest.raises(WorkerError):
+                check_url(url, "webhook", Settings())

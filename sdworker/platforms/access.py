@@ -23,6 +23,7 @@ from fastapi.security import APIKeyHeader, APIKeyQuery, HTTPBearer
 from ..config import Settings
 from ..errors import WorkerError
 from ..jobs import Job, JobStore
+from ..schema import refuse_invalid_text
 
 log = logging.getLogger("sdworker")
 
@@ -102,7 +103,7 @@ class State:
         self.waiters = anyio.CapacityLimiter(256)  # threads parked in long-polls and synchronous calls
         self.sequence_number = 0
         self.last_request = time.time()
-        self.last_activity = time.monotonic()  # the last request that was not a readiness probe (IDLE_SHUTDOWN_S)
+        self.last_activity = time.monotonic()  # the last request with an accepted key (IDLE_SHUTDOWN_S)
         self.draining = False  # set on SIGTERM: new jobs are refused, reads still answered
 
     def caller(self, key: str | None) -> Caller | None:
@@ -110,6 +111,7 @@ class State:
         given = (key or "").encode()
         if not any([hmac.compare_digest(given, accepted) for accepted in self.keys]):
             return None
+        self.last_activity = time.monotonic()  # only a request with an accepted key is use (IDLE_SHUTDOWN_S)
         admin = any([hmac.compare_digest(given, accepted) for accepted in self.admins])
         return Caller(hashlib.sha256(b"sdworker-owner:" + given).hexdigest()[:32], admin)
 
@@ -143,6 +145,9 @@ class State:
             raise store_unavailable() from None
 
     async def submit(self, job: Job) -> tuple[Job, bool]:
+        """Store a new job (or find the one its idempotency key made). Whatever route made it, its input holds
+        only Unicode text: no store can write a lone surrogate."""
+        refuse_invalid_text(job.input)
         if self.draining:
             raise WorkerError("DRAINING", "this server is shutting down and takes no new jobs; retry", status=503)
         self.sequence_number += 1

@@ -20,11 +20,11 @@ import anyio
 from fastapi import FastAPI, Query
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from ..errors import WorkerError
 from ..jobs import Job
-from ..schema import check_limits, parse_request
+from ..schema import RequestModel, check_limits, parse_request
 from .access import State
 from .answers import responses
 
@@ -45,10 +45,10 @@ FIELDS = {
 RECENT = 10
 
 
-class DockerizedRequest(BaseModel):
+class DockerizedRequest(RequestModel):
     """The body of seed 002's `/generate` and `/img2img`: every field its README lists."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True)
 
     prompt: str = Field(min_length=1)
     negative_prompt: str | None = None

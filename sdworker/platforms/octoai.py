@@ -23,22 +23,21 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import WorkerError
 from ..jobs import Job
+from ..schema import RequestModel
 from .access import BEARER, MAX_JSON_DEPTH, State, direct_answer, nested_too_deep
 from .answers import responses
 
 log = logging.getLogger("sdworker")
 
-PROBES = frozenset({"/", "/health", "/__status__", "/_k/status"})
-"""GET routes a platform polls: they are not use, so they do not keep an idle worker up."""
 
-
-class OctoText(BaseModel):
+class OctoText(RequestModel):
     """OctoAI's Text type."""
 
+    model_config = ConfigDict(extra="ignore")
     text: str = Field(min_length=1)
 
 
-class InferRequest(BaseModel):
+class InferRequest(RequestModel):
     """Seed 003's inputs: the prompt as OctoAI's Text, and any other generation input beside it."""
 
     model_config = ConfigDict(extra="allow")
@@ -105,7 +104,9 @@ def add_routes(server: FastAPI, state: State) -> None:
         )
         try:
             job, _ = await state.submit(job)
-        except WorkerError as err:  # a full queue: 503, which OctoAI's client retries
+        except WorkerError as err:  # a full queue: 503, which OctoAI's client retries; bad input stays a 422
+            if err.status == 422:
+                raise
             raise WorkerError(err.code, err.message, err.field, status=503) from None
         job = await state.wait(job.id, state.settings.direct_wait_s) or job
         if job.status != "COMPLETED" or not isinstance(job.output, dict) or "images" not in job.output:
@@ -115,20 +116,9 @@ def add_routes(server: FastAPI, state: State) -> None:
         return JSONResponse({"output": output, "$meta": job.output.get("$meta")})
 
 
-class Activity:
-    """ASGI middleware: the time of the last request that was not a readiness probe."""
-
-    def __init__(self, app: Any, state: State) -> None:
-        self.app, self.state = app, state
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and not (scope["method"] == "GET" and scope["path"] in PROBES):
-            self.state.last_activity = time.monotonic()
-        return await self.app(scope, receive, send)
-
-
 def watch_idle(state: State, idle_s: float) -> threading.Thread:
-    """Start a thread that, once the loaded worker has had no request and no job (queued or running) for
+    """Start a thread that, once the loaded worker has had no request with an accepted key and no job (queued or
+    running) for
     `idle_s`, sends this process SIGTERM: the server drains (nothing is running) and exits 0."""
 
     def watch() -> None:

@@ -44,6 +44,7 @@ from .. import metrics
 from ..config import Settings
 from ..errors import WorkerError
 from ..jobs import Job, JobStore
+from ..schema import RequestModel, refuse_invalid_text
 from ..urls import check_url
 from . import dockerized, octoai
 from .access import (
@@ -79,7 +80,7 @@ def _shallow(value: Any) -> Any:
     return value
 
 
-class Banana(BaseModel):
+class Banana(RequestModel):
     """A Banana v4 body; other fields are ignored, as the hosted API did. Types are strict: `"startOnly": 0` is
     refused, not read as false."""
 
@@ -112,7 +113,7 @@ class Policy(BaseModel):
     ttl: int | None = Field(None, ge=1000, description="ms")
 
 
-class RunRequest(BaseModel):
+class RunRequest(RequestModel):
     """A RunPod /run or /runsync body."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
@@ -272,7 +273,6 @@ def create_server(
 
     server.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     server.add_middleware(Measured)
-    server.add_middleware(octoai.Activity, state=state)
 
     @server.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -610,6 +610,7 @@ def create_server(
                 raise WorkerError("INVALID_JSON", NOT_JSON, status=400) from None
             if nested_too_deep(payload):
                 raise WorkerError("INVALID_JSON", f"the body is nested deeper than {MAX_JSON_DEPTH} levels", status=400)
+            refuse_invalid_text(payload)
             request_id = request.headers.get("x-banana-request-id")
             job = Job(
                 model_key=state.model_keys[0],
@@ -622,6 +623,8 @@ def create_server(
             try:
                 job, _ = await state.submit(job)
             except WorkerError as err:  # a full queue: 503, which Banana's v6 client retries with backoff
+                if err.status == 422:
+                    raise
                 raise WorkerError(err.code, err.message, err.field, status=503) from None
             if state.routes[route]:
                 return JSONResponse({"started": True})

@@ -9,22 +9,22 @@ import json
 from typing import Any
 
 import torch
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, Field, ValidationError
 
 from ..errors import WorkerError
-from ..schema import GenerateInput, LoraChoice
+from ..schema import GenerateInput, LoraChoice, RequestModel
 
 IMAGE = ("image_moments",)
 MASKED = ("image_moments", "masked_image_moments", "mask")
 POOLED = ("pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 EMBEDDINGS = ("prompt_embeds", "negative_prompt_embeds")
 MAX_BODY_TENSOR_BYTES = 256 * 1024 * 1024
+MAX_METADATA_CHARS = 64 * 1024  # a stage's metadata: the generation's fields, a few hundred characters
 
 
-class EncodeInput(BaseModel):
+class EncodeInput(RequestModel):
     """`POST /stages/encode`."""
 
-    model_config = ConfigDict(extra="forbid")
     prompt: str = Field(min_length=1)
     negative_prompt: str | None = None
     prompt_syntax: str | None = None
@@ -32,20 +32,18 @@ class EncodeInput(BaseModel):
     loras: list[LoraChoice] | None = Field(None, description="As a generation names them: their text-encoder part.")
 
 
-class EncodeImageInput(BaseModel):
+class EncodeImageInput(RequestModel):
     """`POST /stages/encode_image`: img2img's or inpaint's image, on the VAE's worker."""
 
-    model_config = ConfigDict(extra="forbid")
     image: str = Field(min_length=1, validation_alias=AliasChoices("image", "init_image"))
     mask_image: str | None = None
     width: int | None = None
     height: int | None = None
 
 
-class DenoiseInput(BaseModel):
+class DenoiseInput(RequestModel):
     """`POST /stages/denoise`: the embeddings from encode, and what a generation takes besides its prompt."""
 
-    model_config = ConfigDict(extra="forbid")
     embeddings: str = Field(min_length=1, description="encode's answer: base64 of a safetensors file")
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
@@ -60,10 +58,9 @@ class DenoiseInput(BaseModel):
     strength: float | None = None
 
 
-class DecodeInput(BaseModel):
+class DecodeInput(RequestModel):
     """`POST /stages/decode`: the latents from denoise."""
 
-    model_config = ConfigDict(extra="forbid")
     latents: str = Field(min_length=1, description="denoise's answer: base64 of a safetensors file")
     output_format: str = "png"
     output_quality: int = 90
@@ -102,11 +99,20 @@ def unpack(data: str, field: str) -> tuple[dict[str, torch.Tensor], dict[str, An
         tensors = load(raw)
     except Exception:
         raise WorkerError("INVALID_INPUTS", f"{field}: not base64 of a safetensors file", field) from None
-    try:  # the header (8 bytes of length, then JSON) holds the metadata
+    # The header (8 bytes of length, then JSON that safetensors has read) holds the metadata as a string of JSON,
+    # which nothing has parsed yet: bounded in size before it is, and any failure of it a 422 too.
+    try:
         header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
-        metadata = json.loads(header.get("__metadata__", {}).get("sdworker", "{}"))
-    except (ValueError, AttributeError):
-        metadata = {}
+        text = (header.get("__metadata__") or {}).get("sdworker", "{}")
+        if not isinstance(text, str) or len(text) > MAX_METADATA_CHARS:
+            raise ValueError("too large")
+        metadata = json.loads(text)
+    except (ValueError, AttributeError, RecursionError):
+        raise WorkerError(
+            "INVALID_INPUTS",
+            f"{field}: its metadata is not what a stage writes (JSON of at most {MAX_METADATA_CHARS} characters)",
+            field,
+        ) from None
     return tensors, metadata if isinstance(metadata, dict) else {}
 
 
