@@ -388,6 +388,7 @@ def quick_start_worker(baked: dict[str, Path], tmp_path_factory: pytest.TempPath
     process, url = start_worker(
         baked["tiny-sd"], tmp_path_factory.mktemp("quick-start"), ",".join(SHARED_KEYS.values())
     )
+    wait_for(lambda: requests.get(f"{url}/health", timeout=5).status_code == 200, timeout=120)  # loaded: ready
     yield Worker(url, process.output)  # type: ignore[attr-defined]
     process.terminate()
     try:

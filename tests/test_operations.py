@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT, SHARED_KEYS, Worker, free_port, output_of, start_worker
+from conftest import ROOT, SHARED_KEYS, Worker, free_port, output_of, start_worker, wait_for
 
 from sdworker.config import Settings
 from sdworker.errors import WorkerError
@@ -104,6 +104,10 @@ def test_the_log_is_quiet_json_lines_with_job_ids_and_no_secret(baked: dict[str,
         assert answer.status_code == 200, answer.text
         bad = requests.post(url, json=FAST, headers={"X-BANANA-API-KEY": SECRET + "-wrong"}, timeout=30)
         assert bad.status_code == 401
+        shapeless = requests.post(  # a 422: logged once, without the body
+            f"{url}/v2/tiny-sd/run", json={"inputs": FAST}, headers={"Authorization": f"Bearer {SECRET}"}, timeout=30
+        )
+        assert shapeless.status_code == 422
     finally:
         process.terminate()
     output = output_of(process, 60)
@@ -111,6 +115,10 @@ def test_the_log_is_quiet_json_lines_with_job_ids_and_no_secret(baked: dict[str,
     assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
     assert not [line for line in lines if any(noise in line["message"] for noise in NOISE)]
     assert any(line.get("job_id") and "COMPLETED" in line["message"] for line in lines), output
+    assert [line["message"] for line in lines if "refused" in line["message"]] == [
+        "POST / refused: 401 UNAUTHORIZED",
+        "POST /v2/tiny-sd/run refused: 422 INVALID_REQUEST (input)",
+    ]
     assert SECRET not in output and "hf_operations_tok" not in output
 
 
@@ -185,7 +193,14 @@ def test_metrics_count_requests_jobs_images_and_the_queue(baked: dict[str, Path]
         before = scrape(f"{url}/metrics", **{"X-BANANA-API-KEY": SECRET})
         answer = requests.post(url, json={**FAST, "num_images_per_prompt": 2}, headers={"X-BANANA-API-KEY": SECRET})
         assert answer.status_code == 200, answer.text
-        after = scrape(f"{url}/metrics", **{"X-BANANA-API-KEY": SECRET})
+        # The answer goes out once the store has the job COMPLETED; the worker counts it a moment later.
+        done = ("sdworker_job_seconds_count", (("status", "COMPLETED"),))
+
+        def counted() -> dict | None:
+            now = scrape(f"{url}/metrics", **{"X-BANANA-API-KEY": SECRET})
+            return now if now.get(done, 0) > before.get(done, 0) else None
+
+        after = wait_for(counted, timeout=30)
         alone = scrape(f"http://127.0.0.1:{port}/metrics")  # METRICS_PORT: no key
     finally:
         process.terminate()
@@ -273,14 +288,22 @@ def test_make_run_says_what_it_is_installing_and_serves_this_machine_only() -> N
     assert "HOST=0.0.0.0 .venv/bin/python app.py" in elsewhere, elsewhere
 
 
-def test_a_json_body_sent_as_a_form_is_told_to_say_it_is_json(quick_start_worker: Worker) -> None:
-    """curl -d sends a form's Content-Type: the refusal says which header to send, not that the JSON is wrong."""
-    answer = requests.post(
-        f"{quick_start_worker.url}/v2/tiny-sd/runsync",
-        data=json.dumps({"input": FAST}),
-        headers={"Authorization": f"Bearer {SECRET}", "Content-Type": "application/x-www-form-urlencoded"},
-        timeout=60,
-    )
-    assert answer.status_code == 422
-    message = answer.json()["$error"]["message"]
-    assert "Content-Type: application/json" in message and "application/x-www-form-urlencoded" in message
+def test_every_route_reads_a_json_body_whatever_its_content_type_says(quick_start_worker: Worker) -> None:
+    """One rule: `curl -d` sends a form's Content-Type, other clients text/plain or none; every route reads the
+    body as JSON all the same, and a body that is not JSON is a 400 on every route."""
+    url, bearer = quick_start_worker.url, {"Authorization": f"Bearer {SECRET}", "X-BANANA-API-KEY": SECRET}
+    calls = [
+        ("/", FAST, lambda body: body["images"]),
+        ("/v2/tiny-sd/runsync", {"input": FAST}, lambda body: body["status"] == "COMPLETED"),
+        ("/start/v4/", {"apiKey": SECRET, "modelInputs": FAST}, lambda body: body["modelOutputs"]),
+        ("/infer", {"prompt": {"text": "a"}, "num_inference_steps": 2}, lambda body: body["output"]["image_b64"]),
+        ("/generate", {"prompt": "a", "api_key": SECRET, "ddim_steps": 2, "H": 64, "W": 64}, lambda b: b["task_id"]),
+    ]
+    for kind in ("application/x-www-form-urlencoded", "text/plain", None):
+        headers = {**bearer, **({"Content-Type": kind} if kind else {})}
+        for route, body, answered in calls:
+            data = json.dumps(body).encode()
+            answer = requests.post(f"{url}{route}", data=data, headers=headers, timeout=120)
+            assert answer.status_code == 200 and answered(answer.json()), (kind, route, answer.text[:300])
+            broken = requests.post(f"{url}{route}", data=b"{not json", headers=headers, timeout=30)
+            assert broken.status_code == 400 and broken.json()["$error"]["code"] == "INVALID_JSON", (kind, route)

@@ -153,6 +153,25 @@ class Measured:
             metrics.observe_request(scope["method"], route, status[0], time.perf_counter() - started)
 
 
+class JsonBodies:
+    """ASGI middleware, one rule for every route: a body is read as JSON whatever its Content-Type says. `curl -d`
+    sends a form's type, other clients none; the direct routes read such bodies as JSON, and the routes with a
+    declared body (RunPod, Banana, seed 002, OctoAI) now do too, instead of finding no body. A body that is not
+    JSON is a 400 on every route, as before. (No cookie or other ambient credential exists here, so a browser's
+    form post gains nothing: every route still wants its key.)"""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
+            headers = [(name, value) for name, value in scope["headers"] if name != b"content-type"]
+            kind = dict(scope["headers"]).get(b"content-type", b"").split(b";")[0].strip().lower()
+            if not (kind == b"application/json" or kind.endswith(b"+json")):
+                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        return await self.app(scope, receive, send)
+
+
 class BodyLimit:
     """Refuses bodies over MAX_BODY_BYTES with 413, whether or not the client declared a Content-Length."""
 
@@ -271,6 +290,7 @@ def create_server(
     server.state.jobs = state
     serve_docs(server)
 
+    server.add_middleware(JsonBodies)
     server.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     server.add_middleware(Measured)
 
@@ -305,10 +325,8 @@ def create_server(
             message = f"{field}: {problem['msg']}"
         else:
             field, message = "body", "the body must be a JSON object with the route's fields"
-            kind = request.headers.get("content-type", "none")
-            if "json" not in kind.lower():  # curl -d sends a form's type: FastAPI then reads no body at all
-                message += f", sent as Content-Type: application/json (this request's is {kind.split(';')[0]})"
         error = WorkerError("INVALID_REQUEST", message, field, status=422)
+        refused(request, error)
         if request.url.path.startswith(("/start/", "/check/")):  # the Banana answer too: its client reads message
             body = {**_banana(None, f"error: invalid request: {message}"), "$error": error.to_dict()}
             return JSONResponse(body, status_code=422)
@@ -599,6 +617,7 @@ def create_server(
 
     @server.exception_handler(WorkerError)
     async def worker_error(request: Request, err: WorkerError) -> JSONResponse:
+        refused(request, err)
         return error_answer(err)
 
     # Direct calls: each route app.py registers, answered when its job is done, as Potassium does.
@@ -649,6 +668,13 @@ def create_server(
         )(direct_route(route))
 
     return server
+
+
+def refused(request: Request, err: WorkerError) -> None:
+    """One info line per refused request: its method, path, status, code and field, never its body, its query
+    string or its key."""
+    field = f" ({err.field})" if err.field else ""
+    log.info("%s %s refused: %d %s%s", request.method, request.url.path, err.status, err.code, field)
 
 
 def _banana(body: Banana | None, message: str, job: Job | None = None, finished: bool = False) -> dict:
