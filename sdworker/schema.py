@@ -77,9 +77,9 @@ def invalid_text(value: Any, path: str = "") -> str | None:
     return None
 
 
-def refuse_invalid_text(payload: Any, prefix: str = "") -> None:
+def refuse_invalid_text(payload: Any) -> None:
     """A 422 naming the field when `payload` holds a string that is not Unicode text (see `invalid_text`)."""
-    if (where := invalid_text(payload, prefix)) is not None:
+    if (where := invalid_text(payload)) is not None:
         raise WorkerError("INVALID_INPUTS", f"{where} is not valid Unicode text (it holds a lone surrogate)", where)
 
 

@@ -59,12 +59,13 @@ def _refuse_unless_global(host: str) -> None:
     """requests-hardened refuses private and loopback ranges; also refuse whatever else is not globally routable,
     and an IPv6 address that embeds an IPv4 one unless each embedded address is public."""
     address = ipaddress.ip_address(host.strip("[]"))
-    inner = embedded_ipv4(address) if isinstance(address, ipaddress.IPv6Address) else []
-    if isinstance(address, ipaddress.IPv6Address) and address in _NAT64_LOCAL:
-        raise InvalidIPAddress(address)
-    for checked in inner or [address]:
-        if not checked.is_global or checked.is_multicast:
+    checked: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [address]
+    if isinstance(address, ipaddress.IPv6Address):
+        if address in _NAT64_LOCAL:
             raise InvalidIPAddress(address)
+        checked = [*embedded_ipv4(address)] or checked
+    if any(not one.is_global or one.is_multicast for one in checked):
+        raise InvalidIPAddress(address)
 
 
 class GuardedAdapter(IPFilterAdapter):

@@ -144,15 +144,21 @@ class State:
         except self.store.unavailable:
             raise store_unavailable() from None
 
-    async def submit(self, job: Job) -> tuple[Job, bool]:
+    async def submit(self, job: Job, full_status: int = 429) -> tuple[Job, bool]:
         """Store a new job (or find the one its idempotency key made). Whatever route made it, its input holds
-        only Unicode text: no store can write a lone surrogate."""
+        only Unicode text: no store can write a lone surrogate. A full queue answers `full_status` (503 for the
+        clients that retry a 503 and not a 429: Banana's v6, OctoAI's)."""
         refuse_invalid_text(job.input)
         if self.draining:
             raise WorkerError("DRAINING", "this server is shutting down and takes no new jobs; retry", status=503)
         self.sequence_number += 1
         self.last_request = time.time()
-        return await self.call(self.store.submit, job)
+        try:
+            return await self.call(self.store.submit, job)
+        except WorkerError as err:
+            if err.code != "QUEUE_FULL" or err.status == full_status:
+                raise
+            raise WorkerError(err.code, err.message, err.field, status=full_status) from None
 
 
 def store_unavailable() -> WorkerError:

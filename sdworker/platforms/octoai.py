@@ -102,12 +102,7 @@ def add_routes(server: FastAPI, state: State) -> None:
             result_ttl_s=state.settings.runsync_result_ttl_s,
             owner=caller.owner,
         )
-        try:
-            job, _ = await state.submit(job)
-        except WorkerError as err:  # a full queue: 503, which OctoAI's client retries; bad input stays a 422
-            if err.status == 422:
-                raise
-            raise WorkerError(err.code, err.message, err.field, status=503) from None
+        job, _ = await state.submit(job, full_status=503)  # a full queue: 503, which OctoAI's client retries
         job = await state.wait(job.id, state.settings.direct_wait_s) or job
         if job.status != "COMPLETED" or not isinstance(job.output, dict) or "images" not in job.output:
             return direct_answer(job, state.settings.direct_wait_s)  # the error, as a direct call gives it
@@ -118,8 +113,7 @@ def add_routes(server: FastAPI, state: State) -> None:
 
 def watch_idle(state: State, idle_s: float) -> threading.Thread:
     """Start a thread that, once the loaded worker has had no request with an accepted key and no job (queued or
-    running) for
-    `idle_s`, sends this process SIGTERM: the server drains (nothing is running) and exits 0."""
+    running) for `idle_s`, sends this process SIGTERM: the server drains (nothing is running) and exits 0."""
 
     def watch() -> None:
         while True:

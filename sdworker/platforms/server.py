@@ -44,7 +44,7 @@ from .. import metrics
 from ..config import Settings
 from ..errors import WorkerError
 from ..jobs import Job, JobStore
-from ..schema import RequestModel, refuse_invalid_text
+from ..schema import RequestModel
 from ..urls import check_url
 from . import dockerized, octoai
 from .access import (
@@ -165,9 +165,9 @@ class JsonBodies:
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
-            headers = [(name, value) for name, value in scope["headers"] if name != b"content-type"]
             kind = dict(scope["headers"]).get(b"content-type", b"").split(b";")[0].strip().lower()
             if not (kind == b"application/json" or kind.endswith(b"+json")):
+                headers = [(name, value) for name, value in scope["headers"] if name != b"content-type"]
                 scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
         return await self.app(scope, receive, send)
 
@@ -629,7 +629,6 @@ def create_server(
                 raise WorkerError("INVALID_JSON", NOT_JSON, status=400) from None
             if nested_too_deep(payload):
                 raise WorkerError("INVALID_JSON", f"the body is nested deeper than {MAX_JSON_DEPTH} levels", status=400)
-            refuse_invalid_text(payload)
             request_id = request.headers.get("x-banana-request-id")
             job = Job(
                 model_key=state.model_keys[0],
@@ -639,12 +638,7 @@ def create_server(
                 idempotency_key=caller.scoped("direct", request_id),
                 owner=caller.owner,
             )
-            try:
-                job, _ = await state.submit(job)
-            except WorkerError as err:  # a full queue: 503, which Banana's v6 client retries with backoff
-                if err.status == 422:
-                    raise
-                raise WorkerError(err.code, err.message, err.field, status=503) from None
+            job, _ = await state.submit(job, full_status=503)  # a full queue: 503, which Banana's v6 client retries
             if state.routes[route]:
                 return JSONResponse({"started": True})
             job = await state.wait(job.id, settings.direct_wait_s) or job
