@@ -155,7 +155,7 @@ class Settings(BaseSettings):
         le=128,
         validation_alias=AliasChoices("WORKER_CONCURRENCY", "RUNPOD_CONCURRENCY"),
         description="Jobs in flight per worker (unset: 2 x MAX_BATCH): a batch denoises while the one before "
-        "encodes and uploads. The GPU runs one batch at a time.",
+        "encodes and uploads. The GPU runs one batch at a time. Jobs downloading URLs come on top (MAX_FETCHES).",
     )
     channels_last: bool = Field(False, description="UNet and VAE in channels-last memory format.")
     fuse_qkv: bool = Field(
@@ -248,6 +248,25 @@ class Settings(BaseSettings):
     max_queue: int = Field(
         100, ge=1, description="Jobs queued or running per model key; past it, new ones are refused."
     )
+    max_queued_per_key: int | None = Field(
+        None,
+        ge=1,
+        description="Jobs one API key may have queued or running per model key; past it a 429 with Retry-After. "
+        "Unset: MAX_QUEUE with one accepted key, a quarter of it with more.",
+    )
+    max_fetches: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="URL downloads (images, masks, LoRAs) one worker runs at once, all keys together; a download "
+        "holds no place on the model.",
+    )
+    max_fetches_per_key: int = Field(
+        2,
+        ge=1,
+        description="URL downloads one API key runs at once on a worker; its next job that names a URL waits in "
+        "the queue while other keys' jobs go ahead.",
+    )
     banana_wait_s: float = Field(50.0, ge=0, description="How long start/v4 and a long-polled check/v4 wait.")
     runsync_wait_s: float = Field(90.0, ge=0, description="How long /runsync waits before answering IN_PROGRESS.")
     direct_wait_s: float = Field(600.0, gt=0, description="How long a direct POST / waits for its job.")
@@ -338,8 +357,23 @@ class Settings(BaseSettings):
             logging.getLogger("sdworker").warning("cannot make DATA_DIR %s private: %s", self.data_dir, err)
         return self.data_dir
 
+    def queued_per_key(self) -> int:
+        """How many jobs one key may have queued or running: MAX_QUEUED_PER_KEY, else all of MAX_QUEUE when one
+        key is accepted, a quarter of it when more are (so that no key can fill the queue for the others)."""
+        if self.max_queued_per_key is not None:
+            return self.max_queued_per_key
+        keys = [
+            key
+            for secret in (self.api_keys, self.admin_api_keys)
+            if secret is not None
+            for key in secret.get_secret_value().split(",")
+            if key.strip()
+        ]
+        return self.max_queue if len(set(keys)) <= 1 else max(1, self.max_queue // 4)
+
     def jobs_in_flight(self) -> int:
-        """How many jobs one worker holds at once: WORKER_CONCURRENCY, else two batches' worth."""
+        """How many jobs one worker holds at once besides those downloading their URLs (up to MAX_FETCHES more):
+        WORKER_CONCURRENCY, else two batches' worth."""
         return self.worker_concurrency or 2 * self.max_batch
 
     def served_model_id(self) -> str:

@@ -34,7 +34,7 @@ import sdworker.jobs
 import sdworker.platforms.runpod
 from sdworker.config import Settings
 from sdworker.jobs import Job
-from sdworker.jobs.redis_store import GROUP, RedisStore, _queue_key
+from sdworker.jobs.redis_store import RedisStore, _queue_key
 from sdworker.jobs.worker import Worker
 from sdworker.platforms import MODES, run
 from sdworker.schema import parse_request
@@ -429,12 +429,8 @@ def test_keda_scales_the_workers_from_zero_on_the_queue_they_read() -> None:
     metadata = trigger["metadata"]
     assert all(isinstance(value, str) for value in metadata.values()), "KEDA's trigger metadata is strings only"
     assert metadata["stream"] == _queue_key(pod_env(target)["MODEL_KEY"])
-    if "consumerGroup" in metadata:
-        # With a group KEDA counts its pending entries, which stay 0 while no worker runs, unless it reads the
-        # group's lag (Redis 7+).
-        assert metadata["consumerGroup"] == GROUP and int(metadata["lagCount"]) > 0
-    else:
-        assert int(metadata["streamLength"]) > 0  # XLEN: jobs waiting and running
+    assert "consumerGroup" not in metadata, "the store reads no consumer group: KEDA would count nothing pending"
+    assert int(metadata["streamLength"]) > 0  # XLEN: jobs waiting and running
     redis_service = objects("Service")["redis"]
     host, port = metadata["address"].rsplit(":", 1)
     meta = redis_service["metadata"]
@@ -443,21 +439,21 @@ def test_keda_scales_the_workers_from_zero_on_the_queue_they_read() -> None:
 
 
 def test_the_stream_keda_reads_counts_waiting_and_running_jobs_and_empties(redis_url: str) -> None:
-    """What scaling from zero rests on, with the real store: a waiting job is in the stream (XLEN) but not yet
-    pending for the workers' group, a running one is both, and an ended job leaves the stream."""
+    """What scaling from zero rests on, with the real store: a waiting job is in the stream (XLEN) and counted
+    queued, a running one stays in it and is counted running, and an ended job leaves the stream."""
     model_key = f"keda-{uuid.uuid4().hex[:8]}"
     stream, client = _queue_key(model_key), redis.Redis.from_url(redis_url)
     store = RedisStore(Settings(redis_url=redis_url))
     try:
         job, _ = store.submit(Job(model_key=model_key, input={"prompt": "a"}))
-        assert client.xlen(stream) == 1 and client.xpending(stream, GROUP)["pending"] == 0
+        assert client.xlen(stream) == 1 and store.stats(model_key)["jobs"]["inQueue"] == 1
         worker = Worker(store, lambda route, payload: (200, {"images": []}), store.settings, model_key)
         claimed = store.claim(model_key, worker.id, timeout=1)
         assert claimed.id == job.id
-        assert client.xlen(stream) == 1 and client.xpending(stream, GROUP)["pending"] == 1
+        assert client.xlen(stream) == 1 and store.stats(model_key)["jobs"]["inProgress"] == 1
         worker.run_job(claimed)
         assert store.get(job.id).status == "COMPLETED"
-        assert client.xlen(stream) == 0 and client.xpending(stream, GROUP)["pending"] == 0
+        assert client.xlen(stream) == 0 and store.stats(model_key)["jobs"]["inProgress"] == 0
     finally:
         client.delete(stream)
         store.close()

@@ -411,6 +411,23 @@ def test_an_old_entry_of_a_retried_job_does_not_take_it_from_its_worker(redis_ur
     store.close()
 
 
+def test_redis_drops_the_queue_entry_of_a_job_whose_record_expired_while_it_waited(redis_url: str) -> None:
+    """The stream is what KEDA counts: an entry left behind would keep a worker running for nothing."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    store = RedisStore(Settings(redis_url=redis_url))
+    try:
+        gone, _ = store.submit(Job(model_key="m", input={}, owner="a"))
+        kept, _ = store.submit(Job(model_key="m", input={}, owner="a"))
+        client.delete(f"sdw:job:{gone.id}")  # as when no worker came for longer than its TTL
+        assert client.xlen("sdw:queue:m") == 2
+        assert store.claim("m", "w", timeout=1).id == kept.id  # the expired one passed over and forgotten
+        jobs = store.stats("m")["jobs"]
+        assert client.xlen("sdw:queue:m") == 1 and (jobs["inQueue"], jobs["inProgress"]) == (0, 1)
+    finally:
+        store.close()
+
+
 def test_the_next_job_denoises_while_the_last_one_encodes_and_no_more_are_hoarded(store: JobStore) -> None:
     """MAX_BATCH=1: a job is claimed once the one before has finished denoising, not sooner and not later."""
     denoising, most, lock = [0], [0], threading.Lock()
@@ -454,3 +471,151 @@ def test_a_released_job_is_queued_again_for_any_worker_without_counting_the_run(
     assert not store.release(claimed), "a job no longer this worker's is not handed back twice"
     again = store.claim("m", "w2", timeout=2)  # at once: not after the lease runs out
     assert again is not None and again.id == job.id and again.attempts == 1
+
+
+# Sharing between keys: turns in the queue, each key's share of it, and downloads beside the model.
+def test_keys_take_turns_and_each_keys_jobs_run_in_the_order_they_came(
+    kind: str, tmp_path: Path, redis_url: str
+) -> None:
+    store = open_kind(kind, tmp_path, redis_url)
+    try:
+        a = [store.submit(Job(model_key="m", input={"n": n}, owner="a"))[0].id for n in range(4)]
+        b = [store.submit(Job(model_key="m", input={"n": n}, owner="b"))[0].id for n in range(2)]
+        c = store.submit(Job(model_key="m", input={}, owner="c"))[0].id
+        order = [store.claim("m", "w", timeout=1).id for _ in range(7)]
+        assert order == [a[0], b[0], c, a[1], b[1], a[2], a[3]]  # a burst waits its turn; no key is skipped
+        late = store.submit(Job(model_key="m", input={}, owner="b"))[0].id
+        more = store.submit(Job(model_key="m", input={}, owner="a"))[0].id
+        assert [store.claim("m", "w", timeout=1).id for _ in range(2)] == [late, more]  # b was served longer ago
+    finally:
+        store.close()
+
+
+def test_past_its_share_of_the_queue_a_key_is_refused_and_other_keys_are_not(
+    kind: str, tmp_path: Path, redis_url: str
+) -> None:
+    store = open_kind(kind, tmp_path, redis_url, max_queue=10, max_queued_per_key=2)
+    try:
+        first, _ = store.submit(Job(model_key="m", input={}, owner="a"))
+        store.submit(Job(model_key="m", input={}, owner="a"))
+        with pytest.raises(WorkerError) as refused:
+            store.submit(Job(model_key="m", input={}, owner="a"))
+        assert refused.value.code == "QUEUE_FULL" and refused.value.status == 429
+        assert "already has 2 jobs" in refused.value.message and "MAX_QUEUED_PER_KEY" in refused.value.message
+        assert store.submit(Job(model_key="m", input={}, owner="b"))[1]
+        claimed = store.claim("m", "w", timeout=1)
+        assert claimed.id == first.id
+        with pytest.raises(WorkerError):  # running counts: a job queued or running holds its place
+            store.submit(Job(model_key="m", input={}, owner="a"))
+        Worker(store, steps_runner(), store.settings, "m").run_job(claimed)
+        assert store.submit(Job(model_key="m", input={}, owner="a"))[1]  # ended: its place is free again
+        assert store.stats("m")["jobs"]["inQueue"] == 3
+    finally:
+        store.close()
+
+
+def test_a_busy_keys_jobs_that_download_wait_while_other_jobs_go_ahead(
+    kind: str, tmp_path: Path, redis_url: str
+) -> None:
+    from sdworker.jobs import Busy
+
+    store = open_kind(kind, tmp_path, redis_url)
+    try:
+        fetches = store.submit(Job(model_key="m", input={"image": "https://example.com/a.png"}, owner="a"))[0]
+        after = store.submit(Job(model_key="m", input={"prompt": "text"}, owner="a"))[0]
+        plain = store.submit(Job(model_key="m", input={"prompt": "text"}, owner="b"))[0]
+        other = store.submit(Job(model_key="m", input={"loras": [{"url": "HTTPS://x/y.safetensors"}]}, owner="b"))[0]
+        assert fetches.fetches and other.fetches and not plain.fetches
+        busy_a = Busy(owners=frozenset({"a"}))
+        assert store.claim("m", "w", timeout=1, busy=lambda: busy_a).id == plain.id  # a's head waits, a's later too
+        assert store.claim("m", "w", timeout=1, busy=lambda: busy_a).id == other.id
+        assert store.claim("m", "w", timeout=0.3, busy=lambda: Busy(everyone=True)) is None
+        assert [store.claim("m", "w", timeout=1).id for _ in range(2)] == [fetches.id, after.id]
+    finally:
+        store.close()
+
+
+def test_downloads_hold_no_place_on_the_model_and_each_key_runs_its_share(
+    kind: str, tmp_path: Path, redis_url: str
+) -> None:
+    """Key a's image URLs hang: two of them download at once (MAX_FETCHES_PER_KEY), the rest wait in the queue,
+    and key b's jobs run meanwhile, one of them downloading too."""
+    from sdworker.generate import fetch_hook
+
+    store = open_kind(kind, tmp_path, redis_url, max_fetches_per_key=2, max_queue=50)
+    gate, downloading, lock = threading.Event(), [], threading.Lock()
+
+    def run(route: str, payload: Any) -> tuple[int, Any]:
+        if "image" in payload:
+            with fetch_hook.get()():
+                with lock:
+                    downloading.append(payload["who"])
+                if payload["who"] == "a":
+                    gate.wait(30)  # a's URL hangs until the test lets it go
+                with lock:
+                    downloading.remove(payload["who"])
+        return steps_runner()(route, payload)
+
+    worker = Worker(store, run, store.settings, "m")
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run_forever, args=(stop,))
+    thread.start()
+    try:
+        hanging = [
+            store.submit(Job(model_key="m", input={"who": "a", "image": "http://a/x.png"}, owner="a"))[0].id
+            for _ in range(6)
+        ]
+        wait_for(lambda: downloading.count("a") == 2, timeout=10)
+        b = [store.submit(Job(model_key="m", input={"who": "b", "n": n}, owner="b"))[0].id for n in range(3)]
+        b.append(store.submit(Job(model_key="m", input={"who": "b", "image": "http://b/y.png"}, owner="b"))[0].id)
+        assert all(store.wait(job_id, 10).status == "COMPLETED" for job_id in b)
+        assert downloading.count("a") == 2  # never more than a's share
+        assert sum(store.get(job_id).status == "IN_QUEUE" for job_id in hanging) == 4
+        gate.set()
+        assert all(store.wait(job_id, 20).status == "COMPLETED" for job_id in hanging)
+    finally:
+        gate.set()
+        stop.set()
+        thread.join(10)
+        store.close()
+
+
+def test_redis_takes_over_the_jobs_an_older_release_queued_in_its_stream(redis_url: str) -> None:
+    """Before turns, jobs waited in one stream read by the consumer group "workers": an upgrade loses none."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client.flushdb()
+    stream = "sdw:queue:m"
+    client.xgroup_create(stream, "workers", id="0", mkstream=True)
+    old = {}
+    for name, status in (("running", "IN_PROGRESS"), ("waiting", "IN_QUEUE"), ("ended", "COMPLETED")):
+        job = Job(
+            model_key="m",
+            input={"n": name},
+            owner="a",
+            status=status,
+            worker_id="old" if status != "IN_QUEUE" else None,
+        )
+        entry = client.xadd(stream, {"id": job.id})
+        client.hset(f"sdw:job:{job.id}", mapping={"data": job.model_dump_json(), "status": status, "entry": entry})
+        old[name] = job
+    client.xreadgroup("workers", "old", {stream: ">"}, count=1)  # the running job's entry, pending for its worker
+    store = RedisStore(Settings(redis_url=redis_url, lease_s=0.5))
+    try:
+        waiting = store.claim("m", "new", timeout=1)
+        assert waiting.id == old["waiting"].id
+        Worker(store, steps_runner(), store.settings, "m").run_job(waiting)
+        taken = store.claim("m", "new", timeout=2)  # the old worker's lease runs out: taken over
+        assert taken.id == old["running"].id and taken.attempts == 1
+        assert client.xlen(stream) == 1 and not client.xinfo_groups(stream)  # only the running job's entry is left
+        assert store.claim("m", "new", timeout=0.2) is None
+    finally:
+        store.close()
+
+
+def test_each_keys_share_of_the_queue_is_all_of_it_with_one_key_and_a_quarter_with_more() -> None:
+    assert Settings(max_queue=100).queued_per_key() == 100
+    assert Settings(max_queue=100, api_keys=SecretStr("one")).queued_per_key() == 100
+    assert Settings(max_queue=100, api_keys=SecretStr("one,two")).queued_per_key() == 25
+    assert Settings(max_queue=100, api_keys=SecretStr("one"), admin_api_keys=SecretStr("root")).queued_per_key() == 25
+    assert Settings(max_queue=2, api_keys=SecretStr("one,two")).queued_per_key() == 1
+    assert Settings(max_queue=100, api_keys=SecretStr("a,b"), max_queued_per_key=70).queued_per_key() == 70

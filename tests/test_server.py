@@ -54,6 +54,7 @@ def server(
         "HOST": "127.0.0.1",
         "MAX_STEPS": "5000",
         "MAX_QUEUE": str(MAX_QUEUE),
+        "MAX_QUEUED_PER_KEY": str(MAX_QUEUE - 1),
         "BANANA_WAIT_S": "5",
     }
     if request.param == "redis":
@@ -320,21 +321,29 @@ def test_the_openapi_document_lists_each_routes_real_answers(server: str) -> Non
 
 # Backpressure.
 def test_past_the_queue_bound_each_protocol_refuses_cleanly(clients: str) -> None:
+    """A key past its share (MAX_QUEUED_PER_KEY) is refused while another key's job is taken, up to the whole
+    queue's bound (MAX_QUEUE); each protocol says so its own way, with Retry-After."""
     wait_for(lambda: (jobs := rp(clients, "GET", "health").json()["jobs"])["inQueue"] + jobs["inProgress"] == 0)
-    ids = [rp(clients, "POST", "run", json={"input": SLOW}).json()["id"] for _ in range(MAX_QUEUE)]
+    ids = [rp(clients, "POST", "run", json={"input": SLOW}).json()["id"] for _ in range(MAX_QUEUE - 1)]
     running(clients, ids[0])  # a job cancelled just before may still hold the worker for a step or two
     try:
         refused = rp(clients, "POST", "run", json={"input": FAST}, headers={})
-        assert refused.status_code == 429 and "full" in refused.json()["error"]
+        assert refused.status_code == 429 and refused.headers["Retry-After"]
+        assert f"already has {MAX_QUEUE - 1} jobs" in refused.json()["error"] and "MAX_QUEUED_PER_KEY" in refused.text
         with pytest.raises(Exception, match="error: QUEUE_FULL"):
             banana.start(KEY, "tiny-sd", FAST)
         direct = requests.post(clients, json=FAST, headers={"X-BANANA-API-KEY": KEY}, timeout=30)
         assert direct.status_code == 503 and direct.headers["Retry-After"] == "1"
+        other = rp(clients, "POST", "run", json={"input": SLOW}, key=OTHER)  # another key still gets its turn
+        assert other.status_code == 200
+        ids.append(other.json()["id"])
+        full = rp(clients, "POST", "run", json={"input": FAST}, key=OTHER)
+        assert full.status_code == 429 and f"is full ({MAX_QUEUE} jobs)" in full.json()["error"]
     finally:
-        assert rp(clients, "POST", "purge-queue").json()["removed"] == MAX_QUEUE - 1
+        assert rp(clients, "POST", "purge-queue", key=ADMIN).json()["removed"] == MAX_QUEUE - 1
         for job_id in ids:
-            rp(clients, "POST", f"cancel/{job_id}")
-    assert all(rp(clients, "GET", f"status/{job_id}").json()["status"] == "CANCELLED" for job_id in ids)
+            rp(clients, "POST", f"cancel/{job_id}", key=ADMIN)
+    assert all(rp(clients, "GET", f"status/{job_id}", key=ADMIN).json()["status"] == "CANCELLED" for job_id in ids)
     assert runpod.Endpoint("tiny-sd").run_sync(FAST, timeout=60)["images"]
 
 

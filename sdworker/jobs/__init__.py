@@ -12,6 +12,8 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -94,6 +96,43 @@ class Job(BaseModel):
         """The error as one line: code, message and field."""
         return describe(self.error) if self.error else ""
 
+    @property
+    def fetches(self) -> bool:
+        """Whether running it downloads a URL its input names (an image, a mask, a LoRA): such a job waits in the
+        queue while its key already runs MAX_FETCHES_PER_KEY downloads on a worker."""
+        return names_url(self.input)
+
+
+def names_url(value: Any) -> bool:
+    """Whether `value` (parsed JSON) holds a string that is an http(s) URL; iterative, so any depth is safe."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if item[:8].lower().startswith(("http://", "https://")):
+                return True
+        elif isinstance(item, dict | list):
+            stack.extend(item.values() if isinstance(item, dict) else item)
+    return False
+
+
+@dataclass(frozen=True)
+class Busy:
+    """Whose jobs that download URLs a worker cannot take now: everyone's when its downloads are at MAX_FETCHES,
+    else those of the keys (`owners`) at MAX_FETCHES_PER_KEY. Their other jobs, and other keys' jobs, go ahead."""
+
+    owners: frozenset[str | None] = frozenset()
+    everyone: bool = False
+
+    def refuses(self, job: Job) -> bool:
+        """Whether `job` must wait for its turn in the queue."""
+        return (self.everyone or job.owner in self.owners) and job.fetches
+
+
+NOBODY = Busy()
+BusyNow = Callable[[], Busy]
+"""Asked before each look at the queue: who is busy now (downloads end while a claim waits)."""
+
 
 class Delivery(BaseModel):
     """A webhook to deliver: kept in the job store's outbox from the moment its job ends until a 2xx answer, or
@@ -117,6 +156,16 @@ def outbox_entry(job: Job) -> Delivery | None:
 def queue_full(model_key: str, limit: int) -> WorkerError:
     """The error for a submit past the queue bound."""
     return WorkerError("QUEUE_FULL", f"the queue for {model_key!r} is full ({limit} jobs); retry later", status=429)
+
+
+def key_queue_full(limit: int) -> WorkerError:
+    """The error for a submit past one key's share of the queue."""
+    return WorkerError(
+        "QUEUE_FULL",
+        f"this API key already has {limit} jobs queued or running, the most MAX_QUEUED_PER_KEY allows; retry once "
+        "some have ended",
+        status=429,
+    )
 
 
 class JobStore(ABC):
@@ -143,16 +192,20 @@ class JobStore(ABC):
     @abstractmethod
     def submit(self, job: Job) -> tuple[Job, bool]:
         """Queue `job`. Answers (the job, True), or (the existing job, False) for a known idempotency key.
-        Raises WorkerError QUEUE_FULL past `max_queue`."""
+        Raises WorkerError QUEUE_FULL past `max_queue`, or past its owner's `queued_per_key()`."""
 
     @abstractmethod
     def get(self, job_id: str) -> Job | None:
         """The job, or None when unknown or expired."""
 
     @abstractmethod
-    def claim(self, model_key: str, worker_id: str, timeout: float) -> Job | None:
-        """Take the oldest runnable job for `model_key` (waiting up to `timeout` s) and mark it IN_PROGRESS.
-        A job whose worker went silent for `lease_s` is runnable again, up to `max_attempts` runs."""
+    def claim(self, model_key: str, worker_id: str, timeout: float, busy: BusyNow = lambda: NOBODY) -> Job | None:
+        """Take the next runnable job for `model_key` (waiting up to `timeout` s) and mark it IN_PROGRESS.
+
+        Keys take turns: the next job is the oldest of the key whose last job was taken longest ago, so one key's
+        burst delays another key's job by one job per worker at most. A key's jobs run in the order they came,
+        and one that `busy()` refuses waits, with the key's later jobs. A job whose worker went silent for
+        `lease_s` comes first, runnable again up to `max_attempts` runs."""
 
     @abstractmethod
     def heartbeat(self, job: Job, progress: dict[str, int] | None = None) -> bool:

@@ -17,12 +17,16 @@ from typing import Any
 from ..config import Settings
 from ..errors import WorkerError
 from . import (
+    NOBODY,
+    Busy,
+    BusyNow,
     Delivery,
     Job,
     JobStore,
     end,
     expired_in_queue,
     handed_back,
+    key_queue_full,
     outbox_entry,
     queue_full,
     requeue_or_fail,
@@ -42,8 +46,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     retries INTEGER NOT NULL DEFAULT 0,
     data TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (model_key, status, created_at);
 CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires_at);
+"""
+# Added since the first release: an older DATA_DIR gains them at start, filled from each job's data.
+COLUMNS = {"owner": "json_extract(data, '$.owner')"}
+INDEXES = """
+DROP INDEX IF EXISTS jobs_queue;
+CREATE INDEX IF NOT EXISTS jobs_turns ON jobs (model_key, status, owner, created_at);
 """
 
 
@@ -72,8 +81,16 @@ class SQLiteStore(JobStore):
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # durable across a process crash; fast
         self._db.executescript(SCHEMA)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for column, value in COLUMNS.items():
+            if column not in have:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} TEXT")
+                self._db.execute(f"UPDATE jobs SET {column} = {value}")
+        self._db.executescript(INDEXES)
         self._mutex = threading.RLock()
         self._workers: dict[tuple[str, str], str] = {}
+        self._served: dict[tuple[str, str | None], int] = {}  # (model key, owner) -> the claim that last took its job
+        self._claims = 0
         self._recover()
 
     # Rows <-> jobs.
@@ -87,13 +104,14 @@ class SQLiteStore(JobStore):
             job.created_at,
             expires,
             job.retries,
+            job.owner,
         )
         delivery = outbox_entry(job)  # marks the job: serialise it after
         statements = [
             (
                 "INSERT OR REPLACE INTO jobs"
-                " (id, model_key, status, idempotency_key, created_at, expires_at, retries, data)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " (id, model_key, status, idempotency_key, created_at, expires_at, retries, owner, data)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (*row, job.model_dump_json()),
             )
         ]
@@ -143,6 +161,14 @@ class SQLiteStore(JobStore):
             ).fetchone()
             if active >= self.settings.max_queue:
                 raise queue_full(job.model_key, self.settings.max_queue)
+            if job.owner is not None:
+                (mine,) = self._db.execute(
+                    "SELECT count(*) FROM jobs WHERE model_key = ? AND status IN ('IN_QUEUE', 'IN_PROGRESS') "
+                    "AND owner = ?",
+                    (job.model_key, job.owner),
+                ).fetchone()
+                if mine >= self.settings.queued_per_key():
+                    raise key_queue_full(self.settings.queued_per_key())
             self._save(job)
         self._notify()
         return job, True
@@ -151,20 +177,22 @@ class SQLiteStore(JobStore):
         with self._mutex:
             return self._load("id = ? AND (expires_at IS NULL OR expires_at >= ?)", (job_id, time.time()))
 
-    def claim(self, model_key: str, worker_id: str, timeout: float) -> Job | None:
+    def claim(self, model_key: str, worker_id: str, timeout: float, busy: BusyNow = lambda: NOBODY) -> Job | None:
         deadline = time.monotonic() + timeout
         while True:
             with self._changed:
                 seen = self._version
             with self._mutex:
                 self._expire()
-                while job := self._load("model_key = ? AND status = 'IN_QUEUE' ORDER BY created_at", (model_key,)):
+                while job := self._next(model_key, busy()):
                     if expired_in_queue(job):
                         self._save(job)
                         continue
                     job.status, job.started_at, job.worker_id = "IN_PROGRESS", time.time(), worker_id
                     job.attempts += 1
                     self._save(job)
+                    self._claims += 1
+                    self._served[(model_key, job.owner)] = self._claims
                     return job
             left = deadline - time.monotonic()
             if left <= 0:
@@ -172,6 +200,20 @@ class SQLiteStore(JobStore):
             with self._changed:
                 if self._version == seen:
                     self._changed.wait(left)
+
+    def _next(self, model_key: str, busy: Busy) -> Job | None:
+        """The oldest queued job of the key served longest ago (never, first) that `busy` does not refuse."""
+        owners = self._db.execute(
+            "SELECT owner, min(created_at) FROM jobs WHERE model_key = ? AND status = 'IN_QUEUE' GROUP BY owner",
+            (model_key,),
+        ).fetchall()
+        for owner, _ in sorted(owners, key=lambda row: (self._served.get((model_key, row[0]), 0), row[1])):
+            job = self._load(
+                "model_key = ? AND status = 'IN_QUEUE' AND owner IS ? ORDER BY created_at", (model_key, owner)
+            )
+            if job is not None and not busy.refuses(job):
+                return job
+        return None
 
     def _owned(self, job: Job) -> Job | None:
         current = self._load("id = ?", (job.id,))

@@ -22,7 +22,7 @@ from .. import logs, metrics
 from ..config import Settings
 from ..errors import WorkerError, failure
 from ..generate import fetch_hook, step_hook
-from . import Job, JobStore
+from . import Busy, Job, JobStore
 
 log = logging.getLogger("sdworker")
 
@@ -38,19 +38,25 @@ STOPPED = frozenset({"CANCELLED", "TIMED_OUT"})  # error codes that end a job wi
 class Worker:
     """Runs the jobs of one model key from a job store, several in flight.
 
-    `jobs_in_flight()` threads each claim and run jobs. A thread claims only while fewer than MAX_BATCH of this
-    worker's jobs are still denoising, so the GPU is never left waiting for a claim, jobs of the same shape that
-    arrive together denoise as one batch, and a job finished denoising encodes and uploads while the next
-    batch runs. Jobs beyond that stay in the queue, free for any other worker. A job downloading its image URLs
-    does not count as denoising: it takes its place again once the download is done.
+    A job holds a place (`jobs_in_flight()` of them) from its claim to its end, and a slot (MAX_BATCH) while it
+    denoises. A thread claims only once it has both, so the GPU is never left waiting for a claim, jobs of the
+    same shape that arrive together denoise as one batch, and a job finished denoising encodes and uploads while
+    the next batch runs. Jobs beyond that stay in the queue, free for any other worker.
+
+    A job downloading the URLs it names (images, masks, LoRAs) gives up its place and slot until the download is
+    done: up to MAX_FETCHES downloads run beside the model, at most MAX_FETCHES_PER_KEY of them one key's, so a
+    slow URL delays no other job. Past those, a job that names URLs waits in the queue (see `JobStore.claim`).
     """
 
     def __init__(self, store: JobStore, run: Runner, settings: Settings, model_key: str) -> None:
         self.store, self.run, self.settings, self.model_key = store, run, settings, model_key
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._places = threading.BoundedSemaphore(settings.jobs_in_flight())
         self._denoising = threading.BoundedSemaphore(settings.max_batch)
         self._running = 0
         self._count = threading.Lock()
+        self._claim = threading.Lock()  # one claim at a time: who is busy, then the claim, then the count
+        self._fetching: dict[str | None, int] = {}  # downloads running or about to, by owner
         self._active: dict[str, Job] = {}  # the jobs this worker runs now, by id
         self._claiming = threading.Event()  # cleared by `drain`: no new job is taken
         self._claiming.set()
@@ -60,7 +66,7 @@ class Worker:
         log.info("worker %s takes jobs for model key %r", self.id, self.model_key)
         others = [
             threading.Thread(target=self._loop, args=(stop,), name=f"worker-{n}", daemon=True)
-            for n in range(1, self.settings.jobs_in_flight())
+            for n in range(1, self.settings.jobs_in_flight() + self.settings.max_fetches)
         ]
         for thread in others:
             thread.start()
@@ -73,22 +79,46 @@ class Worker:
     def _state(self) -> str:
         return "running" if self._running else "idle"
 
+    def _busy(self) -> Busy:
+        """Whose jobs that download may not be claimed now: everyone's at MAX_FETCHES, else keys' at their share."""
+        with self._count:
+            if sum(self._fetching.values()) >= self.settings.max_fetches:
+                return Busy(everyone=True)
+            full = [owner for owner, count in self._fetching.items() if count >= self.settings.max_fetches_per_key]
+            return Busy(owners=frozenset(full))
+
+    def _fetched(self, owner: str | None) -> None:
+        """One download of `owner`'s over (or never begun)."""
+        with self._count:
+            self._fetching[owner] -= 1
+            if not self._fetching[owner]:
+                del self._fetching[owner]
+
     def _loop(self, stop: threading.Event) -> None:
         backoff = 0.0
         while not stop.is_set():
             if not self._claiming.is_set():
                 stop.wait(0.2)
                 continue
-            slot = _Slot(self._denoising)
-            if not slot.take(timeout=1.0):
+            place, slot = _Slot(self._places), _Slot(self._denoising)
+            if not place.take(timeout=1.0):
                 continue
             try:
+                if not slot.take(timeout=1.0):
+                    continue
                 self.store.set_worker_state(self.model_key, self.id, self._state())
-                job = self.store.claim(self.model_key, self.id, timeout=1.0)
+                with self._claim:
+                    job = self.store.claim(self.model_key, self.id, timeout=1.0, busy=self._busy)
+                    fetches = job is not None and job.fetches
+                    if fetches:
+                        with self._count:
+                            self._fetching[job.owner] = self._fetching.get(job.owner, 0) + 1
                 if job is not None and not self._claiming.is_set():  # claimed as the drain began: hand it back
+                    if fetches:
+                        self._fetched(job.owner)
                     self.store.release(job)
                 elif job is not None:
-                    self.run_job(job, slot)
+                    self.run_job(job, slot, place, counted=fetches)
                 backoff = 0.0
             except Exception as err:  # the store is down (Redis restarting, a full disk): wait and try again
                 backoff = min(max(backoff * 2, 0.5), 30.0)
@@ -96,14 +126,27 @@ class Worker:
                 stop.wait(backoff)
             finally:
                 slot.give()
+                place.give()
 
-    def run_job(self, job: Job, slot: _Slot | None = None) -> None:
+    def run_job(self, job: Job, slot: _Slot | None = None, place: _Slot | None = None, counted: bool = False) -> None:
         """Run one claimed job to its end and record it. `slot`, its place among the jobs denoising, is given up
-        while it downloads its image URLs and after its last denoising step. What it logs carries its id."""
-        with logs.running(job.id):
-            self._run_job(job, slot)
+        while it downloads the URLs it names and after its last denoising step; `place`, among the jobs this worker
+        holds, while it downloads. `counted`: its download is counted among its owner's (given back once done).
+        What it logs carries its id."""
+        left = [counted]  # whether its download is still counted
 
-    def _run_job(self, job: Job, slot: _Slot | None) -> None:
+        def fetched() -> None:
+            if left[0]:
+                left[0] = False
+                self._fetched(job.owner)
+
+        with logs.running(job.id):
+            try:
+                self._run_job(job, slot, place, fetched)
+            finally:
+                fetched()
+
+    def _run_job(self, job: Job, slot: _Slot | None, place: _Slot | None, fetched: Callable[[], None]) -> None:
         timeout = job.execution_timeout_s or self.settings.execution_timeout_s
 
         lost = threading.Event()  # set by the lease keeper once the job is no longer this worker's
@@ -122,13 +165,16 @@ class Worker:
 
         @contextmanager
         def fetching() -> Iterator[Callable[[], None]]:
-            if slot is not None:
-                slot.give()
+            for held in (slot, place):
+                if held is not None:
+                    held.give()
             try:
                 yield check
             finally:
-                if slot is not None:
-                    slot.take()
+                fetched()
+                for held in (place, slot):  # in the loop's order: a place, then a slot
+                    if held is not None:
+                        held.take()
 
         done = threading.Event()
         keeper = threading.Thread(target=self._keep_lease, args=(job, done, lost), daemon=True)
