@@ -224,7 +224,8 @@ class Settings(BaseSettings):
     api_keys: SecretStr | None = Field(
         None,
         description="Accepted API keys, comma-separated; each key sees only its own jobs. Unset: one is made at "
-        "first start, printed once and kept in DATA_DIR/api_key.",
+        "first start, printed once and kept in DATA_DIR/api_key. `none`: no key is asked (a worker behind a "
+        "private network), said in a warning at every start.",
     )
     admin_api_keys: SecretStr | None = Field(
         None, description="Keys that also see, cancel and purge every key's jobs, comma-separated (accepted keys too)."
@@ -356,6 +357,10 @@ class Settings(BaseSettings):
         except OSError as err:  # a volume this user does not own: say so rather than refuse to start
             logging.getLogger("sdworker").warning("cannot make DATA_DIR %s private: %s", self.data_dir, err)
         return self.data_dir
+
+    def keyless(self) -> bool:
+        """API_KEYS=none: every caller is let in without a key, and all share one owner."""
+        return self.api_keys is not None and self.api_keys.get_secret_value().strip().lower() == "none"
 
     def queued_per_key(self) -> int:
         """How many jobs one key may have queued or running: MAX_QUEUED_PER_KEY, else all of MAX_QUEUE when one

@@ -112,9 +112,12 @@ def adopt_library_logs() -> None:
 
 
 def _secret_values(settings: Settings) -> set[str]:
-    """Every secret a setting holds: API keys one by one, tokens, passwords in URLs."""
+    """Every secret a setting holds: API keys one by one (API_KEYS=none holds none), tokens, passwords in URLs."""
     values: set[str] = set()
-    for name in ("api_keys", "admin_api_keys", "hf_token", "webhook_secret", "s3_secret_access_key"):
+    names = ["api_keys", "admin_api_keys", "hf_token", "webhook_secret", "s3_secret_access_key"]
+    if settings.keyless():
+        names.remove("api_keys")
+    for name in names:
         secret = getattr(settings, name, None)
         if secret is not None:
             values.update(part.strip() for part in secret.get_secret_value().split(","))

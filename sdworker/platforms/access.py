@@ -30,7 +30,16 @@ log = logging.getLogger("sdworker")
 
 def api_keys(settings: Settings) -> list[str]:
     """The accepted API keys: API_KEYS, else the one kept in DATA_DIR, else a new one, made and printed once.
-    Never an empty key: an empty key would let in callers that send none."""
+    Never an empty key: an empty key would let in callers that send none. None for API_KEYS=none, said loudly
+    at every start: a keyless worker must never be one by accident."""
+    if settings.keyless():
+        log.warning(
+            "API_KEYS=none: every caller is let in without a key and sees every job. Serve on a private network "
+            "only (HOST=%s, PORT=%s)",
+            settings.host,
+            settings.port,
+        )
+        return []
     if settings.api_keys is not None:
         keys = [key.strip() for key in settings.api_keys.get_secret_value().split(",") if key.strip()]
         if keys:
@@ -99,6 +108,7 @@ class State:
         admins = settings.admin_api_keys.get_secret_value().split(",") if settings.admin_api_keys else []
         self.admins = [key.strip().encode() for key in admins if key.strip()]
         self.keys = [key.encode() for key in api_keys(settings)] + self.admins
+        self.keyless = settings.keyless()
         self.model_keys = settings.model_keys()
         self.waiters = anyio.CapacityLimiter(256)  # threads parked in long-polls and synchronous calls
         self.sequence_number = 0
@@ -109,10 +119,12 @@ class State:
     def caller(self, key: str | None) -> Caller | None:
         """The caller of an accepted key, else None; constant-time comparison against every key."""
         given = (key or "").encode()
-        if not any([hmac.compare_digest(given, accepted) for accepted in self.keys]):
+        admin = any([hmac.compare_digest(given, accepted) for accepted in self.admins])
+        if not admin and self.keyless:
+            given = b""  # API_KEYS=none: whatever was sent, one caller
+        elif not any([hmac.compare_digest(given, accepted) for accepted in self.keys]):
             return None
         self.last_activity = time.monotonic()  # only a request with an accepted key is use (IDLE_SHUTDOWN_S)
-        admin = any([hmac.compare_digest(given, accepted) for accepted in self.admins])
         return Caller(hashlib.sha256(b"sdworker-owner:" + given).hexdigest()[:32], admin)
 
     def caller_of(self, request: Request) -> Caller | None:
@@ -125,6 +137,8 @@ class State:
             bearer = authorization[7:].strip()
         keys = (request.headers.get("x-banana-api-key"), bearer, request.query_params.get("apiKey"))
         callers = [self.caller(key) for key in keys if key is not None]
+        if not callers and self.keyless:
+            callers = [self.caller(None)]
         if not callers or None in callers or len(set(callers)) > 1:
             return None
         return callers[0]

@@ -51,12 +51,12 @@ def _require_keys(app: Any, settings: Settings) -> None:
     """With API_KEYS (or ADMIN_API_KEYS) set, app.py's routes on Potassium's server take only calls bearing one,
     as the job server's do: `X-BANANA-API-KEY`, `Authorization: Bearer` or `?apiKey=`. Its warm-up and status
     routes stay open, as on the job server. Without keys the server is open, as Potassium is (it expects a
-    gateway in front): that is said once at start."""
+    gateway in front), or with API_KEYS=none: that is said at every start."""
     secrets = [value.get_secret_value() for value in (settings.api_keys, settings.admin_api_keys) if value]
     keys = [key.strip().encode() for value in secrets for key in value.split(",") if key.strip()]
     log = logging.getLogger("sdworker")
-    if not keys:
-        log.warning("--mode potassium without API_KEYS: anyone who reaches port %s can call the model", settings.port)
+    if not keys or settings.keyless():
+        log.warning("--mode potassium without API keys: anyone who reaches port %s can call the model", settings.port)
         return
     from flask import jsonify, request
 
