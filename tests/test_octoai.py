@@ -59,8 +59,6 @@ def seed_wait_for_server(url: str, retries: int, timeout: float, delay: float = 
 
 
 def test_the_octoai_client_gets_image_b64_and_it_is_the_direct_calls_image(worker: str) -> None:
-    if not CLIENT_PYTHON.exists():
-        pytest.fail(f"{CLIENT_PYTHON.relative_to(ROOT)} is missing: `make test` builds it (requirements-clients.txt)")
     seed_wait_for_server(worker, retries=10, timeout=1.0)
     script = (
         "import json, sys\n"
@@ -68,15 +66,58 @@ def test_the_octoai_client_gets_image_b64_and_it_is_the_direct_calls_image(worke
         "inputs = {'prompt': {'text': 'a lighthouse'}, **json.loads(sys.argv[2])}\n"
         "print(json.dumps(Client().infer(endpoint_url=sys.argv[1] + '/infer', inputs=inputs)))\n"
     )
-    command = [str(CLIENT_PYTHON), "-c", script, worker, json.dumps(SEEDED)]
-    env = {**os.environ, "OCTOAI_TOKEN": KEY}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    result = run_client(script, worker, json.dumps(SEEDED))
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
     direct = requests.post(worker, json={"prompt": "a lighthouse", **SEEDED}, headers={"X-BANANA-API-KEY": KEY})
     assert answer["output"]["image_b64"] == direct.json()["images"][0]["base64"]
     assert decode(answer["output"]["image_b64"]).size == (64, 64)
     assert answer["$meta"]["seed"] == 11
+
+
+def run_client(script: str, *args: str) -> subprocess.CompletedProcess:
+    """`script` on the unmodified octoai-sdk client, with this file's key as OCTOAI_TOKEN."""
+    if not CLIENT_PYTHON.exists():
+        pytest.fail(f"{CLIENT_PYTHON.relative_to(ROOT)} is missing: `make test` builds it (requirements-clients.txt)")
+    env = {**os.environ, "OCTOAI_TOKEN": KEY}
+    return subprocess.run(
+        [str(CLIENT_PYTHON), "-c", script, *args], capture_output=True, text=True, timeout=120, env=env
+    )
+
+
+ASYNC = """
+import json, sys, time
+from octoai.client import Client
+from octoai.errors import OctoAIError
+client = Client()
+print(client.health_check(sys.argv[1] + "/healthcheck", timeout=30))
+future = client.infer_async(sys.argv[1] + "/infer", json.loads(sys.argv[2]))
+print(future.response_id)
+try:
+    while not client.is_future_ready(future):
+        time.sleep(0.05)
+    print(json.dumps(client.get_future_result(future)))
+except OctoAIError as err:
+    print("raised", err)
+"""
+
+
+def test_the_octoai_clients_async_infer_gets_the_same_image_and_a_failed_one_raises(worker: str) -> None:
+    inputs = {"prompt": {"text": "a lighthouse"}, **SEEDED}
+    result = run_client(ASYNC, worker, json.dumps(inputs))
+    assert result.returncode == 0, result.stderr
+    health, job, answer = result.stdout.splitlines()
+    direct = requests.post(worker, json={"prompt": "a lighthouse", **SEEDED}, headers={"X-BANANA-API-KEY": KEY})
+    assert health == "200" and json.loads(answer)["output"]["image_b64"] == direct.json()["images"][0]["base64"]
+    other = {"Authorization": f"Bearer {SHARED_KEYS['smoke']}"}  # a job belongs to the key that made it
+    assert requests.get(f"{worker}/futures/{job}", headers=other, timeout=30).status_code == 404
+    assert requests.get(f"{worker}/futures/{job}/result", headers=other, timeout=30).status_code == 404
+
+    failing = {**inputs, "image": "http://nowhere.invalid/a.png"}  # fails when the worker fetches it
+    result = run_client(ASYNC, worker, json.dumps(failing))
+    assert result.returncode == 0, result.stderr
+    raised = result.stdout.splitlines()[-1]
+    assert raised.startswith("raised") and "IMAGE_FETCH_FAILED" in raised, result.stdout
 
 
 def test_infer_refuses_a_bad_key_and_names_bad_fields(worker: str) -> None:
@@ -86,12 +127,12 @@ def test_infer_refuses_a_bad_key_and_names_bad_fields(worker: str) -> None:
     assert wrong.status_code == 401
     bearer = {"Authorization": f"Bearer {KEY}"}
     for bad, field in (
-        ({"prompt": {"words": "x"}}, "prompt"),
+        ({"prompt": {"words": "x"}}, "prompt.text"),
         ({"prompt": {"text": "x"}, "num_inference_steps": 0}, "num_inference_steps"),
         ({"prompt": {"text": "x"}, "nope": 1}, "nope"),
     ):
         answer = requests.post(f"{worker}/infer", json=bad, headers=bearer, timeout=30)
-        assert answer.status_code == 422 and field in answer.json()["$error"]["field"], answer.text
+        assert answer.status_code == 422 and answer.json()["$error"]["field"] == field, answer.text
 
 
 def test_an_idle_worker_exits_0_but_never_while_a_job_runs(baked: dict[str, Path], tmp_path: Path) -> None:
