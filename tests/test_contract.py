@@ -6,12 +6,18 @@ real worker, SQLite) for a bounded time, with every check it has but one, and th
 schema states (a webhook whose host does not resolve to a public address, a size past MAX_PIXELS, a prompt
 missing inside a free-form direct call), and those refusals are right.
 
+The fuzzer is given the key for every security scheme the document declares (schemathesis.toml's
+`auth.openapi`), and a hook (contract_hooks.py) records each answer: a request bearing the valid key where the
+document puts it is never a 401, every operation that declares a scheme is reached with the key (some answer
+other than 401 and 405), and only seed 002's body-keyed routes answer 401 without declaring one.
+
 CONTRACT_SECONDS (default 40) sets the budget; CONTRACT_SEED the seed (default fixed, so a CI run is
 reproducible; set another to explore).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -53,16 +59,19 @@ def server(baked: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> 
 
 def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_document(server: str, tmp_path: Path) -> None:
     seconds = os.environ.get("CONTRACT_SECONDS", "40")
+    config = tmp_path / "schemathesis.toml"  # the key in every place a route's security scheme names
+    schemes = {"APIKeyHeader": "api_key", "HTTPBearer": "bearer", "APIKeyQuery": "api_key", "SeedApiKey": "api_key"}
+    config.write_text("".join(f'[auth.openapi.{name}]\n{field} = "{KEY}"\n' for name, field in schemes.items()))
     command = [
         str(Path(sys.executable).parent / "schemathesis"),
+        "--config-file",
+        str(config),
         "run",
         f"{server}/openapi.json",
         "--checks",
         "all",
         "--exclude-checks",
         "positive_data_acceptance",
-        "--header",
-        f"Authorization: Bearer {KEY}",
         "--max-time",
         seconds,
         "--seed",
@@ -76,11 +85,23 @@ def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_document(s
         "1",
         "--no-color",
     ]
+    log = tmp_path / "answers.jsonl"
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "contract_hooks", "CONTRACT_LOG": str(log), "CONTRACT_KEY": KEY}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), env.get("PYTHONPATH")]))
     result = subprocess.run(
-        command, cwd=tmp_path, capture_output=True, text=True, timeout=float(seconds) + 300, env=os.environ
+        command, cwd=tmp_path, capture_output=True, text=True, timeout=float(seconds) + 300, env=env
     )
     report = result.stdout + result.stderr
     assert result.returncode == 0, report[-8000:]
     paths = requests.get(f"{server}/openapi.json", timeout=10).json()["paths"]
     operations = sum(len(methods) for methods in paths.values())
     assert f"Tested: {operations}" in report, report[-3000:]  # every documented route was fuzzed
+
+    answers = [json.loads(line) for line in log.read_text().splitlines()]
+    refused = {(a["operation"], a["status"]) for a in answers if a["keyed"] and a["status"] == 401}
+    assert not refused, f"a request bearing the valid key, where the document puts it, was refused: {refused}"
+    secured = {a["operation"] for a in answers if a["secured"]}
+    reached = {a["operation"] for a in answers if a["secured"] and a["keyed"] and a["status"] not in (401, 405)}
+    assert secured == reached, f"operations the fuzzer never reached with the key: {sorted(secured - reached)}"
+    body_keyed = {a["operation"] for a in answers if not a["secured"] and a["status"] == 401}
+    assert body_keyed <= {"POST /generate", "POST /img2img"}, body_keyed  # their key is in the body (seed 002)

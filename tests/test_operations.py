@@ -108,6 +108,8 @@ def test_the_log_is_quiet_json_lines_with_job_ids_and_no_secret(baked: dict[str,
             f"{url}/v2/tiny-sd/run", json={"inputs": FAST}, headers={"Authorization": f"Bearer {SECRET}"}, timeout=30
         )
         assert shapeless.status_code == 422
+        banana = requests.post(f"{url}/start/v4/", json={"apiKey": SECRET + "-wrong", "modelInputs": FAST}, timeout=30)
+        assert banana.json()["message"] == "error: invalid apiKey"  # Banana's clients read a 200 with an error
     finally:
         process.terminate()
     output = output_of(process, 60)
@@ -118,6 +120,7 @@ def test_the_log_is_quiet_json_lines_with_job_ids_and_no_secret(baked: dict[str,
     assert [line["message"] for line in lines if "refused" in line["message"]] == [
         "POST / refused: 401 UNAUTHORIZED",
         "POST /v2/tiny-sd/run refused: 422 INVALID_REQUEST (input)",
+        "POST /start/v4/ refused: 401 UNAUTHORIZED (apiKey)",
     ]
     assert SECRET not in output and "hf_operations_tok" not in output
 

@@ -222,6 +222,26 @@ def test_another_key_cannot_see_or_touch_a_keys_job(server: str) -> None:
     assert len(rp(server, "GET", f"stream/{job_id}").json()["stream"]) == 1
 
 
+def test_with_several_keys_each_sees_its_own_counts_and_no_count_shows_without_a_key(server: str) -> None:
+    def counts(key: str) -> dict:
+        return rp(server, "GET", "health", key=key).json()["jobs"]
+
+    mine, others, everyone = counts(KEY), counts(OTHER), counts(ADMIN)
+    assert rp(server, "POST", "runsync", json={"input": FAST}).json()["status"] == "COMPLETED"
+    assert counts(KEY)["completed"] == mine["completed"] + 1
+    assert counts(OTHER) == others  # nothing of KEY's shows to OTHER
+    assert counts(ADMIN)["completed"] == everyone["completed"] + 1
+    tenant = requests.get(f"{server}/metrics", headers={"X-BANANA-API-KEY": KEY}, timeout=30)
+    assert tenant.status_code == 403 and "ADMIN_API_KEYS" in tenant.json()["$error"]["message"]
+    admin = requests.get(f"{server}/metrics", headers={"X-BANANA-API-KEY": ADMIN}, timeout=30)
+    assert admin.status_code == 200 and "sdworker_jobs" in admin.text
+    for path in ("/__status__", "/_k/status"):  # Potassium's: what its clients read, the request count for a key
+        bare = requests.get(f"{server}{path}", timeout=30).json()
+        keyed = requests.get(f"{server}{path}", headers={"X-BANANA-API-KEY": KEY}, timeout=30).json()
+        assert bare["sequence_number"] == 0 and keyed["sequence_number"] > 0, (bare, keyed)
+        assert set(bare) == set(keyed) == {"gpu_available", "sequence_number", "idle_time", "inference_time"}
+
+
 def test_idempotency_keys_are_each_keys_own(server: str) -> None:
     headers = {"Idempotency-Key": str(uuid.uuid4())}
     mine = rp(server, "POST", "run", json={"input": FAST}, headers=headers).json()["id"]

@@ -244,8 +244,9 @@ class JobStore(ABC):
         """`owner`'s last `limit` completed jobs, newest first, among those whose results are still kept."""
 
     @abstractmethod
-    def stats(self, model_key: str) -> dict[str, int]:
-        """Counts: completed, failed, retried, inProgress, inQueue, and idle and running workers."""
+    def stats(self, model_key: str, owner: str | None = None) -> dict[str, int]:
+        """Counts: completed, failed, retried, inProgress, inQueue, and idle and running workers; with `owner`,
+        the job counts are that key's jobs only (the workers are everyone's)."""
 
     @abstractmethod
     def set_worker_state(self, model_key: str, worker_id: str, state: str | None) -> None:

@@ -200,6 +200,11 @@ def _job_key(job_id: str) -> str:
     return f"sdw:job:{job_id}"
 
 
+def _counts_keys(job: Job) -> list[str]:
+    """The hashes that count ended and retried jobs: the model key's, and its owner's."""
+    return [f"sdw:stats:{job.model_key}", f"sdw:stats:{job.model_key}:{_owner(job.owner)}"]
+
+
 def _recent_key(owner: str) -> str:
     return f"sdw:recent:{owner}"
 
@@ -314,7 +319,8 @@ class RedisStore(JobStore):
             self._write(pipe, job)
             if release:
                 self._release_script(keys=_place(job), args=[job.id], client=pipe)
-            pipe.hincrby(f"sdw:stats:{job.model_key}", job.status, 1)
+            for counts in _counts_keys(job):
+                pipe.hincrby(counts, job.status, 1)
             if job.status == "COMPLETED" and job.owner:  # the owner's recent jobs, newest last, the last 100
                 recent = _recent_key(job.owner)
                 pipe.zadd(recent, {job.id: job.finished_at or time.time()})
@@ -527,7 +533,8 @@ class RedisStore(JobStore):
     def retry(self, job_id: str) -> Job | None:
         def enqueue(pipe: redis.client.Pipeline, job: Job) -> None:
             self._enqueue_script(keys=_place(job), args=[job.id, _owner(job.owner), job.model_key], client=pipe)
-            pipe.hincrby(f"sdw:stats:{job.model_key}", "retried", 1)
+            for counts in _counts_keys(job):
+                pipe.hincrby(counts, "retried", 1)
 
         job, _ = self._update_if(
             job_id, lambda job: job.status in ("FAILED", "TIMED_OUT", "CANCELLED"), reset_for_retry, enqueue
@@ -576,13 +583,20 @@ class RedisStore(JobStore):
                 removed += self._cancel(job_id)[1]
         return removed
 
-    def stats(self, model_key: str) -> dict[str, int]:
-        counts = {k: int(v) for k, v in self._redis.hgetall(f"sdw:stats:{model_key}").items()}
-        with self._redis.pipeline(transaction=True) as pipe:
-            pipe.zcard(f"sdw:leases:{model_key}").xlen(_queue_key(model_key))
-            in_progress, waiting_and_running = pipe.execute()
-        counts["IN_PROGRESS"] = in_progress
-        counts["IN_QUEUE"] = max(0, waiting_and_running - in_progress)
+    def stats(self, model_key: str, owner: str | None = None) -> dict[str, int]:
+        if owner is None:
+            counts = {k: int(v) for k, v in self._redis.hgetall(f"sdw:stats:{model_key}").items()}
+            with self._redis.pipeline(transaction=True) as pipe:
+                pipe.zcard(f"sdw:leases:{model_key}").xlen(_queue_key(model_key))
+                in_progress, waiting_and_running = pipe.execute()
+            counts["IN_PROGRESS"] = in_progress
+            counts["IN_QUEUE"] = max(0, waiting_and_running - in_progress)
+        else:
+            with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hgetall(f"sdw:stats:{model_key}:{owner}")
+                pipe.scard(f"sdw:running:{model_key}:{owner}").llen(f"sdw:wait:{model_key}:{owner}")
+                ended, in_progress, waiting = pipe.execute()
+            counts = {k: int(v) for k, v in ended.items()} | {"IN_PROGRESS": in_progress, "IN_QUEUE": waiting}
         now, states, gone = time.time(), [], []
         for worker_id, state in self._redis.hgetall(f"sdw:workers:{model_key}").items():
             seen = json.loads(state)

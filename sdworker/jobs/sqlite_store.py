@@ -326,12 +326,13 @@ class SQLiteStore(JobStore):
         self._notify()
         return removed
 
-    def stats(self, model_key: str) -> dict[str, int]:
+    def stats(self, model_key: str, owner: str | None = None) -> dict[str, int]:
+        mine = "" if owner is None else " AND owner = ?"
         with self._mutex:
             self._expire()
             rows = self._db.execute(
-                "SELECT status, count(*), sum(retries) FROM jobs WHERE model_key = ? GROUP BY status",
-                (model_key,),
+                f"SELECT status, count(*), sum(retries) FROM jobs WHERE model_key = ?{mine} GROUP BY status",
+                (model_key,) if owner is None else (model_key, owner),
             ).fetchall()
             states = [state for (key, _), state in self._workers.items() if key == model_key]
         return stats_body({status: count for status, count, _ in rows}, sum(r or 0 for *_, r in rows), states)

@@ -116,6 +116,10 @@ class State:
         self.last_activity = time.monotonic()  # the last request with an accepted key (IDLE_SHUTDOWN_S)
         self.draining = False  # set on SIGTERM: new jobs are refused, reads still answered
 
+    def counted_owner(self, caller: Caller) -> str | None:
+        """Whose job counts `caller` may see: everyone's (None) for an admin or the only key, else its own."""
+        return None if caller.admin or len(set(self.keys)) <= 1 else caller.owner
+
     def caller(self, key: str | None) -> Caller | None:
         """The caller of an accepted key, else None; constant-time comparison against every key."""
         given = (key or "").encode()

@@ -112,11 +112,12 @@ class PotassiumStatus(BaseModel):
 ERROR_MEANING = {
     400: "Malformed JSON, or JSON nested deeper than 64 levels (INVALID_JSON)",
     401: "Missing or invalid API key",
+    403: "An accepted key that may not see this: every key's counts need an admin key when there are several",
     404: "No such endpoint or job, or a job of another API key",
     409: "Not possible in the job's state",
     413: "Body over MAX_BODY_BYTES",
     422: "Invalid input: `$error.field` names the field and the limit",
-    429: "Queue full (MAX_QUEUE); retry after Retry-After",
+    429: "Queue full (MAX_QUEUE), or this key's share of it (MAX_QUEUED_PER_KEY); retry after Retry-After",
     500: "Internal error (logged; no details in the answer)",
     502: "An upstream store (S3) refused the images",
     503: "Draining (SIGTERM), job store unreachable, or queue full on direct calls; retry after Retry-After",

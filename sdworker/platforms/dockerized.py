@@ -17,8 +17,9 @@ import math
 from typing import Any, Literal
 
 import anyio
-from fastapi import FastAPI, Query
+from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import APIKeyQuery
 from PIL import Image
 from pydantic import ConfigDict, Field, field_validator
 
@@ -146,7 +147,11 @@ def add_routes(server: FastAPI, state: State) -> None:
             raise WorkerError("NOT_FOUND", f"no task {task_id!r} (unknown, or its result expired)", status=404)
         return job
 
-    key_query = Query(None, description="The API key")
+    # A security scheme, not a plain parameter: the document says where the key goes, so that clients and the
+    # contract test's fuzzer send it there.
+    key_query = Depends(
+        APIKeyQuery(name="api_key", scheme_name="SeedApiKey", auto_error=False, description="Seed 002: ?api_key=")
+    )
 
     @server.get(
         "/status/{task_id}",

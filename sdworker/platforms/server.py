@@ -367,17 +367,25 @@ def create_server(
     @server.get(
         "/metrics",
         tags=["health"],
-        summary="Prometheus metrics (any accepted key; METRICS_PORT serves them without one)",
+        summary="Prometheus metrics (any accepted key, an admin key when there are several; METRICS_PORT serves "
+        "them without one)",
         response_model=None,
         responses={
             200: {
                 "description": "Prometheus' text format",
                 "content": {"text/plain": {"schema": {"type": "string"}}},
             },
-            **responses(401),
+            **responses(401, 403),
         },
     )
     async def metrics_text(caller: Caller = Depends(keyed)) -> PlainTextResponse:
+        if state.counted_owner(caller) is not None:  # the counts are every key's: not for one tenant's eyes
+            raise WorkerError(
+                "FORBIDDEN",
+                "with more than one API key, /metrics (every key's counts) needs an ADMIN_API_KEYS key; "
+                "or serve it on METRICS_PORT",
+                status=403,
+            )
         data = await state.call(generate_latest)
         return PlainTextResponse(data, media_type=CONTENT_TYPE_LATEST)
 
@@ -397,11 +405,12 @@ def create_server(
         summary="Potassium's status",
         responses=responses(500, 503, ok=PotassiumStatus),
     )
-    async def potassium_status() -> dict:
+    async def potassium_status(request: Request) -> dict:
         running = (await state.call(state.store.stats, state.model_keys[0]))["jobs"]["inProgress"]
+        keyed = state.caller_of(request) is not None
         return {
             "gpu_available": state.ready() and running == 0,
-            "sequence_number": state.sequence_number,
+            "sequence_number": state.sequence_number if keyed else 0,  # the request count: for a key's eyes only
             "idle_time": 0 if running else int((time.time() - state.last_request) * 1000),
             "inference_time": 0,
         }
@@ -424,9 +433,14 @@ def create_server(
             return _banana(body, f"error: job {job.status.lower()}: {job.error_message()}", job)
         return _banana(body, "" if started else "running", job)
 
-    async def start(body: BananaStart) -> dict:
+    def banana_refusal(request: Request, body: Banana, err: WorkerError, message: str | None = None) -> dict:
+        """A refusal as Banana's clients read it (200, "error" in the message), logged as every refusal is."""
+        refused(request, err)
+        return _banana(body, message or f"error: {err.code}: {err.message}")
+
+    async def start(body: BananaStart, request: Request) -> dict:
         if (caller := state.caller(body.api_key)) is None:
-            return _banana(body, "error: invalid apiKey")
+            return banana_refusal(request, body, BANANA_UNAUTHORIZED, "error: invalid apiKey")
         try:
             job = Job(
                 id=f"call_{uuid.uuid4()}",
@@ -440,14 +454,14 @@ def create_server(
         except WorkerError as err:
             if err.status == 503:  # draining, or the store unreachable: a status the client retries on
                 raise
-            return _banana(body, f"error: {err.code}: {err.message}")
+            return banana_refusal(request, body, err)
         if not body.start_only and not job.final:
             job = await state.wait(job.id, settings.banana_wait_s) or job
         return banana_view(body, job, started=True)
 
-    async def check(body: BananaCheck) -> dict:
+    async def check(body: BananaCheck, request: Request) -> dict:
         if (caller := state.caller(body.api_key)) is None:
-            return _banana(body, "error: invalid apiKey")
+            return banana_refusal(request, body, BANANA_UNAUTHORIZED, "error: invalid apiKey")
         job = await state.call(state.store.get, body.call_id)
         if job is None or not caller.sees(job):
             return _banana(body, f"error: no job with callID {body.call_id!r} (unknown, or its result expired)")
@@ -605,7 +619,7 @@ def create_server(
         operation_id="endpoint_health",
     )
     async def endpoint_health(ep: Endpoint = Depends(endpoint)) -> dict:
-        return await state.call(state.store.stats, ep.model_key)
+        return await state.call(state.store.stats, ep.model_key, state.counted_owner(ep.caller))
 
     @server.exception_handler(Exception)
     async def unexpected(request: Request, err: Exception) -> JSONResponse:
@@ -662,6 +676,9 @@ def create_server(
         )(direct_route(route))
 
     return server
+
+
+BANANA_UNAUTHORIZED = WorkerError("UNAUTHORIZED", "invalid apiKey", "apiKey", status=401)
 
 
 def refused(request: Request, err: WorkerError) -> None:
