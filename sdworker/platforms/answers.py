@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import GenerateJsonSchema
 
 
 class ErrorDetail(BaseModel):
@@ -135,3 +136,73 @@ def responses(*statuses: int, ok: type[BaseModel] | None = None, **extra: Any) -
         if status in (429, 503):
             documented[status]["headers"] = {"Retry-After": {"schema": {"type": "string"}, "description": "seconds"}}
     return documented
+
+
+# Request bodies: the direct routes' (POST / and the stages) as the document shows them. pydantic reads JSON in lax
+# mode, as the docs say (`"width": "64"` is 64, `"refiner": "yes"` true): the document says so too, so that what it
+# calls invalid is refused. Limits that depend on settings (MAX_STEPS, MAX_PIXELS) are checked past the schema.
+NUMBER_TEXT = r"^\s*[+-]?[0-9_.]+([eE][+-]?[0-9]+)?\s*$"
+BOOL_WORDS = ("true", "false", "yes", "no", "on", "off", "t", "f", "y", "n", "1", "0")
+
+
+def _any_case(word: str) -> str:
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in word)
+
+
+class LaxJsonSchema(GenerateJsonSchema):
+    """A model's JSON schema as pydantic's lax mode reads a body: numbers and booleans may come as text."""
+
+    def int_schema(self, schema: Any) -> dict[str, Any]:
+        return {"anyOf": [super().int_schema(schema), {"type": "string", "pattern": NUMBER_TEXT}]}
+
+    def float_schema(self, schema: Any) -> dict[str, Any]:
+        return {"anyOf": [super().float_schema(schema), {"type": "string", "pattern": NUMBER_TEXT}]}
+
+    def bool_schema(self, schema: Any) -> dict[str, Any]:
+        words = "|".join(_any_case(word) for word in BOOL_WORDS)
+        return {"anyOf": [{"type": "boolean"}, {"enum": [0, 1]}, {"type": "string", "pattern": f"^(?:{words})$"}]}
+
+
+def body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """`model`'s lax JSON schema with its definitions inlined (a request body's schema stands alone)."""
+    schema = model.model_json_schema(schema_generator=LaxJsonSchema)
+    definitions = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(item) for item in node]
+        return node
+
+    return inline(schema)
+
+
+def direct_body(route: str) -> dict[str, Any]:
+    """The request body of app.py's handler route `route`: exact for this template's routes (a generation
+    request, or docker-diffusers-api's modelInputs and callInputs, on `/`; each stage's input), else any object."""
+    from ..schema import GenerateInput
+    from ..stages.wire import DecodeInput, DenoiseInput, EncodeImageInput, EncodeInput
+
+    models: dict[str, type[BaseModel]] = {
+        "/stages/encode": EncodeInput,
+        "/stages/encode_image": EncodeImageInput,
+        "/stages/denoise": DenoiseInput,
+        "/stages/decode": DecodeInput,
+    }
+    if route == "/":
+        legacy = {
+            "type": "object",
+            "title": "docker-diffusers-api's body",
+            "properties": {"modelInputs": {"type": "object"}, "callInputs": {"type": ["object", "null"]}},
+            "required": ["modelInputs"],
+            "additionalProperties": False,
+        }
+        schema: dict[str, Any] = {"anyOf": [body_schema(GenerateInput), legacy]}
+    elif route in models:
+        schema = body_schema(models[route])
+    else:
+        schema = {"type": "object"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}

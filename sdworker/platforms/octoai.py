@@ -41,10 +41,15 @@ class OctoText(RequestModel):
     text: str = Field(min_length=1)
 
 
+def _text_too(schema: dict[str, Any]) -> None:
+    """The document says what `_text` reads: a Text, or the text itself."""
+    schema["properties"]["prompt"] = {"anyOf": [schema["properties"]["prompt"], {"type": "string", "minLength": 1}]}
+
+
 class InferRequest(RequestModel):
     """Seed 003's inputs: the prompt as OctoAI's Text (or plain text), and any other generation input beside it."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra=lambda schema: _text_too(schema))
     prompt: OctoText
 
     @field_validator("prompt", mode="before")

@@ -68,6 +68,7 @@ from .answers import (
     PotassiumStatus,
     Purged,
     StreamAnswer,
+    direct_body,
     responses,
 )
 
@@ -118,7 +119,7 @@ class RunRequest(RequestModel):
 
     model_config = ConfigDict(extra="ignore", strict=True)
     input: Annotated[dict[str, Any], AfterValidator(_shallow)]
-    webhook: str | None = Field(None, pattern=r"^https?://")
+    webhook: str | None = Field(None, pattern=r"^https?://[^/?#\s]+", description="A public http(s) URL")
     policy: Policy | None = None
 
 
@@ -660,7 +661,6 @@ def create_server(
 
         return direct
 
-    direct_body = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}}
     for route in state.routes:
         server.post(
             route,
@@ -671,7 +671,7 @@ def create_server(
                 200: {"description": "The handler's answer", "content": {"application/json": {"schema": {}}}},
                 **responses(400, 401, 409, 413, 422, 500, 502, 503, 504),
             },
-            openapi_extra=direct_body,
+            openapi_extra=direct_body(route),
             operation_id="direct" if route == "/" else f"direct_{route.strip('/').replace('/', '_')}",
         )(direct_route(route))
 
