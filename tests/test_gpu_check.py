@@ -4,9 +4,10 @@ at tiny sizes, with the `python` it is given, and its report has every section, 
 within what one call carries; and a rehearsal on a Python that holds only torch and what the GPU image holds
 installs the same pins from wheels, as the real run does, and passes every step on them alone.
 
-The whole dry run takes minutes, so it runs once, as the rehearsal (which proves strictly more than a dry run with
-the suite's own Python), and its report is read by the tests of what the report holds; a short dry run with the
-suite's Python shows that without wheels nothing is installed."""
+The whole dry run takes minutes, so it runs as the rehearsal (which proves strictly more than a dry run with the
+suite's own Python): the install once, then the steps on what it installed, a few per test (GPU_CHECK_STEPS), each
+test reading the report of its own steps; a short dry run with the suite's Python shows that without wheels
+nothing is installed."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tarfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,35 +94,68 @@ def models(recipe: Callable[[str], Path], tmp_path_factory: pytest.TempPathFacto
     return cache
 
 
+@dataclass(frozen=True)
+class Rehearsal:
+    """The GPU machine's Python with the check's pins installed from wheels, and the install step's report."""
+
+    python: Path
+    site: Path  # where the install step put the pins (first on PYTHONPATH, as the check puts it)
+    report: dict[str, Any]
+    logs: Path
+
+
 @pytest.fixture(scope="module")
-def rehearsal(models: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    """The dry run as the GPU machine runs the check: on a Python that holds only torch and what the GPU image
-    holds, the same pins installed from wheels (downloaded for this machine's Python), then every step."""
+def rehearsal(models: Path, tmp_path_factory: pytest.TempPathFactory) -> Rehearsal:
+    """The install as the GPU machine runs it: on a Python that holds only torch and what the GPU image holds, the
+    same pins installed from wheels (downloaded for this machine's Python). The steps then run on what it
+    installed, a few at a time (each test below), as the check runs them after its install."""
     tmp_path = tmp_path_factory.mktemp("rehearsal")
     python = _gpu_image_python(tmp_path / "gpu")
     imports = [python, "-c", "import torch, numpy, pytest; import diffusers"]
     assert subprocess.run(imports, capture_output=True).returncode != 0  # nothing of the project's is there yet
     wheels = tmp_path / "wheels"
     gpu_wheels.download(wheels, sys.version_info[:2])
-    return tmp_path, run_check(tmp_path, PYTHON=str(python), GPU_CHECK_WHEELS=str(wheels), GPU_CHECK_CACHE=str(models))
+    report = run_check(
+        tmp_path,
+        ("install",),
+        PYTHON=str(python),
+        GPU_CHECK_WHEELS=str(wheels),
+        GPU_CHECK_STEPS="install",
+        GPU_CHECK_CACHE=str(models),
+    )
+    return Rehearsal(python, tmp_path / "work" / "site", report, tmp_path / "work" / "logs")
+
+
+def dry_run(rehearsal: Rehearsal, models: Path, tmp_path: Path, steps: str, sections: tuple[str, ...]) -> dict:
+    """The dry run of `steps` on the rehearsal's installed pins alone."""
+    env = {"PYTHON": str(rehearsal.python), "PYTHONPATH": str(rehearsal.site), "GPU_CHECK_CACHE": str(models)}
+    report = run_check(tmp_path, sections, GPU_CHECK_STEPS=steps, **env)
+    bakes = (tmp_path / "work" / "logs" / "bake.log").read_text()  # the suite's bakes, found by download.py
+    assert bakes.count("is already baked") == 3, bakes[-2000:]
+    assert report["dry_run"] and report["machine"]["device"].startswith("CPU")
+    assert "bench/gpu_check.sh" in report["command"]
+    return report
 
 
 @pytest.mark.slow
-def test_the_dry_run_of_the_gpu_check_passes_every_step_and_reports_them(
-    rehearsal: tuple[Path, dict[str, Any]],
+def test_the_dry_run_of_the_device_tests_and_the_sd15_steps_passes_and_reports_them(
+    rehearsal: Rehearsal, models: Path, tmp_path: Path
 ) -> None:
-    tmp_path, report = rehearsal
-    assert report["dry_run"] and report["machine"]["device"].startswith("CPU")
-    bakes = (tmp_path / "work" / "logs" / "bake.log").read_text()  # the suite's bakes, found by download.py
-    assert bakes.count("is already baked") == 3, bakes[-2000:]
-    assert "bench/gpu_check.sh" in report["command"]
+    report = dry_run(rehearsal, models, tmp_path, "cuda_tests steps", ("cuda_tests", "steps"))
     tests = report["cuda_tests"]["result"]
     assert tests["counts"]["failed"] == 0 and tests["counts"]["passed"] >= 9
-    assert set(report["steps"]["parts"]) == {"steps", "steps_sd35", "steps_flux"}
-    assert all(part["status"] == "passed" for part in report["steps"]["parts"].values()), report["steps"]["parts"]
     rows = [row for part in report["steps"]["result"] for row in part["rows"]]
     assert rows and all(row["s_per_image"] > 0 and "error" not in row for row in rows)
-    assert {row["model"] for row in rows} == {"sd15", "sd35m", "flux"}
+    assert {row["model"] for row in rows} == {"sd15"}
+    table = (tmp_path / "out" / "gpu_check.md").read_text()
+    assert "| cuda_tests | passed |" in table and "| sd15 | 64 | baseline | 1 |" in table
+
+
+@pytest.mark.slow
+def test_the_dry_run_of_throughput_and_cold_start_passes_and_reports_them(
+    rehearsal: Rehearsal, models: Path, tmp_path: Path
+) -> None:
+    report = dry_run(rehearsal, models, tmp_path, "throughput cold_start", ("throughput", "cold_start"))
     assert {(row["max_batch"], row["clients"]) for row in report["throughput"]["result"]["rows"]} == {
         (1, 1),
         (1, 2),
@@ -130,8 +165,18 @@ def test_the_dry_run_of_the_gpu_check_passes_every_step_and_reports_them(
     cold = report["cold_start"]["result"]
     assert cold["median_s"]["worker"]["total"] > 0
     assert cold["raw_read"]["median_s"] > 0 and cold["raw_read"]["worker_load_over_raw_read"] > 0
-    table = (tmp_path / "out" / "gpu_check.md").read_text()
-    assert "| cuda_tests | passed |" in table and "| sd15 | 64 | baseline | 1 |" in table
+
+
+@pytest.mark.slow
+def test_the_dry_run_of_the_sd35_and_flux_steps_passes_and_reports_them(
+    rehearsal: Rehearsal, models: Path, tmp_path: Path
+) -> None:
+    report = dry_run(rehearsal, models, tmp_path, "steps_sd35 steps_flux", ())
+    assert set(report["steps"]["parts"]) == {"steps_sd35", "steps_flux"}
+    assert all(part["status"] == "passed" for part in report["steps"]["parts"].values()), report["steps"]["parts"]
+    rows = [row for part in report["steps"]["result"] for row in part["rows"]]
+    assert rows and all(row["s_per_image"] > 0 and "error" not in row for row in rows)
+    assert {row["model"] for row in rows} == {"sd35m", "flux"}
 
 
 def test_a_step_that_fails_runs_out_of_time_or_finds_no_time_left_is_reported(tmp_path: Path) -> None:
@@ -188,11 +233,9 @@ def test_make_gpu_wheels_brings_one_wheel_per_pin_for_python_312_within_the_call
 
 
 @pytest.mark.slow
-def test_rehearsal_the_wheels_installed_beside_torch_alone_pass_every_step(
-    rehearsal: tuple[Path, dict[str, Any]],
-) -> None:
-    tmp_path, report = rehearsal  # every step passed on the installed pins alone (run_check)
-    assert report["install"]["status"] == "passed", (tmp_path / "work" / "logs" / "install.log").read_text()[-3000:]
+def test_rehearsal_the_wheels_install_beside_torch_alone(rehearsal: Rehearsal) -> None:
+    report = rehearsal.report  # the steps pass on what it installed: the dry-run tests above run on it alone
+    assert report["install"]["status"] == "passed", (rehearsal.logs / "install.log").read_text()[-3000:]
     assert report["install"]["result"]["problems"] == []
     from_image = " ".join(report["install"]["result"]["from_image"])
     assert "filelock" in from_image and "numpy" in from_image
