@@ -205,6 +205,53 @@ class GenerateInput(RequestModel):
         return "inpaint" if self.mask_image else "img2img" if self.image else "text2img"
 
 
+# The split stages' bodies (sdworker/stages/): each endpoint's, checked on arrival; the tensors inside are
+# checked by sdworker/stages/wire.py.
+class EncodeInput(RequestModel):
+    """`POST /stages/encode`."""
+
+    prompt: str = Field(min_length=1)
+    negative_prompt: str | None = None
+    prompt_syntax: str | None = None
+    clip_skip: int | None = None
+    loras: list[LoraChoice] | None = Field(None, description="As a generation names them: their text-encoder part.")
+
+
+class EncodeImageInput(RequestModel):
+    """`POST /stages/encode_image`: img2img's or inpaint's image, on the VAE's worker."""
+
+    image: str = Field(min_length=1, validation_alias=AliasChoices("image", "init_image"))
+    mask_image: str | None = None
+    width: int | None = None
+    height: int | None = None
+
+
+class DenoiseInput(RequestModel):
+    """`POST /stages/denoise`: the embeddings from encode, and what a generation takes besides its prompt."""
+
+    embeddings: str = Field(min_length=1, description="encode's answer: base64 of a safetensors file")
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    num_images_per_prompt: int = 1
+    scheduler: str | None = None
+    eta: float | None = None
+    loras: list[LoraChoice] | None = Field(None, description="As a generation names them: their UNet part.")
+    image_latents: str | None = Field(None, description="img2img / inpaint: encode_image's answer")
+    strength: float | None = None
+
+
+class DecodeInput(RequestModel):
+    """`POST /stages/decode`: the latents from denoise."""
+
+    latents: str = Field(min_length=1, description="denoise's answer: base64 of a safetensors file")
+    output_format: str = "png"
+    output_quality: int = 90
+    safety_checker: bool = True
+
+
 def parse_request(payload: Any) -> tuple[GenerateInput, dict[str, str]]:
     """Validate a request body of either shape.
 

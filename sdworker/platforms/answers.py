@@ -12,6 +12,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import GenerateJsonSchema
 
+from ..schema import DecodeInput, DenoiseInput, EncodeImageInput, EncodeInput, GenerateInput
+
 
 class ErrorDetail(BaseModel):
     """What went wrong: a stable code, a sentence, and the request field at fault (when one is)."""
@@ -183,9 +185,6 @@ def body_schema(model: type[BaseModel]) -> dict[str, Any]:
 def direct_body(route: str) -> dict[str, Any]:
     """The request body of app.py's handler route `route`: exact for this template's routes (a generation
     request, or docker-diffusers-api's modelInputs and callInputs, on `/`; each stage's input), else any object."""
-    from ..schema import GenerateInput
-    from ..stages.wire import DecodeInput, DenoiseInput, EncodeImageInput, EncodeInput
-
     models: dict[str, type[BaseModel]] = {
         "/stages/encode": EncodeInput,
         "/stages/encode_image": EncodeImageInput,

@@ -1,4 +1,4 @@
-"""What travels between the stages (`sdworker/stages/`): each endpoint's body, checked by its schema, and the
+"""What travels between the stages (`sdworker/stages/`): each endpoint's body (its schema is in schema.py), and the
 tensors, as base64 of a safetensors file whose header carries JSON metadata, checked by name, dtype and values
 on arrival (each stage checks their shapes against its model). A field that does not fit is a 422 naming it."""
 
@@ -9,10 +9,10 @@ import json
 from typing import Any
 
 import torch
-from pydantic import AliasChoices, BaseModel, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from ..errors import WorkerError
-from ..schema import GenerateInput, LoraChoice, RequestModel
+from ..schema import GenerateInput
 
 IMAGE = ("image_moments",)
 MASKED = ("image_moments", "masked_image_moments", "mask")
@@ -20,51 +20,6 @@ POOLED = ("pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 EMBEDDINGS = ("prompt_embeds", "negative_prompt_embeds")
 MAX_BODY_TENSOR_BYTES = 256 * 1024 * 1024
 MAX_METADATA_CHARS = 64 * 1024  # a stage's metadata: the generation's fields, a few hundred characters
-
-
-class EncodeInput(RequestModel):
-    """`POST /stages/encode`."""
-
-    prompt: str = Field(min_length=1)
-    negative_prompt: str | None = None
-    prompt_syntax: str | None = None
-    clip_skip: int | None = None
-    loras: list[LoraChoice] | None = Field(None, description="As a generation names them: their text-encoder part.")
-
-
-class EncodeImageInput(RequestModel):
-    """`POST /stages/encode_image`: img2img's or inpaint's image, on the VAE's worker."""
-
-    image: str = Field(min_length=1, validation_alias=AliasChoices("image", "init_image"))
-    mask_image: str | None = None
-    width: int | None = None
-    height: int | None = None
-
-
-class DenoiseInput(RequestModel):
-    """`POST /stages/denoise`: the embeddings from encode, and what a generation takes besides its prompt."""
-
-    embeddings: str = Field(min_length=1, description="encode's answer: base64 of a safetensors file")
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    width: int | None = None
-    height: int | None = None
-    seed: int | None = None
-    num_images_per_prompt: int = 1
-    scheduler: str | None = None
-    eta: float | None = None
-    loras: list[LoraChoice] | None = Field(None, description="As a generation names them: their UNet part.")
-    image_latents: str | None = Field(None, description="img2img / inpaint: encode_image's answer")
-    strength: float | None = None
-
-
-class DecodeInput(RequestModel):
-    """`POST /stages/decode`: the latents from denoise."""
-
-    latents: str = Field(min_length=1, description="denoise's answer: base64 of a safetensors file")
-    output_format: str = "png"
-    output_quality: int = 90
-    safety_checker: bool = True
 
 
 def parse(model_type: type[BaseModel], payload: Any) -> Any:

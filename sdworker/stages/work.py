@@ -15,16 +15,12 @@ from .. import metrics
 from ..encoded import Encoded, EncodedImage
 from ..errors import WorkerError
 from ..images import encode_image as encode_picture
-from ..schema import check_limits, check_size
+from ..schema import DecodeInput, DenoiseInput, EncodeImageInput, EncodeInput, check_limits, check_size
 from .wire import (
     EMBEDDINGS,
     IMAGE,
     MASKED,
     POOLED,
-    DecodeInput,
-    DenoiseInput,
-    EncodeImageInput,
-    EncodeInput,
     as_generation,
     check_tensors,
     pack,
