@@ -369,7 +369,7 @@ class Settings(BaseSettings):
             return self.max_queued_per_key
         keys = [
             key
-            for secret in (self.api_keys, self.admin_api_keys)
+            for secret in (None if self.keyless() else self.api_keys, self.admin_api_keys)
             if secret is not None
             for key in secret.get_secret_value().split(",")
             if key.strip()

@@ -401,6 +401,8 @@ def test_an_old_entry_of_a_retried_job_does_not_take_it_from_its_worker(redis_ur
     store.claim("m", "w1", 1)
     store.cancel(job.id)
     store.retry(job.id)
+    # The running job's entry went with the retry: one entry (what KEDA and MAX_QUEUE count), one place to take.
+    assert redis.Redis.from_url(redis_url).xlen("sdw:queue:m") == 1
     running = store.claim("m", "w2", 1)
     assert running.worker_id == "w2"
     for _ in range(4):  # w2 keeps its lease; w1 is silent past it, still holding the first entry
@@ -618,4 +620,6 @@ def test_each_keys_share_of_the_queue_is_all_of_it_with_one_key_and_a_quarter_wi
     assert Settings(max_queue=100, api_keys=SecretStr("one,two")).queued_per_key() == 25
     assert Settings(max_queue=100, api_keys=SecretStr("one"), admin_api_keys=SecretStr("root")).queued_per_key() == 25
     assert Settings(max_queue=2, api_keys=SecretStr("one,two")).queued_per_key() == 1
+    keyless = Settings(max_queue=100, api_keys=SecretStr("none"), admin_api_keys=SecretStr("root"))
+    assert keyless.queued_per_key() == 100  # API_KEYS=none: one caller, whatever the admin keys
     assert Settings(max_queue=100, api_keys=SecretStr("a,b"), max_queued_per_key=70).queued_per_key() == 70

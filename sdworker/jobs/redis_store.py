@@ -435,7 +435,9 @@ class RedisStore(JobStore):
             return job
 
         def runnable(job: Job) -> bool:
-            return not job.final and not (lost and job.attempts >= self.settings.max_attempts)
+            if not lost:
+                return job.status == "IN_QUEUE"
+            return not job.final and job.attempts < self.settings.max_attempts
 
         job = self.get(job_id)
         if job is None:  # expired meanwhile (or evicted): forget its place
@@ -444,6 +446,8 @@ class RedisStore(JobStore):
             return None
         if not job.final and not lost and expired_in_queue(job):
             self._ended(job, release=True)
+            return None
+        if not lost and job.status == "IN_PROGRESS":  # a stale place of a job another worker runs: nothing to do
             return None
         job, taken = self._update_if(job_id, runnable, own)
         if taken:
@@ -532,6 +536,9 @@ class RedisStore(JobStore):
 
     def retry(self, job_id: str) -> Job | None:
         def enqueue(pipe: redis.client.Pipeline, job: Job) -> None:
+            # A job cancelled while it ran keeps its place until its worker stops: off it first, so that the old
+            # entry, lease and running mark cannot outlive the retry (nor hand the job to a second worker).
+            self._release_script(keys=_place(job), args=[job.id], client=pipe)
             self._enqueue_script(keys=_place(job), args=[job.id, _owner(job.owner), job.model_key], client=pipe)
             for counts in _counts_keys(job):
                 pipe.hincrby(counts, "retried", 1)
