@@ -189,6 +189,21 @@ def wait_for(check: Callable[[], object], timeout: float = 60) -> object:
     pytest.fail(f"timed out after {timeout} s waiting")
 
 
+def start_workers(env: dict[str, str], count: int) -> list[subprocess.Popen]:
+    """`count` processes of `python app.py --mode worker` on `env` (REDIS_URL set), their output dropped: they
+    have no HTTP, so whoever starts them waits for the gateway's /health to count them."""
+    return [
+        subprocess.Popen(
+            [sys.executable, "app.py", "--mode", "worker"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        for _ in range(count)
+    ]
+
+
 def start_process(args: list[str], url: str, env: dict[str, str], timeout: float = 120) -> subprocess.Popen:
     """Start a server process and wait until `url` answers; fail with its output if it dies first.
 

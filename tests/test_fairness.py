@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 import requests
-from conftest import ROOT, free_port, serve_folder, start_process, wait_for
+from conftest import free_port, serve_folder, start_process, start_workers, wait_for
 from PIL import Image
 
 KEYS = {"a": "fair-key-a", "b": "fair-key-b"}
@@ -105,16 +104,7 @@ def cluster(request: pytest.FixtureRequest, baked: dict[str, Path], tmp_path: Pa
     else:
         redis.Redis.from_url(redis_url).flushdb()
         env["REDIS_URL"] = redis_url
-        processes += [
-            subprocess.Popen(
-                [sys.executable, "app.py", "--mode", "worker"],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.STDOUT,
-            )
-            for _ in range(2)
-        ]
+        processes += start_workers(env, 2)
         processes.append(start_process([sys.executable, "app.py", "--mode", "gateway"], f"{url}/health", env))
         wait_for(lambda: call(url, "a", "GET", "health")["workers"]["idle"] == 2, timeout=120)
     try:

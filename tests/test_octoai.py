@@ -148,12 +148,13 @@ def test_an_idle_worker_exits_0_but_never_while_a_job_runs(baked: dict[str, Path
         )
         assert slow.status_code == 200 and slow.json()["output"]["image_b64"]
         assert time.monotonic() - started > 2  # it ran longer than the idle time, and the worker stayed up
-        unkeyed = (  # not use, so none keeps it up: probes, refusals, unknown routes, Potassium's warm-up
+        unkeyed = (  # not use, so none keeps it up: probes, refusals, unknown routes, Potassium's warm-up and status
             ("GET", url, {}),
             ("POST", f"{url}/infer", {"Authorization": "Bearer wrong"}),
             ("POST", f"{url}/", {}),
             ("GET", f"{url}/no-such-route", {}),
             ("POST", f"{url}/_k/warmup", {}),
+            ("GET", f"{url}/__status__", {"Authorization": f"Bearer {KEY}"}),  # a status read, even with a key
         )
         while process.poll() is None and time.monotonic() - started < 60:
             try:
@@ -162,6 +163,7 @@ def test_an_idle_worker_exits_0_but_never_while_a_job_runs(baked: dict[str, Path
             except requests.ConnectionError:
                 break  # it has stopped listening
             time.sleep(0.2)
+        assert time.monotonic() - started < 60, "the probes kept the idle worker up for 60 s"
         assert process.wait(30) == 0
     finally:
         if process.poll() is None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 import requests
-from conftest import ROOT, HookTarget, free_port, output_of, start_process, start_redis, wait_for
+from conftest import ROOT, HookTarget, free_port, output_of, start_process, start_redis, start_workers, wait_for
 
 from sdworker.config import Settings
 from sdworker.jobs.sqlite_store import SQLiteStore
@@ -114,16 +114,7 @@ def test_a_killed_workers_job_completes_once_on_another_worker(
     redis.Redis.from_url(redis_url).flushdb()
     env = env_for(baked["tiny-sd"], tmp_path / "data", REDIS_URL=redis_url, LEASE_S="2")
     url, gateway = serve(env, "--mode", "gateway")
-    workers = [
-        subprocess.Popen(
-            [sys.executable, "app.py", "--mode", "worker"],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )
-        for _ in range(2)
-    ]
+    workers = start_workers(env, 2)
     try:
         wait_for(lambda: rp(url, "GET", "health")["workers"]["idle"] == 2)
         job_id = rp(url, "POST", "run", json={"input": SLOW})["id"]

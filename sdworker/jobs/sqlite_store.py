@@ -167,8 +167,8 @@ class SQLiteStore(JobStore):
                     "AND owner = ?",
                     (job.model_key, job.owner),
                 ).fetchone()
-                if mine >= self.settings.queued_per_key():
-                    raise key_queue_full(self.settings.queued_per_key())
+                if mine >= (share := self.settings.queued_per_key()):
+                    raise key_queue_full(share)
             self._save(job)
         self._notify()
         return job, True

@@ -120,18 +120,20 @@ class State:
         """Whose job counts `caller` may see: everyone's (None) for an admin or the only key, else its own."""
         return None if caller.admin or len(set(self.keys)) <= 1 else caller.owner
 
-    def caller(self, key: str | None) -> Caller | None:
-        """The caller of an accepted key, else None; constant-time comparison against every key."""
+    def caller(self, key: str | None, use: bool = True) -> Caller | None:
+        """The caller of an accepted key, else None; constant-time comparison against every key. With `use`, the
+        call counts as use of the worker (IDLE_SHUTDOWN_S); a status read does not."""
         given = (key or "").encode()
         admin = any([hmac.compare_digest(given, accepted) for accepted in self.admins])
         if not admin and self.keyless:
             given = b""  # API_KEYS=none: whatever was sent, one caller
         elif not any([hmac.compare_digest(given, accepted) for accepted in self.keys]):
             return None
-        self.last_activity = time.monotonic()  # only a request with an accepted key is use (IDLE_SHUTDOWN_S)
+        if use:  # only a request with an accepted key is use (IDLE_SHUTDOWN_S)
+            self.last_activity = time.monotonic()
         return Caller(hashlib.sha256(b"sdworker-owner:" + given).hexdigest()[:32], admin)
 
-    def caller_of(self, request: Request) -> Caller | None:
+    def caller_of(self, request: Request, use: bool = True) -> Caller | None:
         """The caller of a request that may present its key three ways (`X-BANANA-API-KEY`, `Authorization:
         Bearer`, `?apiKey=`): every key presented, an empty one included, must be accepted and name the same
         caller, so that a bad key is never passed over for a good one beside it."""
@@ -140,9 +142,9 @@ class State:
         if authorization is not None and authorization[:7].lower() == "bearer ":
             bearer = authorization[7:].strip()
         keys = (request.headers.get("x-banana-api-key"), bearer, request.query_params.get("apiKey"))
-        callers = [self.caller(key) for key in keys if key is not None]
+        callers = [self.caller(key, use) for key in keys if key is not None]
         if not callers and self.keyless:
-            callers = [self.caller(None)]
+            callers = [self.caller(None, use)]
         if not callers or None in callers or len(set(callers)) > 1:
             return None
         return callers[0]

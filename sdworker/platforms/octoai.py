@@ -116,8 +116,7 @@ def add_routes(server: FastAPI, state: State) -> None:
         response_model=None,
     )
     async def readiness() -> JSONResponse:
-        ready = state.ready() and not state.draining
-        status = "ready" if ready else "draining" if state.draining else "loading"
+        ready, status = readiness_of(state, ("ready", "draining", "loading"))
         return JSONResponse({"status": status}, status_code=200 if ready else 503)
 
     @server.get(
@@ -128,8 +127,7 @@ def add_routes(server: FastAPI, state: State) -> None:
         response_model=None,
     )
     async def healthcheck() -> JSONResponse:
-        ready = state.ready() and not state.draining
-        status = "RUNNING" if ready else "SHUTTING_DOWN" if state.draining else "SETUP_SERVICE"
+        ready, status = readiness_of(state, ("RUNNING", "SHUTTING_DOWN", "SETUP_SERVICE"))
         return JSONResponse({"status": status, "async_enable": True}, status_code=200 if ready else 503)
 
     def caller_of(credentials: HTTPAuthorizationCredentials | None) -> Any:
@@ -216,6 +214,12 @@ def add_routes(server: FastAPI, state: State) -> None:
                 "NOT_READY", f"{response_id} is still {job.status}: poll until it is completed", "response_id", 409
             )
         return answer(job, 0)
+
+
+def readiness_of(state: State, words: tuple[str, str, str]) -> tuple[bool, str]:
+    """Whether the worker takes jobs, and its state in `words` (ready, draining, loading), as a route names them."""
+    ready = state.ready() and not state.draining
+    return ready, words[0] if ready else words[1] if state.draining else words[2]
 
 
 def succeeded(job: Job) -> bool:

@@ -408,7 +408,7 @@ def create_server(
     )
     async def potassium_status(request: Request) -> dict:
         running = (await state.call(state.store.stats, state.model_keys[0]))["jobs"]["inProgress"]
-        keyed = state.caller_of(request) is not None
+        keyed = state.caller_of(request, use=False) is not None  # a status read keeps no idle worker up
         return {
             "gpu_available": state.ready() and running == 0,
             "sequence_number": state.sequence_number if keyed else 0,  # the request count: for a key's eyes only
