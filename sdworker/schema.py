@@ -28,6 +28,13 @@ PIPELINES = {
     "StableDiffusionInpaintPipeline": "inpaint",
     "StableDiffusionXLInpaintPipeline": "inpaint",
     "StableDiffusionInpaintPipelineLegacy": "inpaint",  # diffusers' old one: docker-diffusers-api's test sends it
+    **{f"{family}Pipeline": "text2img" for family in ("StableDiffusion3", "Flux", "Flux2Klein", "QwenImage", "ZImage")},
+    **{f"{family}Img2ImgPipeline": "img2img" for family in ("StableDiffusion3", "Flux", "QwenImage", "ZImage")},
+    **{f"{family}InpaintPipeline": "inpaint" for family in ("StableDiffusion3", "Flux", "Flux2Klein", "QwenImage")},
+    "ChromaPipeline": "text2img",
+    "ChromaImg2ImgPipeline": "img2img",
+    "ChromaInpaintPipeline": "inpaint",
+    "ZImageInpaintPipeline": "inpaint",
     "text2img": "text2img",
     "txt2img": "text2img",
     "img2img": "img2img",
@@ -152,9 +159,12 @@ class GenerateInput(RequestModel):
     guidance_scale: float | None = Field(
         None, ge=0, le=50, description="Classifier-free guidance; <= 1 turns it off; default: the family's."
     )
+    true_cfg_scale: float | None = Field(
+        None, ge=0, le=50, description="qwenimage: its pipeline's name for guidance_scale (give one of the two)."
+    )
     eta: float | None = Field(None, ge=0, le=1, description="DDIM's eta (sd1, sd2, sdxl): 0 is deterministic.")
     max_sequence_length: int | None = Field(
-        None, ge=1, le=512, description="T5 prompt tokens (sd3, flux); default: the pipeline's."
+        None, ge=1, le=1024, description="T5 / LLM prompt tokens (not sd1, sd2, sdxl); default: the family's."
     )
     loras: list[LoraChoice] | None = Field(
         None, max_length=8, description='Baked LoRAs to apply: [{"name": "ink", "scale": 0.8}].'

@@ -1,12 +1,15 @@
-"""The sd3 and flux families: baked offline from their tiny recipes with the real baking code, loaded by the real
-loader, served through the one handler; and the family table's rules (defaults, fields, sizes, dtype)."""
+"""The families after SD 1.x/2.x and SDXL (sd3, flux, flux2-klein, qwenimage, zimage, chroma): baked offline from
+their tiny recipes with the real baking code, loaded by the real loader, served through the one handler and every
+client's route; and the family table's rules (defaults, fields, sizes, dtype)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import sys
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -22,9 +25,19 @@ from sdworker.model import FAMILIES, LoadedModel, family_of, load_model, read_ma
 FAST = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 5, "width": 64, "height": 64}
 
 
+NEW = {
+    "tiny-flux2-klein": "flux2-klein",
+    "tiny-qwenimage": "qwenimage",
+    "tiny-zimage": "zimage",
+    "tiny-chroma": "chroma",
+}
+"""The families of 2025-26 by their tiny recipe."""
+
+
 @pytest.fixture(scope="module")
 def tiny(recipe: Callable[[str], Path]) -> dict[str, Path]:
-    return {name: recipe(name) for name in ("tiny-sd3", "tiny-flux", "tiny-flux-schnell")}
+    names = ("tiny-sd3", "tiny-flux", "tiny-flux-schnell", *NEW, "tiny-flux2-klein-base")
+    return {name: recipe(name) for name in names}
 
 
 @pytest.fixture(scope="module")
@@ -32,21 +45,25 @@ def models(tiny: dict[str, Path]) -> dict[str, LoadedModel]:
     return {name: load_model(Settings(model_dir=path)) for name, path in tiny.items()}
 
 
-@pytest.mark.parametrize(("name", "family"), [("tiny-sd3", "sd3"), ("tiny-flux", "flux")])
+@pytest.mark.parametrize(("name", "family"), [("tiny-sd3", "sd3"), ("tiny-flux", "flux"), *NEW.items()])
 def test_every_task_of_the_family_makes_its_image(models: dict[str, LoadedModel], name: str, family: str) -> None:
     model = models[name]
     image = png_base64(96, 80)
-    for task, extra in (
-        ("text2img", {}),
-        ("img2img", {"image": image, "strength": 0.5}),
-        ("inpaint", {"image": image, "mask_image": png_base64(96, 80, (255, 255, 255))}),
-    ):
-        status, body = handle(model, {**FAST, "width": 96, "height": 80, **extra})
+    tasks = {
+        "text2img": {},
+        "img2img": {"image": image, "strength": 0.5},
+        "inpaint": {"image": image, "mask_image": png_base64(96, 80, (255, 255, 255))},
+    }
+    pictures = set()
+    for task in FAMILIES[family].pipelines:
+        status, body = handle(model, {**FAST, "width": 96, "height": 80, **tasks[task]})
         assert status == 200, body
         assert decode(body["images"][0]["base64"]).size == (96, 80), task  # the size asked, not the default
         meta = body["$meta"]
         assert (meta["family"], meta["task"]) == (family, task)
         assert meta["PIPELINE"] == FAMILIES[family].pipelines[task]
+        pictures.add(body["images"][0]["base64"])
+    assert len(pictures) == len(FAMILIES[family].pipelines)  # each task drew its own picture
     again = handle(model, {**FAST, "width": 96, "height": 80})[1]["images"][0]["base64"]
     assert again == handle(model, {**FAST, "width": 96, "height": 80})[1]["images"][0]["base64"]  # seeded
 
@@ -63,6 +80,77 @@ def test_a_prompt_alone_gets_the_familys_defaults(models: dict[str, LoadedModel]
     assert (body["$meta"]["num_inference_steps"], body["$meta"]["guidance_scale"]) == (4, 0.0)
     dev = handle(models["tiny-flux"], {**FAST, "num_inference_steps": None})[1]["$meta"]
     assert (dev["num_inference_steps"], dev["guidance_scale"]) == (28, 3.5)
+
+
+def test_the_new_families_defaults_are_their_model_cards(models: dict[str, LoadedModel]) -> None:
+    expected = {
+        "tiny-qwenimage": (50, 4.0),  # true CFG 4 against a " " negative prompt, as Qwen-Image's own examples
+        "tiny-zimage": (50, 5.0),
+        "tiny-chroma": (40, 3.0),  # Chroma1-HD's card
+        "tiny-flux2-klein": (4, 1.0),  # FLUX.2 [klein] 4B/9B: distilled, its pipeline config says so
+        "tiny-flux2-klein-base": (50, 4.0),  # the [klein] base models: not distilled
+    }
+    for name, (steps, guidance) in expected.items():
+        status, body = handle(models[name], {**FAST, "num_inference_steps": None})
+        assert status == 200, (name, body)
+        assert (body["$meta"]["num_inference_steps"], body["$meta"]["guidance_scale"]) == (steps, guidance), name
+        assert body["$meta"]["width"] == 64
+    assert models["tiny-qwenimage"].default_size == models["tiny-zimage"].default_size == 1024
+    assert models["tiny-chroma"].size_multiple == models["tiny-zimage"].size_multiple == 16
+    # Z-Image-Turbo is known by its name, as the other turbo models: 8 steps, no guidance.
+    assert FAMILIES["zimage"].is_distilled({}, "Tongyi-MAI/Z-Image-Turbo")
+    assert not FAMILIES["zimage"].is_distilled({}, "Tongyi-MAI/Z-Image")
+    assert (FAMILIES["zimage"].distilled_steps, FAMILIES["zimage"].distilled_guidance) == (8, 0.0)
+
+
+def test_guidance_and_the_negative_prompt_steer_the_families_that_take_them(models: dict[str, LoadedModel]) -> None:
+    def picture(name: str, **extra: object) -> str:
+        status, body = handle(models[name], {**FAST, **extra})
+        assert status == 200, (name, body)
+        return body["images"][0]["base64"]
+
+    for name in ("tiny-qwenimage", "tiny-zimage", "tiny-chroma"):
+        plain = picture(name)
+        assert picture(name) == plain  # seeded
+        assert picture(name, negative_prompt="blurry") != plain, name
+        assert picture(name, guidance_scale=1.0) != plain, name  # guidance off
+    # Qwen-Image's pipeline calls its guidance true_cfg_scale: either name sets the same number.
+    assert picture("tiny-qwenimage", true_cfg_scale=2.0) == picture("tiny-qwenimage", guidance_scale=2.0)
+    status, body = handle(models["tiny-qwenimage"], {**FAST, "true_cfg_scale": 2.0, "guidance_scale": 3.0})
+    assert status == 422 and body["$error"]["field"] == "true_cfg_scale"
+
+
+def test_a_task_or_field_a_new_family_lacks_is_a_422_naming_it(models: dict[str, LoadedModel]) -> None:
+    klein = models["tiny-flux2-klein"]
+    status, body = handle(klein, {**FAST, "image": png_base64(), "strength": 0.5})
+    assert status == 422 and body["$error"]["field"] == "image"
+    assert "flux2-klein family has no img2img" in body["$error"]["message"]
+    status, body = handle(klein, {**FAST, "pipeline": "img2img", "image": png_base64()})
+    assert status == 422 and body["$error"]["field"] == "pipeline"
+    status, body = handle(klein, {**FAST, "negative_prompt": "blur"})
+    assert status == 422 and body["$error"]["field"] == "negative_prompt" and "flux2-klein" in body["$error"]["message"]
+    status, body = handle(models["tiny-chroma"], {**FAST, "true_cfg_scale": 4.0})
+    assert status == 422 and body["$error"]["field"] == "true_cfg_scale" and "chroma" in body["$error"]["message"]
+    status, body = handle(models["tiny-chroma"], {**FAST, "max_sequence_length": 600})
+    assert status == 422 and body["$error"]["field"] == "max_sequence_length" and "at most 512" in str(body)
+    status, body = handle(models["tiny-qwenimage"], {**FAST, "max_sequence_length": 600})
+    assert status == 200, body  # Qwen-Image reads up to 1024
+    weighted = {**FAST, "prompt": "a (red:1.3) lighthouse"}
+    status, body = handle(models["tiny-zimage"], weighted)
+    assert status == 200 and body["$meta"]["prompt_syntax"] == "plain"  # read as written: no weights here
+    status, body = handle(models["tiny-zimage"], {**weighted, "prompt_syntax": "a1111"})
+    assert status == 422 and body["$error"]["field"] == "prompt" and "zimage" in body["$error"]["message"]
+    status, body = handle(models["tiny-zimage"], {**FAST, "width": 72})
+    assert status == 422 and body["$error"]["field"] == "width" and "multiple of 16" in body["$error"]["message"]
+
+
+def test_the_prompt_past_max_sequence_length_is_cut_and_said(models: dict[str, LoadedModel]) -> None:
+    long = {**FAST, "prompt": "a lighthouse on a cliff " * 20}
+    for name in ("tiny-zimage", "tiny-chroma", "tiny-qwenimage", "tiny-flux2-klein"):
+        full = handle(models[name], long)[1]
+        cut = handle(models[name], {**long, "max_sequence_length": 8})[1]
+        assert cut["$meta"]["truncated"] is True and full["$meta"]["truncated"] is False, name
+        assert cut["images"][0]["base64"] != full["images"][0]["base64"], name
 
 
 def test_a_field_or_size_the_family_does_not_take_is_a_422_naming_both(
@@ -133,6 +221,62 @@ def test_the_server_serves_flux_to_a_runpod_client(tiny: dict[str, Path], tmp_pa
     finally:
         process.terminate()
         process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def servers(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """`python app.py` on each new family's tiny recipe, started side by side: recipe -> base URL."""
+
+    def start(name: str) -> tuple[str, object]:
+        port = free_port()
+        env = {
+            **{key: value for key, value in os.environ.items() if key not in ("REDIS_URL", "API_KEYS", "MODEL_ID")},
+            "MODEL_DIR": str(tiny[name]),
+            "DATA_DIR": str(tmp_path_factory.mktemp(name) / "data"),
+            "API_KEYS": "k",
+            "HOST": "127.0.0.1",
+            "PORT": str(port),
+        }
+        url = f"http://127.0.0.1:{port}"
+        process = start_process([sys.executable, "app.py"], f"{url}/health", env)
+        wait_for(lambda: requests.get(f"{url}/health", timeout=5).status_code == 200, timeout=120)
+        return url, process
+
+    with ThreadPoolExecutor(len(NEW)) as pool:
+        started = dict(zip(NEW, pool.map(start, NEW), strict=True))
+    yield {name: url for name, (url, _) in started.items()}
+    for _, process in started.values():
+        process.terminate()
+        process.wait(10)
+
+
+@pytest.mark.parametrize("name", list(NEW))
+def test_each_new_family_serves_its_tasks_to_direct_banana_and_runpod_clients(
+    servers: dict[str, str], name: str
+) -> None:
+    url, family = servers[name], FAMILIES[NEW[name]]
+    image, mask = png_base64(64, 64), png_base64(64, 64, (255, 255, 255))
+    last = "inpaint" if "inpaint" in family.pipelines else "img2img"
+    direct = requests.post(url, json=FAST, headers={"Authorization": "Bearer k"}, timeout=120)
+    assert direct.status_code == 200, direct.text
+    assert direct.json()["$meta"]["family"] == family.name and direct.json()["$meta"]["task"] == "text2img"
+    banana = {"id": str(uuid.uuid4()), "apiKey": "k", "modelKey": name, "startOnly": False}
+    answer = requests.post(f"{url}/start/v4/", json={**banana, "modelInputs": {**FAST, "image": image}}, timeout=120)
+    outputs = answer.json()
+    if "img2img" in family.pipelines:
+        assert outputs["message"] == "success", outputs
+        assert outputs["modelOutputs"][0]["$meta"]["task"] == "img2img"
+    else:  # FLUX.2 [klein] has no img2img: the error names the field, as Banana's client reads it
+        assert "error" in outputs["message"] and "image" in outputs["message"], outputs
+    runpod = requests.post(
+        f"{url}/v2/{name}/runsync",
+        json={"input": {**FAST, "image": image, "mask_image": mask, "pipeline": last}},
+        headers={"Authorization": "Bearer k"},
+        timeout=120,
+    ).json()
+    assert runpod["status"] == "COMPLETED", runpod
+    assert runpod["output"]["$meta"]["task"] == last and runpod["output"]["$meta"]["family"] == family.name
+    assert decode(runpod["output"]["images"][0]["base64"]).size == (64, 64)
 
 
 def test_a_flow_matching_model_refuses_noise_prediction_schedulers(models: dict[str, LoadedModel]) -> None:

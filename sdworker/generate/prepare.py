@@ -36,7 +36,8 @@ def prepare(
 
     prompts = None
     if encoded is None:
-        prompts = plan(model.pipes[task], model.family, request, settings.prompt_syntax, request.max_sequence_length)
+        length = request.max_sequence_length or model.row.sequence_length
+        prompts = plan(model.pipes[task], model.family, request, settings.prompt_syntax, length)
     started = time.perf_counter()
     with fetching(request) as check:  # downloads hold no model slot
         lora_files = fetch_loras(model, request, check)

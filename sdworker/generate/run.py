@@ -60,17 +60,18 @@ def _conditioning(model: LoadedModel, pipe: Any, batch: list[Job], counts: list[
     if first.encoded is not None:
         return first.encoded.conditioning
     assert first.prompts is not None
-    if not first.prompts.embeds:
+    if not first.prompts.embeds:  # no negative prompt: none passed (FLUX.2's pipelines take none)
         if len(batch) == 1:
-            return {"prompt": first.prompts.text, "negative_prompt": first.prompts.negative_text}
+            negative = first.prompts.negative_text
+            return {"prompt": first.prompts.text, **({} if negative is None else {"negative_prompt": negative})}
         texts = [job.prompts.text for job, n in zip(batch, counts, strict=True) for _ in range(n)]
-        negatives = None
-        if first.prompts.negative_text is not None:
-            negatives = [job.prompts.negative_text for job, n in zip(batch, counts, strict=True) for _ in range(n)]
+        if first.prompts.negative_text is None:
+            return {"prompt": texts}
+        negatives = [job.prompts.negative_text for job, n in zip(batch, counts, strict=True) for _ in range(n)]
         return {"prompt": texts, "negative_prompt": negatives}
     from ..prompts import encode
 
-    length = first.request.max_sequence_length
+    length = first.request.max_sequence_length or model.row.sequence_length
     encoded = [encode(pipe, model.family, job.prompts, length) for job in batch]
     if len(batch) == 1:
         return encoded[0]
@@ -145,7 +146,7 @@ def _pipeline_call(model: LoadedModel, batch: list[Job]) -> None:
             common = {
                 **_conditioning(model, pipe, batch, counts),
                 "num_inference_steps": first.request.num_inference_steps,
-                "guidance_scale": first.request.guidance_scale,
+                model.row.guidance_kwarg: first.request.guidance_scale,
                 "num_images_per_prompt": 1 if len(batch) > 1 else counts[0],
                 "generator": [torch.Generator("cpu").manual_seed(s) for job in batch for s in job.seeds],
                 "callback_on_step_end": step_end,

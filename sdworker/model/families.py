@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 TASKS = ("text2img", "img2img", "inpaint")
 
-OPTIONAL_FIELDS = ("negative_prompt", "max_sequence_length", "clip_skip", "eta")
+OPTIONAL_FIELDS = ("negative_prompt", "max_sequence_length", "clip_skip", "eta", "true_cfg_scale")
 """Request fields that only some families take: a family without one refuses it by name."""
 
 
@@ -36,16 +36,25 @@ class Family:
     fields: frozenset[str]  # which of OPTIONAL_FIELDS it takes
     distilled_steps: int | None = None  # defaults of a distilled (few-step) model of this family
     distilled_guidance: float = 0.0
+    distilled_config: tuple[str, Any] | None = None  # a (key, value) of the pipeline's or denoiser's config that
+    # says the model is distilled (FLUX.1 schnell has no guidance embedding; FLUX.2 [klein] says is_distilled)
     sized_img2img: bool = False  # its img2img pipeline takes width and height (else it resizes to the default)
     refiner: str | None = None  # the pipeline class of a refiner baked beside it (REFINER_ID), if it can have one
     stages: bool = False  # seed 001's split (STAGES): text encoders, UNet and VAE each their own worker
+    packed: int = 1  # latents packed in patches of this side before the transformer (FLUX: 2x2), beside its config's
+    sequence_length: int | None = None  # the tokens its (T5 or LLM) text encoder reads by default: max_sequence_length
+    max_sequence_length: int = 512  # the most it reads (T5: 512)
+    guidance_kwarg: str = "guidance_scale"  # the pipeline argument a request's guidance_scale goes to
+    negative_default: str | None = None  # the negative prompt when a request gives none (Qwen-Image's CFG needs one)
+    config_fixes: tuple[tuple[str, dict[str, Any]], ...] = ()  # (component, config values) set at load, for
+    # pipelines that read a config key the family's own model does not have
 
-    def is_distilled(self, pipe_config: dict[str, Any], model_id: str) -> bool:
-        """Whether the baked model is a few-step distillation: FLUX.1 schnell (no guidance embedding), and
-        models named turbo, lightning, lcm or schnell."""
+    def is_distilled(self, config: dict[str, Any], model_id: str) -> bool:
+        """Whether the baked model is a few-step distillation: by `distilled_config` in `config` (the pipeline's
+        and its denoiser's together), or by a name with turbo, lightning, lcm or schnell in it."""
         if self.distilled_steps is None:
             return False
-        if self.name == "flux" and pipe_config.get("guidance_embeds") is False:
+        if self.distilled_config is not None and config.get(self.distilled_config[0]) == self.distilled_config[1]:
             return True
         return any(word in model_id.lower() for word in ("turbo", "lightning", "lcm", "schnell"))
 
@@ -108,6 +117,7 @@ FAMILIES = {
             frozenset({"negative_prompt", "max_sequence_length", "clip_skip"}),
             distilled_steps=4,
             sized_img2img=True,
+            sequence_length=256,
         ),
         Family(
             "flux",
@@ -119,7 +129,77 @@ FAMILIES = {
             3.5,
             frozenset({"max_sequence_length"}),
             distilled_steps=4,
+            distilled_config=("guidance_embeds", False),
             sized_img2img=True,
+            packed=2,
+            sequence_length=512,
+        ),
+        Family(
+            "flux2-klein",  # FLUX.2 [klein]: a Qwen3 text encoder; [klein] 4B/9B distilled, their base models not
+            ("Flux2KleinPipeline",),
+            {"text2img": "Flux2KleinPipeline", "inpaint": "Flux2KleinInpaintPipeline"},
+            "transformer",
+            "bfloat16",
+            50,
+            4.0,
+            frozenset({"max_sequence_length"}),
+            distilled_steps=4,
+            distilled_guidance=1.0,  # not read by a distilled model: 1.0 keeps its pipeline from warning
+            distilled_config=("is_distilled", True),
+            sized_img2img=True,
+            packed=2,
+            sequence_length=512,
+        ),
+        Family(
+            "qwenimage",
+            ("QwenImagePipeline",),
+            {
+                "text2img": "QwenImagePipeline",
+                "img2img": "QwenImageImg2ImgPipeline",
+                "inpaint": "QwenImageInpaintPipeline",
+            },
+            "transformer",
+            "bfloat16",
+            50,
+            4.0,
+            frozenset({"negative_prompt", "max_sequence_length", "true_cfg_scale"}),
+            distilled_steps=8,  # the Lightning LoRAs' merged models
+            distilled_guidance=1.0,
+            sized_img2img=True,
+            packed=2,
+            sequence_length=1024,
+            max_sequence_length=1024,
+            guidance_kwarg="true_cfg_scale",  # real classifier-free guidance, with a negative prompt
+            negative_default=" ",  # Qwen-Image's own examples: without one the pipeline skips guidance
+        ),
+        Family(
+            "zimage",
+            ("ZImagePipeline",),
+            {"text2img": "ZImagePipeline", "img2img": "ZImageImg2ImgPipeline", "inpaint": "ZImageInpaintPipeline"},
+            "transformer",
+            "bfloat16",
+            50,
+            5.0,
+            frozenset({"negative_prompt", "max_sequence_length"}),
+            distilled_steps=8,  # Z-Image-Turbo: 8 steps without guidance (its model card and pipeline example)
+            sized_img2img=True,
+            packed=2,
+            sequence_length=512,
+        ),
+        Family(
+            "chroma",
+            ("ChromaPipeline",),
+            {"text2img": "ChromaPipeline", "img2img": "ChromaImg2ImgPipeline", "inpaint": "ChromaInpaintPipeline"},
+            "transformer",
+            "bfloat16",
+            40,  # Chroma1-HD's model card and the pipeline's example: 40 steps at guidance 3
+            3.0,
+            frozenset({"negative_prompt", "max_sequence_length"}),
+            sized_img2img=True,
+            packed=2,
+            sequence_length=512,
+            # diffusers 0.42's ChromaInpaintPipeline reads guidance_embeds, which Chroma's transformer has not
+            config_fixes=(("transformer", {"guidance_embeds": False}),),
         ),
     )
 }
@@ -166,6 +246,27 @@ def fit_request(request: GenerateInput, family: Family, distilled: bool, refiner
             raise WorkerError(
                 "INVALID_INPUTS", f"{field}: the {family.name} family does not take {field}", field, status=422
             )
+    length = request.max_sequence_length
+    if length is not None and length > family.max_sequence_length:
+        raise WorkerError(
+            "INVALID_INPUTS",
+            f"max_sequence_length must be at most {family.max_sequence_length} for {family.name} (got {length})",
+            "max_sequence_length",
+        )
+    if request.task not in family.pipelines:
+        field = "pipeline" if request.pipeline else "image" if request.task == "img2img" else "mask_image"
+        tasks = ", ".join(family.pipelines)
+        message = f"{field}: the {family.name} family has no {request.task} pipeline (it has {tasks})"
+        raise WorkerError("INVALID_INPUTS", message, field)
+    guidance = request.guidance_scale
+    if request.true_cfg_scale is not None:  # the pipeline's own name for what guidance_scale sets on this family
+        if guidance is not None and guidance != request.true_cfg_scale:
+            raise WorkerError(
+                "INVALID_INPUTS",
+                f"true_cfg_scale: the {family.name} family's guidance_scale is its true_cfg_scale; give one of them",
+                "true_cfg_scale",
+            )
+        guidance = request.true_cfg_scale
     if request.refiner and not refiner:
         where = "bake one with REFINER_ID" if family.refiner else f"the {family.name} family has none"
         raise WorkerError("INVALID_INPUTS", f"refiner: this worker has no refiner ({where})", "refiner")
@@ -174,11 +275,14 @@ def fit_request(request: GenerateInput, family: Family, distilled: bool, refiner
     if request.high_noise_frac is not None and not request.refiner:
         raise WorkerError("INVALID_INPUTS", 'high_noise_frac: only with "refiner": true', "high_noise_frac")
     steps = family.distilled_steps if distilled and family.distilled_steps else family.steps
-    guidance = family.distilled_guidance if distilled else family.guidance
+    default_guidance = family.distilled_guidance if distilled else family.guidance
+    negative = request.negative_prompt if request.negative_prompt is not None else family.negative_default
     return request.model_copy(
         update={
             "num_inference_steps": request.num_inference_steps or steps,
-            "guidance_scale": guidance if request.guidance_scale is None else request.guidance_scale,
+            "guidance_scale": default_guidance if guidance is None else guidance,
+            "true_cfg_scale": None,
+            "negative_prompt": negative,
             "high_noise_frac": request.high_noise_frac or (0.8 if request.refiner else None),
         }
     )

@@ -222,21 +222,22 @@ class LoadedModel:
 
     @property
     def default_size(self) -> int:
-        """The model's native image side in pixels (512 for SD 1.x, 1024 for SDXL, SD3 and FLUX.1)."""
+        """The model's native image side in pixels (512 for SD 1.x, 1024 for SDXL, SD3 and the DiTs after it)."""
         pipe = self.pipes["text2img"]
         sample = self.config_of(self.row.denoiser).get("sample_size")
-        if not isinstance(sample, int):  # FLUX.1's transformer has none: its pipeline's default
-            sample = pipe.default_sample_size
+        if not isinstance(sample, int):  # FLUX.1's transformer and later ones have none: their pipeline's default
+            sample = getattr(pipe, "default_sample_size", None)
+        if sample is None:  # Z-Image's pipeline writes 1024 in its code
+            return 1024
         return sample * pipe.vae_scale_factor
 
     @property
     def size_multiple(self) -> int:
         """What width and height must be multiples of: the VAE's downscaling times the transformer's patches
-        (FLUX.1 packs 2x2 latents)."""
+        (FLUX.1 and the DiTs after it pack 2x2 latents)."""
         pipe = self.pipes["text2img"]
-        if self.family == "flux":
-            return pipe.vae_scale_factor * 2
-        return pipe.vae_scale_factor * self.config_of(self.row.denoiser).get("patch_size", 1)
+        patch = self.config_of(self.row.denoiser).get("patch_size", 1)
+        return pipe.vae_scale_factor * max(self.row.packed, patch if isinstance(patch, int) else 1)
 
     @property
     def dtype(self) -> Any:
@@ -299,6 +300,9 @@ def load_model(settings: Settings) -> LoadedModel:
     encodes = base.text_encoder is not None or getattr(base, "text_encoder_2", None) is not None
     loras = load_baked(base, settings.model_dir, "loras") if encodes or "denoise" in settings.served_stages() else []
     embeddings = load_baked(base, settings.model_dir, "embeddings") if encodes else []
+    for part, values in family.config_fixes:
+        if getattr(base, part, None) is not None:
+            getattr(base, part).register_to_config(**values)
     apply_speed_options(base, settings, device)
     # The safety checker runs on its own after generation, so each request can turn it on or off.
     checker, extractor = getattr(base, "safety_checker", None), getattr(base, "feature_extractor", None)
@@ -325,7 +329,7 @@ def load_model(settings: Settings) -> LoadedModel:
             pipe.safety_checker = None
     manifest = read_manifest(settings.model_dir) or {}
     denoiser = getattr(base, family.denoiser, None)
-    denoiser_config = dict(denoiser.config) if denoiser is not None else {}
+    denoiser_config = {**base.config, **(dict(denoiser.config) if denoiser is not None else {})}
     model = LoadedModel(
         settings=settings,
         manifest=manifest,

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .tiny_text import tiny_qwen3_config, tiny_qwen_tokenizer, tiny_qwen_vl
+
 
 def _tiny_tokenizer() -> Any:
     """A CLIP tokenizer over a byte-level vocabulary of 256 symbols, written on the fly (no download)."""
@@ -93,16 +95,16 @@ def _tiny_unet(**extra: Any) -> Any:
     from diffusers import UNet2DConditionModel
 
     # Two levels at 8x8 latents by default (64 px images): real blocks, a few milliseconds a step on a CPU.
-    return UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        **extra,
-    )
+    config: dict[str, Any] = {
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "sample_size": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    }
+    return UNet2DConditionModel(**{**config, **extra})
 
 
 def _bake_tiny_sd(dest: Path) -> None:
@@ -304,6 +306,207 @@ def _bake_tiny_flux(dest: Path, guidance_embeds: bool = True) -> None:
     pipe.save_pretrained(dest, safe_serialization=True)
 
 
+def _flow_scheduler(**extra: Any) -> Any:
+    """FLUX's flow-matching schedule: resolution-dependent shift (`mu`, which these pipelines always pass)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    config = dict(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    config.update(extra)
+    return FlowMatchEulerDiscreteScheduler(**config)
+
+
+def _tiny_flux_vae() -> Any:
+    """FLUX.1's VAE layout (16 channels, no quant convs, its shift and scale), 8x: Chroma, Z-Image, Kontext, Fill."""
+    return _tiny_vae(
+        latent_channels=16,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.1159,
+        scaling_factor=0.3611,
+    )
+
+
+def _tiny_flux2_vae() -> Any:
+    """FLUX.2's VAE: 32 latent channels, 8x, patchified 2x2 into 128 channels that its batch-norm statistics
+    normalise."""
+    from diffusers import AutoencoderKLFlux2
+
+    return AutoencoderKLFlux2(
+        block_out_channels=(8, 8, 16, 16),
+        norm_num_groups=8,
+        layers_per_block=1,
+        latent_channels=32,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+
+
+def _tiny_flux2_transformer(text_width: int, guidance_embeds: bool) -> Any:
+    from diffusers import Flux2Transformer2DModel
+
+    # 128 input channels: 32 latent channels in 2x2 patches. Its text input is three of the text encoder's hidden
+    # states side by side (the pipelines' `text_encoder_out_layers`), so 3 x the encoder's width. The four rope
+    # axes (time, height, width, layer) add up to the head width.
+    return Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=128,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * text_width,
+        timestep_guidance_channels=256,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=guidance_embeds,
+    )
+
+
+def _bake_tiny_flux2_klein(dest: Path, distilled: bool = True) -> None:
+    """FLUX.2 [klein] layout with random weights: a Qwen3 causal LM as text encoder, the FLUX.2 DiT without
+    guidance embedding, the FLUX.2 VAE. `distilled` (FLUX.2-klein-4B/9B, a few steps, no CFG) sets the pipeline's
+    `is_distilled`; without it, laid out as the klein base models, which run real CFG against an empty prompt."""
+    import torch
+    from diffusers import Flux2KleinPipeline
+    from transformers import Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = tiny_qwen_tokenizer()
+    # 27 layers, so the pipeline's default text_encoder_out_layers (9, 18, 27) exist (Qwen3-4B has 36).
+    pipe = Flux2KleinPipeline(
+        transformer=_tiny_flux2_transformer(text_width=16, guidance_embeds=False),
+        vae=_tiny_flux2_vae(),
+        text_encoder=Qwen3ForCausalLM(tiny_qwen3_config(tokenizer, num_hidden_layers=27)).eval(),
+        tokenizer=tokenizer,
+        scheduler=_flow_scheduler(),
+        is_distilled=distilled,
+    )
+    pipe.save_pretrained(dest, safe_serialization=True)
+
+
+def _tiny_qwen_parts() -> dict[str, Any]:
+    """Qwen-Image's components: Qwen2.5-VL and its tokenizer, the Qwen-Image VAE (a causal 3D VAE, 16 channels, 8x,
+    its latents' mean and std), the MMDiT with 2x2 patches (64 channels in, 16 out), Qwen-Image's schedule."""
+    import torch
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+
+    torch.manual_seed(0)
+    tokenizer = tiny_qwen_tokenizer()
+    text_encoder = tiny_qwen_vl(tokenizer)
+    vae = AutoencoderKLQwenImage(
+        base_dim=4,
+        z_dim=16,
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+    )
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=64,
+        out_channels=16,
+        num_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        guidance_embeds=False,
+        axes_dims_rope=(8, 4, 4),
+    )
+    # Qwen-Image's own schedule: exponential time shift, growing from 0.5 to 0.9 with the image's length.
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256,
+        base_shift=0.5,
+        max_image_seq_len=8192,
+        max_shift=0.9,
+        shift=1.0,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+        use_dynamic_shifting=True,
+    )
+    return dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+def _bake_tiny_qwenimage(dest: Path) -> None:
+    """Qwen-Image layout with random weights: Qwen2.5-VL text encoder, Qwen-Image VAE and MMDiT."""
+    from diffusers import QwenImagePipeline
+
+    pipe = QwenImagePipeline(**_tiny_qwen_parts())
+    pipe.save_pretrained(dest, safe_serialization=True)
+
+
+def _bake_tiny_zimage(dest: Path) -> None:
+    """Z-Image(-Turbo) layout with random weights: Qwen3 base model as text encoder (its second-to-last hidden
+    state), the single-stream S3-DiT, FLUX.1's 16-channel VAE, a fixed shift-3 flow schedule."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Model
+
+    torch.manual_seed(0)
+    tokenizer = tiny_qwen_tokenizer()
+    text_encoder = Qwen3Model(tiny_qwen3_config(tokenizer, num_hidden_layers=2)).eval()
+    # 2x2 patches of 16 channels; head width 16 = rope axes 8 + 4 + 4.
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=16,
+        dim=32,
+        n_layers=1,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=16,
+        axes_dims=[8, 4, 4],
+    )
+    # Its pad tokens are made with torch.empty: give them values, or they may be NaN.
+    with torch.no_grad():
+        transformer.x_pad_token.normal_(0.0, 0.02)
+        transformer.cap_pad_token.normal_(0.0, 0.02)
+    pipe = ZImagePipeline(
+        transformer=transformer,
+        vae=_tiny_flux_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False),
+    )
+    pipe.save_pretrained(dest, safe_serialization=True)
+
+
+def _bake_tiny_chroma(dest: Path) -> None:
+    """Chroma layout with random weights: FLUX.1-schnell's DiT with a distilled modulation approximator instead of
+    per-block modulation, T5 alone (masked), FLUX.1's VAE; real CFG with a negative prompt."""
+    import torch
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = ChromaTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        axes_dims_rope=(4, 4, 8),
+        approximator_num_channels=16,
+        approximator_hidden_dim=32,
+        approximator_layers=1,
+    )
+    text_encoder, tokenizer = _tiny_t5(d_model=32)
+    pipe = ChromaPipeline(
+        transformer=transformer,
+        vae=_tiny_flux_vae(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        scheduler=_flow_scheduler(),
+    )
+    pipe.save_pretrained(dest, safe_serialization=True)
+
+
 RECIPES: dict[str, Callable[[Path], None]] = {
     "tiny-sd": _bake_tiny_sd,
     "tiny-sdxl": _bake_tiny_sdxl,
@@ -311,6 +514,11 @@ RECIPES: dict[str, Callable[[Path], None]] = {
     "tiny-sd3": _bake_tiny_sd3,
     "tiny-flux": _bake_tiny_flux,
     "tiny-flux-schnell": lambda dest: _bake_tiny_flux(dest, guidance_embeds=False),
+    "tiny-flux2-klein": _bake_tiny_flux2_klein,
+    "tiny-flux2-klein-base": lambda dest: _bake_tiny_flux2_klein(dest, distilled=False),
+    "tiny-qwenimage": _bake_tiny_qwenimage,
+    "tiny-zimage": _bake_tiny_zimage,
+    "tiny-chroma": _bake_tiny_chroma,
 }
 """The built-in recipes by MODEL_ID."""
 

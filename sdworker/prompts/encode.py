@@ -6,9 +6,10 @@ Two paths. A prompt with no weights that fits the text encoder goes to the pipel
 prompt syntax existed. A weighted, blended or long one (past CLIP's 77 tokens: encoded in 77-token chunks, not
 cut), or one with `clip_skip` on SD 1.x/2.x, is encoded with compel into `prompt_embeds`.
 
-T5 families (sd3, flux) read up to `max_sequence_length` tokens; what is past it is cut, and `$meta.truncated`
-says so. FLUX.1 takes weights through compel on its T5 encoder; SD3 takes none (three encoders compel has no
-recipe for): a weighted SD3 prompt is a 422, not silently flattened.
+Families with a T5 or a language model as their main encoder (sd3, flux, chroma, zimage, qwenimage, flux2) read
+up to `max_sequence_length` tokens (the caller passes the request's or the family's default); what is past it is
+cut, and `$meta.truncated` says so. FLUX.1 takes weights through compel on its T5 encoder; the others take none
+(compel has no recipe for their encoders): a weighted prompt there is a 422, not silently flattened.
 """
 
 from __future__ import annotations
@@ -31,8 +32,6 @@ NORMALIZED = frozenset({"sd1", "sd2"})
 """Families conditioned on CLIP's last layer, normalized (SDXL: the penultimate layer, not normalized)."""
 WEIGHTED = CHUNKED | {"flux"}
 """Families whose prompts may carry weights."""
-T5_DEFAULT_LENGTH = {"sd3": 256, "flux": 512}
-"""The pipelines' default max_sequence_length."""
 
 
 @dataclass(frozen=True)
@@ -195,8 +194,7 @@ def _compel(tokenizer: Any, encoder: Any, skip: int | None, normalize: bool, t5_
 
 def _t5(pipe: Any, max_sequence_length: int | None) -> Compel:
     """compel over FLUX.1's T5 encoder."""
-    length = max_sequence_length or T5_DEFAULT_LENGTH["flux"]
-    return _compel(pipe.tokenizer_2, pipe.text_encoder_2, None, True, length)
+    return _compel(pipe.tokenizer_2, pipe.text_encoder_2, None, True, max_sequence_length)
 
 
 def _conditioning(compel: Compel, conjunction: Conjunction) -> torch.Tensor:
@@ -250,11 +248,13 @@ def _main_tokenizer(pipe: Any, family: str, max_sequence_length: int | None) -> 
     it reads (start and end markers aside)."""
     copies = planning_tokenizers(pipe)
     if family == "flux":
-        return copies["tokenizer_2"], (max_sequence_length or T5_DEFAULT_LENGTH["flux"]) - 1
+        return copies["tokenizer_2"], max_sequence_length - 1
     if family == "sd3" and getattr(pipe, "text_encoder_3", None) is not None:
-        return copies["tokenizer_3"], (max_sequence_length or T5_DEFAULT_LENGTH["sd3"]) - 1
+        return copies["tokenizer_3"], max_sequence_length - 1
     tokenizer = copies.get("tokenizer") or copies["tokenizer_2"]
-    return tokenizer, tokenizer.model_max_length - 2
+    if family in CHUNKED or family == "sd3":
+        return tokenizer, tokenizer.model_max_length - 2
+    return tokenizer, max_sequence_length - 1  # a T5's or a language model's: what the pipeline reads
 
 
 def _count(pipe: Any, tokenizer: Any, conjunction: Conjunction) -> int:
@@ -274,7 +274,7 @@ def _length(pipe: Any, family: str, conjunction: Conjunction, max_sequence_lengt
     copies = planning_tokenizers(pipe)  # counted outside the model's turn: not the pipeline's own tokenizers
     if family == "flux":
         tokenizer = copies["tokenizer_2"]
-        compel = _compel(tokenizer, pipe.text_encoder_2, None, True, max_sequence_length or T5_DEFAULT_LENGTH["flux"])
+        compel = _compel(tokenizer, pipe.text_encoder_2, None, True, max_sequence_length)
     else:
         tokenizer = copies.get("tokenizer") or copies["tokenizer_2"]
         compel = _compel(tokenizer, pipe.text_encoder or pipe.text_encoder_2, 0, True, None)
