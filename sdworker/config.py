@@ -195,6 +195,9 @@ class Settings(BaseSettings):
         "a1111", description="How prompts are read when a request does not say: A1111 weights, compel's, or as text."
     )
     max_input_image_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest input image, encoded.")
+    max_reference_images: int = Field(
+        4, ge=1, le=16, description="Most reference images an edit request may send (each model has its own limit too)."
+    )
     max_input_image_pixels: int = Field(
         4096 * 4096, ge=64 * 64, description="Largest input image, decoded (4096 x 4096)."
     )

@@ -72,10 +72,13 @@ LATENT_RGB = {
 }
 
 
-def latent_preview(latents: Any, family: str, quality: int = 40) -> str:
-    """A small, rough JPEG (1/8 of the image's size) of the first image's latents, as base64."""
+def latent_preview(latents: Any, family: str, quality: int = 40) -> str | None:
+    """A small, rough JPEG (1/8 of the image's size) of the first image's latents, as base64; None for latents
+    the maps above do not read (16 or 32 channels, or packed into tokens: SD3, FLUX and the DiTs after them)."""
     import torch
 
+    if latents.ndim != 4 or latents.shape[1] != 4 or family not in ("sd1", "sd2", "sdxl"):
+        return None
     factors, bias = LATENT_RGB["sdxl" if family == "sdxl" else "sd1"]
     latent = latents[0].detach().float().cpu()  # 4 x h x w
     rgb = torch.einsum("chw,cr->hwr", latent, torch.tensor(factors)) + torch.tensor(bias)

@@ -35,6 +35,8 @@ PIPELINES = {
     "ChromaImg2ImgPipeline": "img2img",
     "ChromaInpaintPipeline": "inpaint",
     "ZImageInpaintPipeline": "inpaint",
+    "FluxKontextPipeline": "edit",
+    "edit": "edit",
     "text2img": "text2img",
     "txt2img": "text2img",
     "img2img": "img2img",
@@ -182,6 +184,9 @@ class GenerateInput(RequestModel):
         None, validation_alias=AliasChoices("image", "init_image"), description="img2img / inpaint input."
     )
     mask_image: str | None = Field(None, description="Inpainting mask: white is repainted.")
+    images: list[str] | None = Field(
+        None, min_length=1, description="edit: reference images, each as `image` (limit: MAX_REFERENCE_IMAGES)."
+    )
     strength: float = Field(0.8, gt=0, le=1, description="How far img2img / inpaint may move from the image.")
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_quality: int = Field(
@@ -209,9 +214,11 @@ class GenerateInput(RequestModel):
 
     @property
     def task(self) -> str:
-        """text2img, img2img or inpaint: from `pipeline` when given, else from the images given."""
+        """text2img, img2img, inpaint or edit: from `pipeline` when given, else from the images given."""
         if self.pipeline:
             return PIPELINES[self.pipeline]
+        if self.images:
+            return "edit"
         return "inpaint" if self.mask_image else "img2img" if self.image else "text2img"
 
 
@@ -345,7 +352,16 @@ def check_limits(request: GenerateInput, settings: Settings) -> None:
         value = getattr(request, field)
         if value is not None and len(value) > encoded_limit:
             fail(field, f"{field} is larger than the {settings.max_input_image_bytes} byte limit")
+    if len(request.images or []) > settings.max_reference_images:
+        fail("images", f"images: at most {settings.max_reference_images} reference images (MAX_REFERENCE_IMAGES)")
+    for index, value in enumerate(request.images or []):
+        if len(value) > encoded_limit:
+            fail(f"images[{index}]", f"images[{index}] is larger than the {settings.max_input_image_bytes} byte limit")
     task = request.task
+    if task == "edit" and (request.image or request.mask_image):
+        fail("image" if request.image else "mask_image", "edit takes its pictures in images, without image or a mask")
+    if request.images and task != "edit":
+        fail("images", f"images are the reference images of an edit, not of {task}")
     if task == "text2img" and (request.image or request.mask_image):
         fail("image", "image and mask_image are for img2img and inpaint, not text2img")
     if task in ("img2img", "inpaint") and not request.image:
@@ -354,7 +370,7 @@ def check_limits(request: GenerateInput, settings: Settings) -> None:
         fail("mask_image", "inpaint needs a mask_image")
     if task == "img2img" and request.mask_image:
         fail("mask_image", "mask_image is for inpaint, not img2img")
-    if task != "text2img" and int((request.num_inference_steps or 1) * request.strength) < 1:
+    if task in ("img2img", "inpaint") and int((request.num_inference_steps or 1) * request.strength) < 1:
         fail("strength", "strength x num_inference_steps must be at least 1 step")
 
 

@@ -4,6 +4,9 @@ client's route; and the family table's rules (defaults, fields, sizes, dtype).""
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import io
 import os
 import shutil
 import sys
@@ -16,6 +19,7 @@ import pytest
 import requests
 import torch
 from conftest import decode, download, free_port, png_base64, start_process, wait_for
+from PIL import Image
 
 from sdworker.config import Settings
 from sdworker.errors import WorkerError
@@ -25,6 +29,8 @@ from sdworker.model import FAMILIES, LoadedModel, family_of, load_model, read_ma
 FAST = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 5, "width": 64, "height": 64}
 
 
+EDIT = {"tiny-flux2-klein": "flux2-klein", "tiny-flux-kontext": "flux-kontext"}
+"""The models that edit from reference images, by their tiny recipe."""
 NEW = {
     "tiny-flux2-klein": "flux2-klein",
     "tiny-qwenimage": "qwenimage",
@@ -32,11 +38,13 @@ NEW = {
     "tiny-chroma": "chroma",
 }
 """The families of 2025-26 by their tiny recipe."""
+INPAINTING = {"tiny-sd-inpaint": "sd1-inpaint", "tiny-sdxl-inpaint": "sdxl-inpaint", "tiny-flux-fill": "flux-fill"}
+"""The inpainting checkpoints by their tiny recipe."""
 
 
 @pytest.fixture(scope="module")
 def tiny(recipe: Callable[[str], Path]) -> dict[str, Path]:
-    names = ("tiny-sd3", "tiny-flux", "tiny-flux-schnell", *NEW, "tiny-flux2-klein-base")
+    names = ("tiny-sd3", "tiny-flux", "tiny-flux-schnell", *NEW, "tiny-flux2-klein-base", *INPAINTING, *EDIT)
     return {name: recipe(name) for name in names}
 
 
@@ -53,6 +61,7 @@ def test_every_task_of_the_family_makes_its_image(models: dict[str, LoadedModel]
         "text2img": {},
         "img2img": {"image": image, "strength": 0.5},
         "inpaint": {"image": image, "mask_image": png_base64(96, 80, (255, 255, 255))},
+        "edit": {"images": [png_base64(96, 80, (0, 0, 255))]},
     }
     pictures = set()
     for task in FAMILIES[family].pipelines:
@@ -122,11 +131,9 @@ def test_guidance_and_the_negative_prompt_steer_the_families_that_take_them(mode
 
 def test_a_task_or_field_a_new_family_lacks_is_a_422_naming_it(models: dict[str, LoadedModel]) -> None:
     klein = models["tiny-flux2-klein"]
-    status, body = handle(klein, {**FAST, "image": png_base64(), "strength": 0.5})
-    assert status == 422 and body["$error"]["field"] == "image"
-    assert "flux2-klein family has no img2img" in body["$error"]["message"]
     status, body = handle(klein, {**FAST, "pipeline": "img2img", "image": png_base64()})
     assert status == 422 and body["$error"]["field"] == "pipeline"
+    assert "flux2-klein family has no img2img" in body["$error"]["message"]
     status, body = handle(klein, {**FAST, "negative_prompt": "blur"})
     assert status == 422 and body["$error"]["field"] == "negative_prompt" and "flux2-klein" in body["$error"]["message"]
     status, body = handle(models["tiny-chroma"], {**FAST, "true_cfg_scale": 4.0})
@@ -142,6 +149,104 @@ def test_a_task_or_field_a_new_family_lacks_is_a_422_naming_it(models: dict[str,
     assert status == 422 and body["$error"]["field"] == "prompt" and "zimage" in body["$error"]["message"]
     status, body = handle(models["tiny-zimage"], {**FAST, "width": 72})
     assert status == 422 and body["$error"]["field"] == "width" and "multiple of 16" in body["$error"]["message"]
+
+
+def encoded(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.parametrize(("name", "family"), list(INPAINTING.items()))
+def test_an_inpainting_checkpoint_serves_inpaint_and_names_what_it_lacks(
+    models: dict[str, LoadedModel], name: str, family: str
+) -> None:
+    model = models[name]
+    assert model.family == family and list(model.pipes) == ["inpaint"]
+    image = png_base64(64, 64)
+    left = Image.new("L", (64, 64))
+    left.paste(255, (0, 0, 32, 64))  # white: painted; black: kept
+
+    def inpaint(mask: Image.Image, **extra: object) -> dict:
+        status, body = handle(model, {**FAST, "image": image, "mask_image": encoded(mask), **extra})
+        assert status == 200, body
+        return body
+
+    body = inpaint(left)
+    assert (body["$meta"]["family"], body["$meta"]["task"], body["$meta"]["PIPELINE"]) == (
+        family,
+        "inpaint",
+        FAMILIES[family].pipelines["inpaint"],
+    )
+    assert inpaint(left)["images"][0]["base64"] == body["images"][0]["base64"]  # seeded
+    whole = inpaint(Image.new("L", (64, 64), 255))
+    assert whole["images"][0]["base64"] != body["images"][0]["base64"]  # the mask is read
+    # Outpainting: a larger canvas, white where it is new, at the canvas's size.
+    canvas = Image.new("L", (96, 64), 255)
+    canvas.paste(0, (16, 0, 80, 64))
+    status, wider = handle(model, {**FAST, "width": 96, "image": png_base64(96, 64), "mask_image": encoded(canvas)})
+    assert status == 200 and decode(wider["images"][0]["base64"]).size == (96, 64), wider
+    status, refused = handle(model, FAST)
+    assert status == 422 and refused["$error"]["field"] == "mask_image" and family in refused["$error"]["message"]
+    status, refused = handle(model, {**FAST, "image": image})
+    assert status == 422 and refused["$error"]["field"] == "image" and "no img2img" in refused["$error"]["message"]
+
+
+def test_an_sd2_inpainting_checkpoint_is_known_by_its_unets_text_width(tmp_path: Path) -> None:
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionInpaintPipeline"}')
+    (tmp_path / "unet" / "config.json").write_text('{"in_channels": 9, "cross_attention_dim": 1024}')
+    assert family_of(tmp_path).name == "sd2-inpaint" and FAMILIES["sd2-inpaint"].kin == "sd2"
+
+
+@pytest.mark.parametrize(("name", "family"), list(EDIT.items()))
+def test_an_edit_model_draws_from_its_reference_images(models: dict[str, LoadedModel], name: str, family: str) -> None:
+    model = models[name]
+    first, second = png_base64(80, 64), png_base64(64, 64, (0, 0, 255))
+
+    def edit(**extra: object) -> dict:
+        status, body = handle(model, {**FAST, "width": None, "height": None, **extra})
+        assert status == 200, body
+        return body
+
+    one = edit(images=[first])
+    meta = one["$meta"]
+    assert (meta["family"], meta["task"], meta["references"], meta["strength"]) == (family, "edit", 1, None)
+    assert (meta["width"], meta["height"]) == (80, 64)  # the first reference's size
+    assert decode(one["images"][0]["base64"]).size == (80, 64)
+    assert edit(images=[first])["images"][0]["base64"] == one["images"][0]["base64"]  # seeded
+    assert edit(image=first)["images"][0]["base64"] == one["images"][0]["base64"]  # `image` alone: one reference
+    assert edit(images=[png_base64(80, 64, (0, 200, 0))])["images"][0]["base64"] != one["images"][0]["base64"]
+    sized = edit(images=[first], width=64, height=64)
+    assert decode(sized["images"][0]["base64"]).size == (64, 64)  # the size asked, not the reference's
+    drawn = edit(width=64, height=64)  # text alone: its pipeline draws without references too
+    assert drawn["$meta"]["task"] == "text2img" and decode(drawn["images"][0]["base64"]).size == (64, 64)
+    if FAMILIES[family].references > 1:
+        two = edit(images=[first, second])
+        assert two["$meta"]["references"] == 2 and two["images"][0]["base64"] != one["images"][0]["base64"]
+    else:
+        status, body = handle(model, {**FAST, "images": [first, second]})
+        assert status == 422 and body["$error"]["field"] == "images" and "at most 1" in body["$error"]["message"]
+
+
+def test_reference_images_are_refused_where_they_cannot_be_read(
+    models: dict[str, LoadedModel], sd: LoadedModel
+) -> None:
+    image = png_base64()
+    for model in (sd, models["tiny-zimage"]):
+        status, body = handle(model, {**FAST, "images": [image]})
+        assert status == 422 and body["$error"]["field"] == "images", body
+        assert f"the {model.family} family takes no reference images" in body["$error"]["message"]
+    klein = models["tiny-flux2-klein"]
+    status, body = handle(klein, {**FAST, "images": [image], "image": image})
+    assert status == 422 and body["$error"]["field"] == "image"
+    status, body = handle(klein, {**FAST, "images": [image] * 5})
+    assert status == 422 and body["$error"]["field"] == "images" and "at most 4" in body["$error"]["message"]
+    one_only = dataclasses.replace(klein, settings=klein.settings.model_copy(update={"max_reference_images": 1}))
+    status, body = handle(one_only, {**FAST, "images": [image] * 2})
+    assert status == 422 and body["$error"]["field"] == "images" and "MAX_REFERENCE_IMAGES" in body["$error"]["message"]
+    status, body = handle(klein, {**FAST, "images": [image, "not an image"]})
+    assert status == 422 and body["$error"]["field"] == "images[1]", body
 
 
 def test_the_prompt_past_max_sequence_length_is_cut_and_said(models: dict[str, LoadedModel]) -> None:
@@ -263,11 +368,10 @@ def test_each_new_family_serves_its_tasks_to_direct_banana_and_runpod_clients(
     banana = {"id": str(uuid.uuid4()), "apiKey": "k", "modelKey": name, "startOnly": False}
     answer = requests.post(f"{url}/start/v4/", json={**banana, "modelInputs": {**FAST, "image": image}}, timeout=120)
     outputs = answer.json()
-    if "img2img" in family.pipelines:
-        assert outputs["message"] == "success", outputs
-        assert outputs["modelOutputs"][0]["$meta"]["task"] == "img2img"
-    else:  # FLUX.2 [klein] has no img2img: the error names the field, as Banana's client reads it
-        assert "error" in outputs["message"] and "image" in outputs["message"], outputs
+    assert outputs["message"] == "success", outputs
+    # FLUX.2 [klein] has no img2img: its `image` alone is one reference image of an edit
+    expected = "img2img" if "img2img" in family.pipelines else "edit"
+    assert outputs["modelOutputs"][0]["$meta"]["task"] == expected
     runpod = requests.post(
         f"{url}/v2/{name}/runsync",
         json={"input": {**FAST, "image": image, "mask_image": mask, "pipeline": last}},
@@ -277,6 +381,12 @@ def test_each_new_family_serves_its_tasks_to_direct_banana_and_runpod_clients(
     assert runpod["status"] == "COMPLETED", runpod
     assert runpod["output"]["$meta"]["task"] == last and runpod["output"]["$meta"]["family"] == family.name
     assert decode(runpod["output"]["images"][0]["base64"]).size == (64, 64)
+    if "edit" in family.pipelines:
+        edit = {**FAST, "images": [image, png_base64(64, 64, (0, 0, 255))]}
+        answer = requests.post(
+            f"{url}/v2/{name}/runsync", json={"input": edit}, headers={"Authorization": "Bearer k"}, timeout=120
+        ).json()
+        assert answer["status"] == "COMPLETED" and answer["output"]["$meta"]["references"] == 2, answer
 
 
 def test_a_flow_matching_model_refuses_noise_prediction_schedulers(models: dict[str, LoadedModel]) -> None:

@@ -102,6 +102,23 @@ def test_the_stream_handler_yields_steps_and_previews_then_the_answer(sd) -> Non
     assert final["images"][0]["seed"] == 5 and "error" not in final
 
 
+def test_the_stream_handler_streams_the_steps_of_a_model_whose_latents_have_no_preview(recipe) -> None:
+    """FLUX.1's latents are packed into tokens of 64 channels: no RGB map reads them, so its steps stream without
+    previews and the job ends with its picture (not a failed job)."""
+    from sdworker.config import Settings
+    from sdworker.handler import handle
+    from sdworker.model import load_model
+    from sdworker.platforms.runpod import make_stream_handler
+
+    flux = load_model(Settings(model_dir=recipe("tiny-flux")))
+    handler = make_stream_handler(lambda route, payload: handle(flux, payload), flux.family, every=1)
+    body = {"prompt": "a", "num_inference_steps": 3, "seed": 5, "width": 64, "height": 64}
+    chunks = list(handler({"id": "j", "input": body}))
+    steps, final = chunks[:-1], chunks[-1]
+    assert [chunk["step"] for chunk in steps] == [1, 2, 3] and not any("preview" in chunk for chunk in steps)
+    assert final["images"][0]["seed"] == 5 and "error" not in final, final
+
+
 def test_the_stream_handler_ends_with_the_error_on_bad_input(sd) -> None:
     from sdworker.handler import handle
     from sdworker.platforms.runpod import make_stream_handler

@@ -37,6 +37,8 @@ class Generation:
     prompt_tokens: int = 0
     truncated: bool = False
     latents: torch.Tensor | None = None  # with `latent`: the denoised latents, not decoded (images is empty)
+    task: str = "text2img"  # as run: an edit model's `image` alone is an edit
+    references: int = 0  # an edit's reference images
 
 
 def check_safety(model: LoadedModel, images: list[Image.Image]) -> tuple[list[Image.Image], list[bool]]:
@@ -76,6 +78,8 @@ def outcome(model: LoadedModel, job: Job) -> Generation:
         seeds=job.seeds,
         nsfw=job.nsfw,
         pipeline=type(model.pipes[job.request.task]).__name__,
+        task=job.request.task,
+        references=len(job.request.images or []),
         scheduler=job.scheduler_name,
         width=job.width,
         height=job.height,

@@ -37,7 +37,7 @@ def prepare(
     prompts = None
     if encoded is None:
         length = request.max_sequence_length or model.row.sequence_length
-        prompts = plan(model.pipes[task], model.family, request, settings.prompt_syntax, length)
+        prompts = plan(model.pipes[task], model.row.kin, request, settings.prompt_syntax, length)
     started = time.perf_counter()
     with fetching(request) as check:  # downloads hold no model slot
         lora_files = fetch_loras(model, request, check)
@@ -45,6 +45,9 @@ def prepare(
             init, mask, width, height = None, None, encoded.image.width, encoded.image.height
         else:
             init, mask, width, height = prepare_images(model, request, check)
+        references = [
+            decode_image(value, f"images[{index}]", settings, check) for index, value in enumerate(request.images or [])
+        ]
     kwargs: dict[str, Any] = {}
     if request.max_sequence_length is not None:
         kwargs["max_sequence_length"] = request.max_sequence_length
@@ -54,6 +57,11 @@ def prepare(
         kwargs["clip_skip"] = request.clip_skip
     if init is not None:
         kwargs.update(image=init, strength=request.strength)
+    if references:  # the pipelines resize and place the references themselves
+        kwargs["image"] = references if model.row.references > 1 else references[0]
+        width, height = _reference_size(model, request, references[0])
+    if model.row.area_sized:  # its width and height say only the shape; max_area, the size
+        kwargs["max_area"] = width * height
     if mask is not None:
         kwargs["mask_image"] = mask
     if encoded is not None:
@@ -82,6 +90,15 @@ def prepare(
     )
 
 
+def _reference_size(model: LoadedModel, request: GenerateInput, reference: Image.Image) -> tuple[int, int]:
+    """An edit's size: the request's, else its first reference image's rounded down to the size multiple."""
+    multiple = model.size_multiple
+    width = request.width or max(multiple, reference.width // multiple * multiple)
+    height = request.height or max(multiple, reference.height // multiple * multiple)
+    check_size(width, height, model.settings)
+    return width, height
+
+
 def _seeds(seed: int | None, count: int) -> list[int]:
     # Random seeds stay below 2**53 so JavaScript clients can send them back exactly.
     first = secrets.randbelow(2**53) if seed is None else seed
@@ -105,7 +122,8 @@ def _check_steps(request: GenerateInput, scheduler: Any) -> None:
 def fetching(request: GenerateInput) -> AbstractContextManager[Callable[[], None] | None]:
     """The runner's `fetch_hook` around the downloads of a request's image and LoRA URLs (nothing without any);
     it yields the check to pass to each download."""
-    urls = [value for value in (request.image, request.mask_image) if value and value.startswith("http")]
+    given = (request.image, request.mask_image, *(request.images or []))
+    urls = [value for value in given if value and value.startswith("http")]
     hook = fetch_hook.get() if urls or any(choice.url for choice in request.loras or []) else None
     return hook() if hook else nullcontext(None)
 

@@ -72,7 +72,7 @@ def _conditioning(model: LoadedModel, pipe: Any, batch: list[Job], counts: list[
     from ..prompts import encode
 
     length = first.request.max_sequence_length or model.row.sequence_length
-    encoded = [encode(pipe, model.family, job.prompts, length) for job in batch]
+    encoded = [encode(pipe, model.row.kin, job.prompts, length) for job in batch]
     if len(batch) == 1:
         return encoded[0]
     return {

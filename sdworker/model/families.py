@@ -16,7 +16,7 @@ from ..errors import WorkerError
 if TYPE_CHECKING:
     from ..schema import GenerateInput
 
-TASKS = ("text2img", "img2img", "inpaint")
+TASKS = ("text2img", "img2img", "inpaint", "edit")
 
 OPTIONAL_FIELDS = ("negative_prompt", "max_sequence_length", "clip_skip", "eta", "true_cfg_scale")
 """Request fields that only some families take: a family without one refuses it by name."""
@@ -48,6 +48,14 @@ class Family:
     negative_default: str | None = None  # the negative prompt when a request gives none (Qwen-Image's CFG needs one)
     config_fixes: tuple[tuple[str, dict[str, Any]], ...] = ()  # (component, config values) set at load, for
     # pipelines that read a config key the family's own model does not have
+    variant_of: str | None = None  # the family whose text encoders and latents it has (an inpainting checkpoint's)
+    references: int = 0  # the most reference images its edit pipeline takes
+    area_sized: bool = False  # its edit pipeline sizes its output by max_area (FLUX.1 Kontext), not width x height
+
+    @property
+    def kin(self) -> str:
+        """The family whose prompt rules and latent layout apply: its own name, or the one it is a variant of."""
+        return self.variant_of or self.name
 
     def is_distilled(self, config: dict[str, Any], model_id: str) -> bool:
         """Whether the baked model is a few-step distillation: by `distilled_config` in `config` (the pipeline's
@@ -134,10 +142,66 @@ FAMILIES = {
             packed=2,
             sequence_length=512,
         ),
+        *(
+            Family(
+                f"{base}-inpaint",  # an inpainting checkpoint: a 9-channel UNet (noise, mask, masked image's latents)
+                (),  # a StableDiffusionInpaintPipeline; sd1 or sd2 by its UNet's text width, as the base models
+                {"inpaint": "StableDiffusionInpaintPipeline"},
+                "unet",
+                "float16",
+                50,
+                7.5,
+                frozenset({"negative_prompt", "clip_skip", "eta"}),
+                variant_of=base,
+            )
+            for base in ("sd1", "sd2")
+        ),
+        Family(
+            "sdxl-inpaint",
+            ("StableDiffusionXLInpaintPipeline",),
+            {"inpaint": "StableDiffusionXLInpaintPipeline"},
+            "unet",
+            "float16",
+            50,
+            7.5,
+            frozenset({"negative_prompt", "clip_skip", "eta"}),
+            variant_of="sdxl",
+        ),
+        Family(
+            "flux-kontext",  # FLUX.1 Kontext [dev]: the reference image's latents join the noise as more tokens
+            ("FluxKontextPipeline",),
+            {"text2img": "FluxKontextPipeline", "edit": "FluxKontextPipeline", "inpaint": "FluxKontextInpaintPipeline"},
+            "transformer",
+            "bfloat16",
+            28,
+            2.5,  # its model card's and pipeline example's guidance
+            frozenset({"max_sequence_length"}),
+            sized_img2img=True,
+            packed=2,
+            sequence_length=512,
+            variant_of="flux",
+            references=1,
+            area_sized=True,
+        ),
+        Family(
+            "flux-fill",  # FLUX.1 Fill [dev]: the mask and the masked image's latents go in beside the noise
+            ("FluxFillPipeline",),
+            {"inpaint": "FluxFillPipeline"},
+            "transformer",
+            "bfloat16",
+            50,
+            30.0,  # its model card and pipeline example: 50 steps at guidance 30
+            frozenset({"max_sequence_length"}),
+            sized_img2img=True,
+            packed=2,
+            sequence_length=512,
+            variant_of="flux",
+        ),
         Family(
             "flux2-klein",  # FLUX.2 [klein]: a Qwen3 text encoder; [klein] 4B/9B distilled, their base models not
             ("Flux2KleinPipeline",),
-            {"text2img": "Flux2KleinPipeline", "inpaint": "Flux2KleinInpaintPipeline"},
+            # its one pipeline draws from text alone or from reference images (edit)
+            {"text2img": "Flux2KleinPipeline", "inpaint": "Flux2KleinInpaintPipeline", "edit": "Flux2KleinPipeline"},
             "transformer",
             "bfloat16",
             50,
@@ -149,6 +213,7 @@ FAMILIES = {
             sized_img2img=True,
             packed=2,
             sequence_length=512,
+            references=4,  # the pipeline documents no limit: this worker's, as FLUX.2's guidance for [klein]
         ),
         Family(
             "qwenimage",
@@ -226,13 +291,16 @@ def family_of(model_dir: Path, refiner: bool = False) -> Family:
                 "MODEL_ID",
             )
         return refiners[class_name]
-    if class_name == "StableDiffusionPipeline":
+    if class_name in ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline"):
         unet = json.loads((Path(model_dir) / "unet" / "config.json").read_text())
-        return FAMILIES["sd2" if unet.get("cross_attention_dim") == 1024 else "sd1"]
+        base = "sd2" if unet.get("cross_attention_dim") == 1024 else "sd1"
+        return FAMILIES[base if class_name == "StableDiffusionPipeline" else f"{base}-inpaint"]
     for family in FAMILIES.values():
         if class_name in family.pipeline_classes:
             return family
-    known = ", ".join(name for family in FAMILIES.values() for name in family.pipeline_classes)
+    known = ", ".join(
+        ["StableDiffusionInpaintPipeline"] + [name for family in FAMILIES.values() for name in family.pipeline_classes]
+    )
     raise WorkerError(
         "UNSUPPORTED_MODEL", f"a {class_name or 'pipeline'} is not a family this worker serves ({known})", "MODEL_ID"
     )
@@ -253,8 +321,17 @@ def fit_request(request: GenerateInput, family: Family, distilled: bool, refiner
             f"max_sequence_length must be at most {family.max_sequence_length} for {family.name} (got {length})",
             "max_sequence_length",
         )
+    edits = "edit" in family.pipelines and "img2img" not in family.pipelines
+    if edits and request.task == "img2img" and not request.pipeline:  # `image` alone: one reference image
+        request = request.model_copy(update={"images": [request.image], "image": None})
+    if request.task == "edit" and len(request.images or []) > family.references:
+        many = f"at most {family.references}" if family.references else "no"
+        plural = "image" if family.references == 1 else "images"
+        message = f"images: the {family.name} family takes {many} reference {plural} (got {len(request.images or [])})"
+        raise WorkerError("INVALID_INPUTS", message, "images")
     if request.task not in family.pipelines:
-        field = "pipeline" if request.pipeline else "image" if request.task == "img2img" else "mask_image"
+        named = {"img2img": "image", "edit": "images"}
+        field = "pipeline" if request.pipeline else named.get(request.task, "mask_image")
         tasks = ", ".join(family.pipelines)
         message = f"{field}: the {family.name} family has no {request.task} pipeline (it has {tasks})"
         raise WorkerError("INVALID_INPUTS", message, field)

@@ -209,7 +209,7 @@ class LoadedModel:
         """The config of the pipeline's `part` (vae, unet, transformer), read from the baked model where this worker
         does not load that part (a STAGES worker): its config.json over its class's defaults, as loading it would
         make it (older hub configs leave out what has a default, such as the VAE's scaling_factor)."""
-        module = getattr(self.pipes["text2img"], part, None)
+        module = getattr(self.pipe, part, None)
         if module is not None:
             return module.config
         import diffusers
@@ -221,9 +221,14 @@ class LoadedModel:
         return FrozenDict({**defaults, **json.loads((self.settings.model_dir / part / "config.json").read_text())})
 
     @property
+    def pipe(self) -> Any:
+        """The pipeline of its first task (text2img; an inpainting checkpoint's inpaint): for what they all share."""
+        return next(iter(self.pipes.values()))
+
+    @property
     def default_size(self) -> int:
         """The model's native image side in pixels (512 for SD 1.x, 1024 for SDXL, SD3 and the DiTs after it)."""
-        pipe = self.pipes["text2img"]
+        pipe = self.pipe
         sample = self.config_of(self.row.denoiser).get("sample_size")
         if not isinstance(sample, int):  # FLUX.1's transformer and later ones have none: their pipeline's default
             sample = getattr(pipe, "default_sample_size", None)
@@ -235,14 +240,14 @@ class LoadedModel:
     def size_multiple(self) -> int:
         """What width and height must be multiples of: the VAE's downscaling times the transformer's patches
         (FLUX.1 and the DiTs after it pack 2x2 latents)."""
-        pipe = self.pipes["text2img"]
+        pipe = self.pipe
         patch = self.config_of(self.row.denoiser).get("patch_size", 1)
         return pipe.vae_scale_factor * max(self.row.packed, patch if isinstance(patch, int) else 1)
 
     @property
     def dtype(self) -> Any:
         """The dtype the weights run in."""
-        pipe = self.pipes["text2img"]
+        pipe = self.pipe
         parts = (self.row.denoiser, "vae", "text_encoder", "text_encoder_2")
         part = next(got for name in parts if (got := getattr(pipe, name, None)) is not None)
         return part.dtype  # a STAGES worker may lack the denoiser (decode only) or more
@@ -351,8 +356,14 @@ def load_model(settings: Settings) -> LoadedModel:
     )
     if settings.torch_compile and settings.whole():  # compile now, not in the first request
         warm_started = time.perf_counter()
+        inputs: dict[str, Any] = {}
+        if "text2img" not in pipes:  # an inpainting checkpoint: a blank picture, all of it to paint
+            from PIL import Image
+
+            side = model.default_size
+            inputs = {"image": Image.new("RGB", (side, side)), "mask_image": Image.new("L", (side, side), 255)}
         with torch.inference_mode():
-            pipes["text2img"](prompt="warm-up", num_inference_steps=2, output_type="pil")
+            model.pipe(prompt="warm-up", num_inference_steps=2, output_type="pil", **inputs)
         log.info("torch.compile warm-up took %.0f ms", (time.perf_counter() - warm_started) * 1000)
     from ..prompts.encode import planning_tokenizers  # compel imports more of diffusers: at load, not later
 

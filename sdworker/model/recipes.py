@@ -258,50 +258,41 @@ def _bake_tiny_sd3(dest: Path) -> None:
     pipe.save_pretrained(dest, safe_serialization=True)
 
 
-def _bake_tiny_flux(dest: Path, guidance_embeds: bool = True) -> None:
+def _bake_tiny_flux(dest: Path, pipeline: str = "FluxPipeline", **transformer: Any) -> None:
     """FLUX.1-dev layout with random weights: MMDiT transformer with guidance embedding, CLIP and T5, 16-channel
-    VAE. Without the guidance embedding it is laid out as FLUX.1-schnell, the few-step distillation."""
+    VAE, as `pipeline` (FluxPipeline; FluxFillPipeline, FluxKontextPipeline), `transformer` overriding its
+    transformer's config. Without the guidance embedding it is laid out as FLUX.1-schnell, the few-step
+    distillation."""
+    import diffusers
     import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextModel
 
     torch.manual_seed(0)
     # Flux packs 2x2 patches of the 16 latent channels into 64 input channels; the rope axes add up to the
     # head width. FluxPipeline's default size is fixed in code at 128 latents (1024 px), not read from here.
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        guidance_embeds=guidance_embeds,
-        axes_dims_rope=(4, 4, 8),
-    )
+    config: dict[str, Any] = {
+        "patch_size": 1,
+        "in_channels": 64,
+        "num_layers": 1,
+        "num_single_layers": 1,
+        "attention_head_dim": 16,
+        "num_attention_heads": 2,
+        "joint_attention_dim": 32,
+        "pooled_projection_dim": 32,
+        "guidance_embeds": True,
+        "axes_dims_rope": (4, 4, 8),
+    }
+    denoiser = FluxTransformer2DModel(**{**config, **transformer})
     text_encoder_2, tokenizer_2 = _tiny_t5(d_model=32)
-    pipe = FluxPipeline(
-        transformer=transformer,
-        vae=_tiny_vae(
-            latent_channels=16,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            shift_factor=0.1159,
-            scaling_factor=0.3611,
-        ),
+    pipe = getattr(diffusers, pipeline)(
+        transformer=denoiser,
+        vae=_tiny_flux_vae(),
         text_encoder=CLIPTextModel(_tiny_text_config()),
         text_encoder_2=text_encoder_2,
         tokenizer=_tiny_tokenizer(),
         tokenizer_2=tokenizer_2,
-        scheduler=FlowMatchEulerDiscreteScheduler(
-            shift=3.0,
-            use_dynamic_shifting=True,
-            base_shift=0.5,
-            max_shift=1.15,
-            base_image_seq_len=256,
-            max_image_seq_len=4096,
-        ),
+        scheduler=_flow_scheduler(),
     )
     pipe.save_pretrained(dest, safe_serialization=True)
 
@@ -507,6 +498,80 @@ def _bake_tiny_chroma(dest: Path) -> None:
     pipe.save_pretrained(dest, safe_serialization=True)
 
 
+def _bake_tiny_sd_inpaint(dest: Path) -> None:
+    """SD 1.x inpainting layout (sd-v1-5-inpainting) with random weights: tiny-sd with a 9-channel UNet (4 noise, 1
+    mask, 4 masked-image latents)."""
+    import torch
+    from diffusers import PNDMScheduler, StableDiffusionInpaintPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextModel, CLIPVisionConfig
+
+    torch.manual_seed(0)
+    unet = _tiny_unet(in_channels=9, cross_attention_dim=32, attention_head_dim=8)
+    checker_config = CLIPConfig(
+        text_config=_tiny_text_config().to_dict(),
+        vision_config=CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            image_size=32,
+            patch_size=4,
+        ).to_dict(),
+        projection_dim=32,
+    )
+    pipe = StableDiffusionInpaintPipeline(
+        unet=unet,
+        vae=_tiny_vae(),
+        text_encoder=CLIPTextModel(_tiny_text_config()),
+        tokenizer=_tiny_tokenizer(),
+        scheduler=PNDMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            skip_prk_steps=True,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        ),
+        safety_checker=StableDiffusionSafetyChecker(checker_config),
+        feature_extractor=CLIPImageProcessor(crop_size=32, size=32),
+    )
+    pipe.save_pretrained(dest, safe_serialization=True)
+
+
+def _bake_tiny_sdxl_inpaint(dest: Path) -> None:
+    """SDXL inpainting layout (stable-diffusion-xl-1.0-inpainting-0.1) with random weights: tiny-sdxl with a
+    9-channel UNet; 6 time ids (no aesthetic score), zeros for an empty prompt."""
+    import torch
+    from diffusers import StableDiffusionXLInpaintPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    # recipes.py's _tiny_sdxl_unet(time_ids=6, cross_attention_dim=64), with 9 input channels.
+    unet = _tiny_unet(
+        in_channels=9,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        cross_attention_dim=64,
+    )
+    pipe = StableDiffusionXLInpaintPipeline(
+        unet=unet,
+        vae=_tiny_vae(force_upcast=True),
+        text_encoder=CLIPTextModel(_tiny_text_config()),
+        text_encoder_2=CLIPTextModelWithProjection(_tiny_text_config(projection_dim=32)),
+        tokenizer=_tiny_tokenizer(),
+        tokenizer_2=_tiny_tokenizer(),
+        scheduler=_sdxl_scheduler(),
+        requires_aesthetics_score=False,
+        force_zeros_for_empty_prompt=True,
+    )
+    pipe.save_pretrained(dest, safe_serialization=True)
+
+
 RECIPES: dict[str, Callable[[Path], None]] = {
     "tiny-sd": _bake_tiny_sd,
     "tiny-sdxl": _bake_tiny_sdxl,
@@ -514,6 +579,13 @@ RECIPES: dict[str, Callable[[Path], None]] = {
     "tiny-sd3": _bake_tiny_sd3,
     "tiny-flux": _bake_tiny_flux,
     "tiny-flux-schnell": lambda dest: _bake_tiny_flux(dest, guidance_embeds=False),
+    # FLUX.1 Fill [dev]: the packed noise (64 channels), the packed masked image's latents (64) and the mask at
+    # pixel resolution folded into the latent grid (8 x 8 x 2 x 2 = 256) in, 64 out, as in the real model.
+    "tiny-flux-fill": lambda dest: _bake_tiny_flux(dest, "FluxFillPipeline", in_channels=384, out_channels=64),
+    # FLUX.1 Kontext [dev]: FLUX.1-dev's layout; the reference image's latents join the noise as more tokens.
+    "tiny-flux-kontext": lambda dest: _bake_tiny_flux(dest, "FluxKontextPipeline"),
+    "tiny-sd-inpaint": _bake_tiny_sd_inpaint,
+    "tiny-sdxl-inpaint": _bake_tiny_sdxl_inpaint,
     "tiny-flux2-klein": _bake_tiny_flux2_klein,
     "tiny-flux2-klein-base": lambda dest: _bake_tiny_flux2_klein(dest, distilled=False),
     "tiny-qwenimage": _bake_tiny_qwenimage,

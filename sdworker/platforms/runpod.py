@@ -88,8 +88,9 @@ def make_stream_handler(runner: Runner, family: str, every: int, route: str = "/
 
         def on_latents(step: int, total: int, latents: Any) -> None:
             chunk: dict[str, Any] = {"step": step, "total": total}
-            if every and (step % every == 0 or step == total):
-                chunk["preview"] = latent_preview(latents, family)
+            due = every and (step % every == 0 or step == total)
+            if due and (preview := latent_preview(latents, family)) is not None:
+                chunk["preview"] = preview
             chunks.put(chunk)
 
         def work() -> None:
@@ -144,6 +145,6 @@ def serve(app: Any, settings: Settings) -> None:
         runpod.serverless.start({"handler": make_handler(runner), "concurrency_modifier": lambda _: concurrency})
         return
     model = (runner.context or {}).get("model")
-    family = getattr(model, "family", "sd1")
+    family = model.row.kin if model is not None else "sd1"
     handler = make_stream_handler(runner, family, settings.runpod_preview_every)
     runpod.serverless.start({"handler": handler, "return_aggregate_stream": True})
