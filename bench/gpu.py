@@ -17,7 +17,10 @@ architectures with random fp16 weights (bench/fullsize.py), as fast as the real 
 
 Options: baseline (SDPA, nothing else), channels_last, fuse_qkv, torch_compile (mode `--compile-mode`),
 vae_tiling, vae_slicing, tf32, all (channels_last + fuse_qkv + torch_compile + tf32), and xformers (ATTENTION=xformers
-in place of SDPA; its row says why where xformers does not load).
+in place of SDPA; its row says why where xformers does not load). The memory options: quantize_int8 (QUANTIZE=int8,
+torchao), layerwise_fp8 (LAYERWISE_CASTING=fp8), group_offload_block and group_offload_leaf (GROUP_OFFLOAD), and
+cpu_offload (ENABLE_MODEL_CPU_OFFLOAD): each row's peak GiB against the baseline's is what it saves, its s/image
+what it costs. Off a GPU the offload rows say why they are refused.
 
 Time on one H100 (estimates, to be replaced by measured ones): building both models about 1 minute the first
 time; then per option and model, with batches 1 and 4, 3 runs of 30 steps, about 20 s for SD 1.5 and 60 to 80 s
@@ -67,9 +70,23 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "tf32": ("tf32",),
     "all": ("channels_last", "fuse_qkv", "torch_compile", "tf32"),
     "xformers": (),  # ATTENTION=xformers instead of SDPA (OTHER_SETTINGS)
+    # The memory options (docs/models.md, "Larger than the GPU"): what each saves, and what it costs in s/image.
+    "quantize_int8": (),
+    "layerwise_fp8": (),
+    "group_offload_block": (),
+    "group_offload_leaf": (),
+    "cpu_offload": (),
 }
 # Options that are a value of a setting other than the speed switches.
-OTHER_SETTINGS: dict[str, dict[str, Any]] = {"xformers": {"attention": "xformers"}}
+OTHER_SETTINGS: dict[str, dict[str, Any]] = {
+    "xformers": {"attention": "xformers"},
+    "quantize_int8": {"quantize": "int8"},
+    "layerwise_fp8": {"layerwise_casting": "fp8"},
+    "group_offload_block": {"group_offload": "block"},
+    "group_offload_leaf": {"group_offload": "leaf"},
+    "cpu_offload": {"enable_model_cpu_offload": True},
+}
+MEMORY_OPTIONS = ["quantize_int8", "layerwise_fp8", "group_offload_block", "group_offload_leaf", "cpu_offload"]
 DEFAULT_OPTIONS = ["baseline", "channels_last", "fuse_qkv"]
 SMOKE_OPTIONS = ["baseline", "channels_last", "fuse_qkv", "vae_slicing", "vae_tiling"]
 PROMPT = "a lighthouse on a rocky coast at dusk, waves, dramatic clouds, detailed oil painting"
@@ -119,6 +136,11 @@ def applied(model: Any, field: str) -> bool | None:
         return bool(getattr(vae, "use_tiling", False))
     if field == "attention":
         return any("XFormers" in type(processor).__name__ for processor in unet.attn_processors.values())
+    if field in ("quantize", "layerwise_casting"):  # the denoiser's linear weights held in 8 bits
+        weight = next(m.weight for m in unet.modules() if isinstance(m, torch.nn.Linear))
+        return "8" in type(weight).__name__ or "8" in str(weight.dtype)
+    if field in ("group_offload", "enable_model_cpu_offload"):  # between calls, the weights wait in host memory
+        return next(unet.parameters()).device.type == "cpu" and model.device.startswith("cuda")
     if field == "tf32":
         if not model.device.startswith("cuda"):
             return None
@@ -204,7 +226,7 @@ def run_option(name: str, model_dir: Path, option: str, size: int, args: argpars
         report_row({**base, "skipped": f"Settings has no field {', '.join(unknown)}"})
         return
     fields: dict[str, Any] = {field: field in wanted for field in SPEED_FIELDS}
-    fields.update(OTHER_SETTINGS.get(option, {"attention": "sdpa"}))
+    fields.update({"attention": "sdpa", **OTHER_SETTINGS.get(option, {})})
     settings = Settings(
         model_dir=model_dir,
         compile_mode=args.compile_mode,

@@ -14,7 +14,8 @@
 # weights to the first image, beside the raw read of the same bytes. Then the rest of step 2, most wanted first:
 # SDXL at 1024, xformers against SDPA on both (xformers is on the path of that step alone), torch.compile on SD 1.5,
 # and SD3.5 Medium and FLUX.1-schnell at 1024 (their builds write 7 and 25 GB: last, so they cannot crowd out the
-# rest). GPU_CHECK_STEPS="steps_sd35 steps_flux" runs only the steps named (a second run, for what a first skipped).
+# rest); last, the memory options on SD 1.5 (QUANTIZE, LAYERWISE_CASTING, GROUP_OFFLOAD, ENABLE_MODEL_CPU_OFFLOAD).
+# GPU_CHECK_STEPS="steps_sd35 steps_flux" runs only the steps named (a second run, for what a first skipped).
 #
 # Every step's output goes to $GPU_CHECK_WORK/logs (default: a folder in the temp dir; the built models are
 # kept in $GPU_CHECK_WORK/models for a second run). $OUT receives three files, as the GPU machine sends back only a
@@ -69,6 +70,8 @@ drop() {  # drop NAME: a built model and whatever a cut build or bake left of it
   rm -rf "${CACHE:?}/$1" "$CACHE/.build-$1-"* "$CACHE/.$1."*
 }
 
+# The memory options' rows (issue 26): what each saves in peak GiB and costs in s/image, against the baseline.
+MEMORY="quantize_int8 layerwise_fp8 group_offload_block group_offload_leaf cpu_offload"
 XFORMERS_PATH=${PYTHONPATH:-}
 if [ -n "$WHEELS" ]; then
   step install 60 "$PY" bench/gpu_wheels.py install --dest "$WHEELS" --target "$WORK/site" --apart "$WORK/apart"
@@ -95,6 +98,8 @@ if [ "$DRY" = 1 ]; then
     --model-dir "sd35m=$CACHE/tiny-sd3" --out "$LOGS/steps_sd35.json"
   step steps_flux 240 "$PY" bench/gpu.py --smoke --models flux --options baseline \
     --model-dir "flux=$CACHE/tiny-flux-schnell" --out "$LOGS/steps_flux.json"
+  step steps_memory 240 "$PY" bench/gpu.py --smoke --options baseline $MEMORY --model-dir "sd15=$CACHE/tiny-sd" \
+    --out "$LOGS/steps_memory.json"
 else
   step cuda_tests 60 "$PY" -m pytest -q -p no:cacheprovider -m device tests/test_device.py \
     --junitxml "$LOGS/cuda_tests.xml"
@@ -117,6 +122,8 @@ else
   step steps_flux 110 "$PY" bench/gpu.py --models flux --options baseline --batch 1 4 --runs 2 --steps 4 \
     --cache "$CACHE" --drop-after --out "$LOGS/steps_flux.json"
   drop flux
+  step steps_memory 90 "$PY" bench/gpu.py --models sd15 --options baseline $MEMORY --batch 1 --runs 2 --steps 20 \
+    --cache "$CACHE" --out "$LOGS/steps_memory.json"
 fi
 "$PY" bench/gpu_report.py "$LOGS"
 cp "$LOGS/gpu_check.json" "$LOGS/gpu_check.md" "$OUT/"

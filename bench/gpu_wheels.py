@@ -16,7 +16,8 @@ installs the wheels into a scratch folder on PYTHONPATH, so the worker runs the 
 - NOT_BROUGHT: runpod, whose SDK the check never starts.
 Every other package of requirements.txt's closure for Python 3.12 on Linux is pinned in bench/gpu-wheels.txt
 (`pins` writes it from the installed versions, which are requirements.txt's; a test keeps the two equal), and
-from requirements-cuda.txt xformers and the CUDA 12 runtime library its kernels load (installed apart: APART).
+from requirements-cuda.txt xformers and the CUDA 12 runtime library its kernels load (installed apart: APART), and
+torchao for QUANTIZE.
 About 54 MiB in all.
 """
 
@@ -47,7 +48,8 @@ NOT_BROUGHT = {"torch", "runpod"}
 # its kernels load. Both are installed apart, each in a folder of its own off PYTHONPATH: diffusers imports an
 # installed xformers in every process, so that one that fails to load would fail every step; gpu_check.sh puts
 # xformers on the path of its own step only, and the library on the loader's path as the image does.
-CUDA_EXTRAS = ("xformers", "nvidia-cuda-runtime-cu12")
+# And torchao (pure Python, no dependencies) for QUANTIZE's rows, installed with the rest.
+CUDA_EXTRAS = ("xformers", "nvidia-cuda-runtime-cu12", "torchao")
 APART = {"xformers": "xformers", "nvidia-cuda-runtime-cu12": "cuda12"}
 # Brought although torch depends on it too: pydantic and anyio need a newer one than torch does.
 ALSO_BROUGHT = {"typing-extensions"}
@@ -55,7 +57,7 @@ HEADER = """\
 # The packages bench/gpu_check.sh installs on the GPU machine (make gpu-wheels downloads them as wheels for
 # Python 3.12, manylinux x86_64). Written by `python bench/gpu_wheels.py pins`: requirements.txt's closure at its
 # versions, less torch and its own dependencies, runpod, and numpy, pillow, scipy and hf-xet (the GPU image's);
-# and from requirements-cuda.txt, xformers with the CUDA 12 runtime library it loads.
+# and from requirements-cuda.txt, xformers with the CUDA 12 runtime library it loads, and torchao.
 """
 
 

@@ -179,10 +179,27 @@ class Settings(BaseSettings):
         description="Weight-only quantization of the UNet or transformer with torchao: about half its memory at "
         "fp16/bf16, pixels move slightly (the image installs torchao; elsewhere pip install torchao==0.18.0).",
     )
+    quantize_text_encoders: Literal["none", "int8", "fp8"] = Field(
+        "none",
+        description="The same torchao quantization for the text encoders (Qwen-Image's 7B, Z-Image's and "
+        "FLUX.2 [klein]'s Qwen3, T5-XXL): about half their memory; prompts read slightly differently.",
+    )
+    layerwise_casting: Literal["none", "fp8"] = Field(
+        "none",
+        description="Store the UNet's or transformer's weights in float8 (e4m3) and cast each layer up to the model's "
+        "dtype as it runs (diffusers' layerwise casting; norms and embeddings kept): about half its memory at "
+        "bf16, pixels move slightly; not with QUANTIZE.",
+    )
     enable_model_cpu_offload: bool = Field(
         False,
         description="Keep each component in host memory until it runs: a model larger than the GPU fits, slower; "
         "GPU only.",
+    )
+    group_offload: Literal["none", "block", "leaf"] = Field(
+        "none",
+        description="Keep the weights in host memory and copy each block (or layer) to the GPU as it runs, the next "
+        "one's copy overlapping on a CUDA stream (diffusers' group offloading): less GPU memory than "
+        "ENABLE_MODEL_CPU_OFFLOAD, faster than sequential offload; GPU only, not with it.",
     )
 
     # Limits on what one request may ask.

@@ -104,3 +104,17 @@ def test_an_out_of_memory_request_is_answered_and_survived(on_device: dict[str, 
     assert model.pipes["text2img"].vae.dtype == model.dtype
     status, body = handle(model, FAST)  # and the next request is served
     assert status == 200, body
+
+
+@pytest.mark.skipif(not CUDA, reason="group offloading streams weights from host memory to a GPU: none here")
+@pytest.mark.parametrize("kind", ["block", "leaf"])
+def test_group_offload_draws_the_resident_models_picture_with_the_weights_in_host_memory(
+    baked: dict[str, Path], on_device: dict[str, LoadedModel], kind: str
+) -> None:
+    model = load_model(Settings(model_dir=baked["tiny-sdxl"], device=DEVICE, group_offload=kind))
+    assert model.pipe.unet.device.type == "cpu"  # between calls, the weights wait in host memory
+    status, body = handle(model, FAST)
+    assert status == 200, body
+    offloaded = np.asarray(decode(body["images"][0]["base64"]), dtype=int)
+    resident = np.asarray(decode(handle(on_device["tiny-sdxl"], FAST)[1]["images"][0]["base64"]), dtype=int)
+    assert np.abs(offloaded - resident).max() <= 2

@@ -249,6 +249,29 @@ def test_reference_images_are_refused_where_they_cannot_be_read(
     assert status == 422 and body["$error"]["field"] == "images[1]", body
 
 
+@pytest.mark.parametrize("name", ["tiny-flux", *NEW])
+def test_a_baked_lora_changes_a_new_familys_picture_and_leaves_nothing_behind(
+    tiny: dict[str, Path], tmp_path: Path, name: str
+) -> None:
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny[name], model_dir)
+    baked = download("--model-dir", str(model_dir), MODEL_ID=name, LORAS="ink=tiny-lora")
+    assert baked.returncode == 0, baked.stderr
+    model = load_model(Settings(model_dir=model_dir))
+    assert model.loras == ["ink"]
+
+    def picture(scale: float | None) -> str:
+        loras = [] if scale is None else [{"name": "ink", "scale": scale}]
+        status, body = handle(model, {**FAST, "loras": loras})
+        assert status == 200, body
+        return body["images"][0]["base64"]
+
+    plain = picture(None)
+    assert picture(1.0) != plain
+    assert picture(0.0) == plain  # scale 0 is the plain model
+    assert picture(None) == plain  # nothing left on after a request with the LoRA
+
+
 def test_the_prompt_past_max_sequence_length_is_cut_and_said(models: dict[str, LoadedModel]) -> None:
     long = {**FAST, "prompt": "a lighthouse on a cliff " * 20}
     for name in ("tiny-zimage", "tiny-chroma", "tiny-qwenimage", "tiny-flux2-klein"):
@@ -480,6 +503,41 @@ def test_quantize_stores_the_denoiser_in_fewer_bits_and_still_draws(tiny: dict[s
     full = decode(handle(plain, FAST)[1]["images"][0]["base64"])
     difference = [abs(a - b) for a, b in zip(quantized.tobytes(), full.tobytes(), strict=True)]
     assert max(difference) > 0 and sum(difference) / len(difference) < 8  # close to, not equal to, the full model
+
+
+def test_layerwise_casting_stores_the_denoiser_in_fp8_and_still_draws(tiny: dict[str, Path]) -> None:
+    for name in ("tiny-flux", "tiny-zimage"):
+        plain = load_model(Settings(model_dir=tiny[name]))
+        model = load_model(Settings(model_dir=tiny[name], layerwise_casting="fp8"))
+        denoiser = model.pipe.transformer
+        stored = {p.dtype for n, p in denoiser.named_parameters() if n.endswith("weight") and p.ndim == 2}
+        assert torch.float8_e4m3fn in stored, (name, stored)  # linear weights in 8 bits; norms and embeddings kept
+        assert all(pipe.transformer is denoiser for pipe in model.pipes.values())  # shared by every task
+        cast = decode(handle(model, FAST)[1]["images"][0]["base64"])
+        full = decode(handle(plain, FAST)[1]["images"][0]["base64"])
+        difference = [abs(a - b) for a, b in zip(cast.tobytes(), full.tobytes(), strict=True)]
+        assert max(difference) > 0 and sum(difference) / len(difference) < 8, name  # close to the full model
+    with pytest.raises(WorkerError) as refused:
+        load_model(Settings(model_dir=tiny["tiny-flux"], layerwise_casting="fp8", quantize="int8"))
+    assert refused.value.field == "LAYERWISE_CASTING"
+
+
+def test_quantize_text_encoders_stores_them_in_fewer_bits_and_still_reads_the_prompt(tiny: dict[str, Path]) -> None:
+    plain = load_model(Settings(model_dir=tiny["tiny-zimage"]))
+    model = load_model(Settings(model_dir=tiny["tiny-zimage"], quantize_text_encoders="int8"))
+    weight = model.pipe.text_encoder.layers[0].self_attn.q_proj.weight
+    assert "8" in type(weight).__name__ and model.pipe.transformer.dtype == torch.float32  # the denoiser is not
+    quantized = handle(model, FAST)[1]["images"][0]["base64"]
+    assert quantized != handle(plain, FAST)[1]["images"][0]["base64"]
+    assert quantized == handle(model, FAST)[1]["images"][0]["base64"]  # seeded
+    other = handle(model, {**FAST, "prompt": "a red boat"})[1]["images"][0]["base64"]
+    assert other != quantized  # the prompt is still read
+
+
+def test_group_offload_without_a_gpu_is_refused_by_name(tiny: dict[str, Path]) -> None:
+    with pytest.raises(WorkerError) as refused:
+        load_model(Settings(model_dir=tiny["tiny-flux"], group_offload="leaf"))
+    assert refused.value.field == "GROUP_OFFLOAD" and "runs on cpu" in refused.value.message
 
 
 def test_cpu_offload_without_a_gpu_is_refused_by_name(tiny: dict[str, Path]) -> None:

@@ -177,15 +177,24 @@ def test_the_dry_run_of_throughput_and_cold_start_passes_and_reports_them(
 
 
 @pytest.mark.slow
-def test_the_dry_run_of_the_sd35_and_flux_steps_passes_and_reports_them(
+def test_the_dry_run_of_the_sd35_flux_and_memory_steps_passes_and_reports_them(
     rehearsal: Rehearsal, models: Path, tmp_path: Path
 ) -> None:
-    report = dry_run(rehearsal, models, tmp_path, "steps_sd35 steps_flux", ())
-    assert set(report["steps"]["parts"]) == {"steps_sd35", "steps_flux"}
+    report = dry_run(rehearsal, models, tmp_path, "steps_sd35 steps_flux steps_memory", ())
+    assert set(report["steps"]["parts"]) == {"steps_sd35", "steps_flux", "steps_memory"}
     assert all(part["status"] == "passed" for part in report["steps"]["parts"].values()), report["steps"]["parts"]
     rows = [row for part in report["steps"]["result"] for row in part["rows"]]
-    assert rows and all(row["s_per_image"] > 0 and "error" not in row for row in rows)
-    assert {row["model"] for row in rows} == {"sd35m", "flux"}
+    drawn = [row for row in rows if row["model"] != "sd15"]
+    assert drawn and all(row["s_per_image"] > 0 and "error" not in row for row in drawn)
+    assert {row["model"] for row in drawn} == {"sd35m", "flux"}
+    memory = {row["option"]: row for row in rows if row["model"] == "sd15"}
+    for option, setting in (("quantize_int8", "quantize"), ("layerwise_fp8", "layerwise_casting")):
+        # torchao came with the wheels; the 8-bit weights are seen on the loaded denoiser
+        assert memory[option]["s_per_image"] > 0 and memory[option]["applied"] == {setting: True}, memory[option]
+    for option in ("group_offload_block", "group_offload_leaf", "cpu_offload"):  # a GPU's alone, refused by name
+        assert "runs on cpu" in memory[option]["skipped"], memory[option]
+    table = (tmp_path / "out" / "gpu_check.md").read_text()
+    assert "| sd15 | 64 | layerwise_fp8 | 1 |" in table
 
 
 def test_a_step_that_fails_runs_out_of_time_or_finds_no_time_left_is_reported(tmp_path: Path) -> None:

@@ -126,7 +126,19 @@ def apply_speed_options(pipe: Any, settings: Settings, device: str) -> None:
     denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
     vae = getattr(pipe, "vae", None)
     if settings.quantize != "none" and denoiser is not None:  # first: what is compiled below is the quantized model
-        _quantize(denoiser, settings.quantize)
+        _quantize(denoiser, settings.quantize, "QUANTIZE")
+    if settings.quantize_text_encoders != "none":
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            if (encoder := getattr(pipe, name, None)) is not None:
+                _quantize(encoder, settings.quantize_text_encoders, "QUANTIZE_TEXT_ENCODERS")
+    if settings.layerwise_casting != "none" and denoiser is not None:
+        if settings.quantize != "none":
+            raise WorkerError(
+                "INVALID_SETTINGS",
+                "LAYERWISE_CASTING and QUANTIZE both store the denoiser in 8 bits: set one",
+                "LAYERWISE_CASTING",
+            )
+        denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=denoiser.dtype)
 
     if settings.tf32 and device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -163,19 +175,23 @@ def apply_speed_options(pipe: Any, settings: Settings, device: str) -> None:
                 part.compile(mode=settings.compile_mode, fullgraph=True)
 
 
-def _quantize(module: Any, kind: str) -> None:
+def _quantize(module: Any, kind: str, setting: str) -> None:
     """Weight-only quantization with torchao, in place: int8 or float8 weights, dequantized as each layer runs.
-    About half the denoiser's memory at bf16/fp16; a little slower, and pixels move slightly."""
+    About half the module's memory at bf16/fp16; a little slower, and pixels move slightly. A module shared with a
+    pipeline loaded before (the refiner's text encoder is the base's) is quantized once."""
+    if getattr(module, "_sdworker_quantized", False):
+        return
     try:
         from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
     except ImportError:
         raise WorkerError(
             "INVALID_SETTINGS",
-            "QUANTIZE needs torchao, which the image installs (requirements-cuda.txt): pip install torchao==0.18.0",
-            "QUANTIZE",
+            f"{setting} needs torchao, which the image installs (requirements-cuda.txt): pip install torchao==0.18.0",
+            setting,
         ) from None
 
     quantize_(module, Int8WeightOnlyConfig() if kind == "int8" else Float8WeightOnlyConfig())
+    module._sdworker_quantized = True
 
 
 @dataclass
@@ -296,8 +312,18 @@ def load_model(settings: Settings) -> LoadedModel:
             f"STAGES={settings.stages}: the {family.name} family is not split into stages here ({split} are)",
             "STAGES",
         )
-    # With offload the weights stay in host memory; each component goes to the GPU only while it runs.
-    load_on = "cpu" if settings.enable_model_cpu_offload else device
+    if settings.group_offload != "none" and (settings.enable_model_cpu_offload or not device.startswith("cuda")):
+        why = (
+            "ENABLE_MODEL_CPU_OFFLOAD offloads too: set one"
+            if device.startswith("cuda")
+            else f"this worker runs on {device}"
+        )
+        raise WorkerError(
+            "INVALID_SETTINGS", f"GROUP_OFFLOAD streams weights to a GPU as they run; {why}", "GROUP_OFFLOAD"
+        )
+    # With offload the weights stay in host memory; each component (or block) goes to the GPU only while it runs.
+    offloaded = settings.enable_model_cpu_offload or settings.group_offload != "none"
+    load_on = "cpu" if offloaded else device
     dtype = resolve_dtype(settings.dtype, family, device)  # the GPU's dtype, wherever the weights wait
     dtype_name = str(dtype).removeprefix("torch.")
     base = load_pipeline(settings.model_dir, load_on, attention, dtype_name, **_unserved(settings, family))
@@ -308,12 +334,13 @@ def load_model(settings: Settings) -> LoadedModel:
     for part, values in family.config_fixes:
         if getattr(base, part, None) is not None:
             getattr(base, part).register_to_config(**values)
-    apply_speed_options(base, settings, device)
     # The safety checker runs on its own after generation, so each request can turn it on or off.
     checker, extractor = getattr(base, "safety_checker", None), getattr(base, "feature_extractor", None)
     # from_pipe casts every shared component to its `dtype` argument, float32 when none is given: pass the one
-    # loaded, or a GPU model would silently run in float32.
+    # loaded, or a GPU model would silently run in float32. Before the speed options, which it would undo (the
+    # float8 storage of LAYERWISE_CASTING); they change the shared components in place, for every task.
     pipes = {task: getattr(diffusers, name).from_pipe(base, dtype=dtype) for task, name in family.pipelines.items()}
+    apply_speed_options(base, settings, device)
     refiner = None
     if family.refiner and settings.whole() and read_manifest(settings.model_dir / "refiner"):
         refiner = load_pipeline(
@@ -326,6 +353,17 @@ def load_model(settings: Settings) -> LoadedModel:
             text_encoder_2=base.text_encoder_2,
         )
         apply_speed_options(refiner, settings, device)
+    if settings.group_offload != "none":  # hooks on the shared modules: every task's pipeline streams them
+        offload = {
+            "onload_device": torch.device(device),
+            "offload_device": torch.device("cpu"),
+            "offload_type": f"{settings.group_offload}_level",
+            "num_blocks_per_group": 1 if settings.group_offload == "block" else None,
+            "use_stream": True,
+        }
+        base.enable_group_offload(**offload)
+        if refiner is not None:  # its VAE and second text encoder are the base's, offloaded already
+            refiner.unet.enable_group_offload(**offload)
     for pipe in [*pipes.values(), *([refiner] if refiner else [])]:
         if settings.enable_model_cpu_offload:
             pipe.enable_model_cpu_offload(device=device)

@@ -612,7 +612,8 @@ def make_tiny_lora(
     clip_modules: tuple[str, ...] = ("q_proj", "v_proj"),
 ) -> Path:
     """A random rank-4 LoRA for the pipeline baked in `model_dir`, written to `dest`: peft adapters on its UNet's
-    or transformer's attention projections and, with `text_encoders`, on its CLIP text encoders' `clip_modules`,
+    or transformer's attention projections and, with `text_encoders`, on its CLIP text encoders' `clip_modules`
+    (other text encoders are left as they are),
     saved with the pipeline class's own `save_lora_weights`, as diffusers saves a trained one. The same model and
     seed give the same bytes. Answers `dest`."""
     import torch
@@ -627,7 +628,8 @@ def make_tiny_lora(
         for part in pipe._lora_loadable_modules:
             module = getattr(pipe, part, None)
             denoiser = part in ("unet", "transformer")
-            if module is None or not (denoiser or text_encoders):
+            clip = type(module).__name__.startswith("CLIP")  # T5 or a language model: its own module names
+            if module is None or not (denoiser or (text_encoders and clip)):
                 continue
             targets = list(DENOISER_MODULES if denoiser else clip_modules)
             module.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
