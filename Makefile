@@ -8,6 +8,7 @@ $(VENV)/.run: requirements.txt
 	@echo "setting up $(VENV): installing requirements.txt (torch, diffusers; a few minutes the first time)"
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --progress-bar off -r requirements.txt
+	$(VENV)/bin/python tools/torchvision_on_cpu_torch.py
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.run requirements-dev.txt

@@ -13,7 +13,7 @@ installs the wheels into a scratch folder on PYTHONPATH, so the worker runs the 
   which pydantic needs newer than torch does;
 - FROM_IMAGE: numpy, pillow, scipy and hf-xet, 28 MB of wheels together, whose versions do not change a figure;
   a call carries at most 64 MiB in all, the repository included;
-- NOT_BROUGHT: runpod, whose SDK the check never starts.
+- NOT_BROUGHT: runpod, whose SDK the check never starts, and torchvision (for processors the check never loads).
 Every other package of requirements.txt's closure for Python 3.12 on Linux is pinned in bench/gpu-wheels.txt
 (`pins` writes it from the installed versions, which are requirements.txt's; a test keeps the two equal), and
 from requirements-cuda.txt xformers and the CUDA 12 runtime library its kernels load (installed apart: APART), and
@@ -43,7 +43,9 @@ PYTHON = (3, 12)
 # pip matches manylinux tags exactly: name each glibc the machine's (2.35 and up) can load.
 PLATFORMS = [f"manylinux_2_{minor}_x86_64" for minor in range(35, 16, -1)] + ["manylinux2014_x86_64"]
 FROM_IMAGE = {"numpy", "pillow", "scipy", "hf-xet"}
-NOT_BROUGHT = {"torch", "runpod"}
+# torchvision: only FLUX.2 [dev]'s and Qwen-Image-Edit's processors need it, which the check does not serve, and its
+# CUDA wheel (8 MB) would not fit beside the rest.
+NOT_BROUGHT = {"torch", "runpod", "torchvision"}
 # From requirements-cuda.txt, for ATTENTION=xformers: its wheel (torch's stable ABI) and the CUDA 12 runtime library
 # its kernels load. Both are installed apart, each in a folder of its own off PYTHONPATH: diffusers imports an
 # installed xformers in every process, so that one that fails to load would fail every step; gpu_check.sh puts

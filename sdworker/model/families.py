@@ -198,6 +198,23 @@ FAMILIES = {
             variant_of="flux",
         ),
         Family(
+            "flux2",  # FLUX.2 [dev]: a Mistral Small 3 text encoder; guidance-distilled (a guidance embedding)
+            ("Flux2Pipeline",),
+            # its one pipeline draws from text alone or from reference images (edit)
+            {"text2img": "Flux2Pipeline", "edit": "Flux2Pipeline"},
+            "transformer",
+            "bfloat16",
+            50,
+            2.5,  # its pipeline's example and model card: 50 steps at guidance 2.5
+            frozenset({"max_sequence_length"}),
+            distilled_steps=8,  # FLUX.2 [dev] Turbo (merged, known by name): 8 steps
+            distilled_guidance=2.5,
+            sized_img2img=True,
+            packed=2,
+            sequence_length=512,
+            references=10,  # Black Forest Labs' FLUX.2 documentation: up to 10 reference images
+        ),
+        Family(
             "flux2-klein",  # FLUX.2 [klein]: a Qwen3 text encoder; [klein] 4B/9B distilled, their base models not
             ("Flux2KleinPipeline",),
             # its one pipeline draws from text alone or from reference images (edit)
@@ -236,6 +253,34 @@ FAMILIES = {
             max_sequence_length=1024,
             guidance_kwarg="true_cfg_scale",  # real classifier-free guidance, with a negative prompt
             negative_default=" ",  # Qwen-Image's own examples: without one the pipeline skips guidance
+        ),
+        *(
+            Family(
+                name,  # Qwen-Image-Edit (one reference) and Edit-2509/2511 (Plus: several), Qwen-Image's weights
+                (pipeline,),
+                # No text2img: their pipelines read the size of a reference image, and fail without one. No
+                # inpaint: QwenImageEditInpaintPipeline draws about a megapixel whatever width and height say.
+                {"edit": pipeline},
+                "transformer",
+                "bfloat16",
+                50,
+                4.0,
+                frozenset({"negative_prompt", "max_sequence_length", "true_cfg_scale"}),
+                distilled_steps=8,  # the Lightning LoRAs' merged models
+                distilled_guidance=1.0,
+                sized_img2img=True,
+                packed=2,
+                sequence_length=1024,
+                max_sequence_length=1024,
+                guidance_kwarg="true_cfg_scale",
+                negative_default=" ",
+                variant_of="qwenimage",
+                references=references,  # Edit-2509's model card: one to three images work best
+            )
+            for name, pipeline, references in (
+                ("qwenimage-edit", "QwenImageEditPipeline", 1),
+                ("qwenimage-edit-plus", "QwenImageEditPlusPipeline", 3),
+            )
         ),
         Family(
             "zimage",
@@ -330,8 +375,10 @@ def fit_request(request: GenerateInput, family: Family, distilled: bool, refiner
         message = f"images: the {family.name} family takes {many} reference {plural} (got {len(request.images or [])})"
         raise WorkerError("INVALID_INPUTS", message, "images")
     if request.task not in family.pipelines:
-        named = {"img2img": "image", "edit": "images"}
-        field = "pipeline" if request.pipeline else named.get(request.task, "mask_image")
+        # the field a request of this task lacks: text2img on an edit model, its reference images
+        named = {"img2img": "image", "edit": "images", "inpaint": "mask_image"}
+        wanted = named.get(request.task) or ("images" if "edit" in family.pipelines else "mask_image")
+        field = "pipeline" if request.pipeline else wanted
         tasks = ", ".join(family.pipelines)
         message = f"{field}: the {family.name} family has no {request.task} pipeline (it has {tasks})"
         raise WorkerError("INVALID_INPUTS", message, field)

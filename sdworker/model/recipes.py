@@ -15,7 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .tiny_text import tiny_qwen3_config, tiny_qwen_tokenizer, tiny_qwen_vl
+from .tiny_text import (
+    tiny_mistral3,
+    tiny_pixtral_processor,
+    tiny_qwen3_config,
+    tiny_qwen_tokenizer,
+    tiny_qwen_vl,
+    tiny_qwen_vl_processor,
+)
 
 
 def _tiny_tokenizer() -> Any:
@@ -381,6 +388,25 @@ def _bake_tiny_flux2_klein(dest: Path, distilled: bool = True) -> None:
     pipe.save_pretrained(dest, safe_serialization=True)
 
 
+def _bake_tiny_flux2(dest: Path) -> None:
+    """FLUX.2 [dev] layout with random weights: Mistral Small 3 (with its vision tower) as text encoder and its
+    processor as tokenizer, the FLUX.2 DiT with guidance embedding (guidance-distilled), the FLUX.2 VAE. 30 text
+    layers, so the pipeline's default text_encoder_out_layers (10, 20, 30) exist (Mistral Small 3 has 40)."""
+    import torch
+    from diffusers import Flux2Pipeline
+
+    torch.manual_seed(0)
+    processor = tiny_pixtral_processor()
+    pipe = Flux2Pipeline(
+        transformer=_tiny_flux2_transformer(text_width=16, guidance_embeds=True),
+        vae=_tiny_flux2_vae(),
+        text_encoder=tiny_mistral3(processor.tokenizer, num_hidden_layers=30),
+        tokenizer=processor,
+        scheduler=_flow_scheduler(),
+    )
+    pipe.save_pretrained(dest, safe_serialization=True)
+
+
 def _tiny_qwen_parts() -> dict[str, Any]:
     """Qwen-Image's components: Qwen2.5-VL and its tokenizer, the Qwen-Image VAE (a causal 3D VAE, 16 channels, 8x,
     its latents' mean and std), the MMDiT with 2x2 patches (64 channels in, 16 out), Qwen-Image's schedule."""
@@ -427,6 +453,16 @@ def _bake_tiny_qwenimage(dest: Path) -> None:
     from diffusers import QwenImagePipeline
 
     pipe = QwenImagePipeline(**_tiny_qwen_parts())
+    pipe.save_pretrained(dest, safe_serialization=True)
+
+
+def _bake_tiny_qwenimage_edit(dest: Path, pipeline: str) -> None:
+    """Qwen-Image-Edit layout (`QwenImageEditPipeline`; `QwenImageEditPlusPipeline` for Edit-2509 and later): Qwen-
+    Image's components, and Qwen2-VL's processor, through which the text encoder also sees the reference images."""
+    import diffusers
+
+    parts = _tiny_qwen_parts()
+    pipe = getattr(diffusers, pipeline)(processor=tiny_qwen_vl_processor(parts["tokenizer"]), **parts)
     pipe.save_pretrained(dest, safe_serialization=True)
 
 
@@ -586,9 +622,12 @@ RECIPES: dict[str, Callable[[Path], None]] = {
     "tiny-flux-kontext": lambda dest: _bake_tiny_flux(dest, "FluxKontextPipeline"),
     "tiny-sd-inpaint": _bake_tiny_sd_inpaint,
     "tiny-sdxl-inpaint": _bake_tiny_sdxl_inpaint,
+    "tiny-flux2": _bake_tiny_flux2,
     "tiny-flux2-klein": _bake_tiny_flux2_klein,
     "tiny-flux2-klein-base": lambda dest: _bake_tiny_flux2_klein(dest, distilled=False),
     "tiny-qwenimage": _bake_tiny_qwenimage,
+    "tiny-qwenimage-edit": lambda dest: _bake_tiny_qwenimage_edit(dest, "QwenImageEditPipeline"),
+    "tiny-qwenimage-edit-plus": lambda dest: _bake_tiny_qwenimage_edit(dest, "QwenImageEditPlusPipeline"),
     "tiny-zimage": _bake_tiny_zimage,
     "tiny-chroma": _bake_tiny_chroma,
 }

@@ -1,7 +1,9 @@
-"""Tiny text encoders' tokenizers and configs for the recipes (recipes.py) whose text encoders are language models:
-Qwen2.5-VL (Qwen-Image), Qwen3 (Z-Image, FLUX.2 [klein]). Built offline: byte-level BPE vocabularies learnt from the
-words of the pipelines' own prompt templates, so that each template word is one token, as in Qwen's vocabulary, and
-the pipelines' fixed cut of their template (34 tokens for Qwen-Image) falls where it does on the real model."""
+"""Tiny text encoders' tokenizers, processors and configs for the recipes (recipes.py) whose text encoders are
+language models: Qwen2.5-VL (Qwen-Image and its edit models), Qwen3 (Z-Image, FLUX.2 [klein]), Mistral Small 3
+(FLUX.2 [dev]). Built offline: byte-level BPE vocabularies learnt from the words of the pipelines' own prompt
+templates, so that each template word is one token, as in the real vocabularies, and the pipelines' fixed cut of
+their template (34 tokens for Qwen-Image) falls where it does on the real model. The processors (FLUX.2 [dev]'s
+Pixtral, Qwen-Image-Edit's Qwen2-VL) are transformers' own classes, which need torchvision."""
 
 from __future__ import annotations
 
@@ -173,3 +175,130 @@ def tiny_qwen_vl(tokenizer: Any) -> Any:
         vision_end_token_id=ids["<|vision_end|>"],
     )
     return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def tiny_qwen_vl_processor(tokenizer: Any) -> Any:
+    """Qwen-Image-Edit's processor: Qwen2-VL's image processor (28-pixel patches, so a 64-pixel reference is a few
+    vision tokens), its video processor, and `tokenizer`."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    return Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 64),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=tokenizer.chat_template,
+    )
+
+
+# Mistral Small 3's (tekken) control tokens, in their order there, and its chat template cut down to what FLUX.2's
+# pipeline sends: a system message and user text or images.
+_MISTRAL_SPECIALS = (
+    "<unk>",
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+    "[TOOL_CALLS]",
+    "[IMG]",
+    "<pad>",
+    "[IMG_BREAK]",
+    "[IMG_END]",
+    "[PREFIX]",
+    "[MIDDLE]",
+    "[SUFFIX]",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+)
+_MISTRAL_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{%- if message['content'] is string %}{%- set parts = [{'type': 'text', 'text': message['content']}] %}"
+    "{%- else %}{%- set parts = message['content'] %}{%- endif %}"
+    "{%- if message['role'] == 'system' %}{{- '[SYSTEM_PROMPT]' }}"
+    "{%- elif message['role'] == 'user' %}{{- '[INST]' }}{%- endif %}"
+    "{%- for part in parts %}"
+    "{%- if part['type'] == 'text' %}{{- part['text'] }}"
+    "{%- elif part['type'] in ['image', 'image_url'] %}{{- '[IMG]' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if message['role'] == 'system' %}{{- '[/SYSTEM_PROMPT]' }}"
+    "{%- elif message['role'] == 'user' %}{{- '[/INST]' }}"
+    "{%- else %}{{- eos_token }}{%- endif %}"
+    "{%- endfor %}"
+)
+
+
+def tiny_pixtral_processor() -> Any:
+    """FLUX.2 [dev]'s tokenizer: Mistral Small 3's processor (Pixtral's image processor and a byte-level BPE
+    tokenizer with Mistral's control tokens and chat template), its vocabulary learnt from FLUX.2's system
+    message."""
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+    from transformers import PixtralImageProcessor, PixtralProcessor, Qwen2Tokenizer
+
+    vocab, merges = byte_bpe((SYSTEM_MESSAGE,), special_tokens=_MISTRAL_SPECIALS)
+    tokenizer = Qwen2Tokenizer(  # byte-level BPE, as tekken is; the class is only its loader
+        vocab=vocab,
+        merges=merges,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        additional_special_tokens=list(_MISTRAL_SPECIALS[3:]),
+        model_max_length=131072,
+        chat_template=_MISTRAL_CHAT_TEMPLATE,
+        errors="replace",
+    )
+    return PixtralProcessor(
+        image_processor=PixtralImageProcessor(patch_size=4, size={"longest_edge": 32}),
+        tokenizer=tokenizer,
+        patch_size=4,
+        spatial_merge_size=2,
+        chat_template=_MISTRAL_CHAT_TEMPLATE,
+    )
+
+
+def tiny_mistral3(tokenizer: Any, num_hidden_layers: int) -> Any:
+    """Mistral Small 3 (FLUX.2 [dev]'s text encoder) at width 16, with its Pixtral vision tower."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in ("<s>", "</s>", "<pad>", "[IMG]")}
+    config = Mistral3Config(
+        text_config={
+            "model_type": "mistral",
+            "vocab_size": padded_vocab(tokenizer),
+            "hidden_size": 16,
+            "intermediate_size": 37,
+            "max_position_embeddings": 2048,
+            "num_attention_heads": 2,
+            "num_hidden_layers": num_hidden_layers,
+            "num_key_value_heads": 2,
+            "head_dim": 8,
+            "rms_norm_eps": 1e-05,
+            "rope_theta": 1000000000.0,
+            "sliding_window": None,
+            "bos_token_id": ids["<s>"],
+            "eos_token_id": ids["</s>"],
+            "pad_token_id": ids["<pad>"],
+        },
+        vision_config={
+            "model_type": "pixtral",
+            "hidden_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 37,
+            "image_size": 32,
+            "patch_size": 4,
+            "num_channels": 3,
+            "head_dim": 8,
+        },
+        spatial_merge_size=2,
+        vision_feature_layer=-1,
+        image_token_index=ids["[IMG]"],
+        multimodal_projector_bias=False,
+        projector_hidden_act="gelu",
+    )
+    return Mistral3ForConditionalGeneration(config).eval()

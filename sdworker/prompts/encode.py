@@ -62,16 +62,22 @@ def planning_tokenizers(pipe: Any) -> dict[str, Any]:
     copies = pipe.__dict__.get("_sdworker_planning")
     if copies is None:
         copies = {
-            name: copy.deepcopy(getattr(pipe, name))
+            name: copy.deepcopy(_tokenizer(getattr(pipe, name)))
             for name in ("tokenizer", "tokenizer_2", "tokenizer_3")
             if getattr(pipe, name, None) is not None
         }
         # Its "indexing errors" warning is not true here, for the copies nor for compel's calls in the model's
         # turn: long prompts are chunked.
-        for each in [*copies.values(), *(getattr(pipe, name) for name in copies)]:
+        for each in [*copies.values(), *(_tokenizer(getattr(pipe, name)) for name in copies)]:
             each.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
         pipe.__dict__["_sdworker_planning"] = copies
     return copies
+
+
+def _tokenizer(component: Any) -> Any:
+    """A pipeline's tokenizer, or the tokenizer inside the processor it has in that place (FLUX.2 [dev]'s)."""
+    inner = getattr(component, "tokenizer", None)
+    return inner if inner is not None and hasattr(component, "image_processor") else component
 
 
 def plan(pipe: Any, family: str, request: Any, default: Syntax, max_sequence_length: int | None) -> PromptPlan:
