@@ -60,6 +60,16 @@ sys.path.insert(0, str(ROOT))
 from bench.fullsize import DEFAULT_CACHE, NATIVE_SIZE, describe, ensure_model  # noqa: E402
 
 SPEED_FIELDS = ("channels_last", "fuse_qkv", "torch_compile", "vae_tiling", "vae_slicing", "tf32")
+# Options that are a value of a setting other than the speed switches: xformers (ATTENTION=xformers instead of
+# SDPA) and the memory options (docs/models.md, "Larger than the GPU"), what each saves and costs in s/image.
+OTHER_SETTINGS: dict[str, dict[str, Any]] = {
+    "xformers": {"attention": "xformers"},
+    "quantize_int8": {"quantize": "int8"},
+    "layerwise_fp8": {"layerwise_casting": "fp8"},
+    "group_offload_block": {"group_offload": "block"},
+    "group_offload_leaf": {"group_offload": "leaf"},
+    "cpu_offload": {"enable_model_cpu_offload": True},
+}
 OPTIONS: dict[str, tuple[str, ...]] = {
     "baseline": (),
     "channels_last": ("channels_last",),
@@ -69,24 +79,8 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "vae_slicing": ("vae_slicing",),
     "tf32": ("tf32",),
     "all": ("channels_last", "fuse_qkv", "torch_compile", "tf32"),
-    "xformers": (),  # ATTENTION=xformers instead of SDPA (OTHER_SETTINGS)
-    # The memory options (docs/models.md, "Larger than the GPU"): what each saves, and what it costs in s/image.
-    "quantize_int8": (),
-    "layerwise_fp8": (),
-    "group_offload_block": (),
-    "group_offload_leaf": (),
-    "cpu_offload": (),
+    **dict.fromkeys(OTHER_SETTINGS, ()),
 }
-# Options that are a value of a setting other than the speed switches.
-OTHER_SETTINGS: dict[str, dict[str, Any]] = {
-    "xformers": {"attention": "xformers"},
-    "quantize_int8": {"quantize": "int8"},
-    "layerwise_fp8": {"layerwise_casting": "fp8"},
-    "group_offload_block": {"group_offload": "block"},
-    "group_offload_leaf": {"group_offload": "leaf"},
-    "cpu_offload": {"enable_model_cpu_offload": True},
-}
-MEMORY_OPTIONS = ["quantize_int8", "layerwise_fp8", "group_offload_block", "group_offload_leaf", "cpu_offload"]
 DEFAULT_OPTIONS = ["baseline", "channels_last", "fuse_qkv"]
 SMOKE_OPTIONS = ["baseline", "channels_last", "fuse_qkv", "vae_slicing", "vae_tiling"]
 PROMPT = "a lighthouse on a rocky coast at dusk, waves, dramatic clouds, detailed oil painting"

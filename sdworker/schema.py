@@ -16,34 +16,32 @@ from .errors import WorkerError
 
 MAX_SEED = 2**64 - 1
 
-# Pipeline names clients send (docker-diffusers-api's PIPELINE) -> the task they stand for.
-PIPELINES = {
+
+def _pipeline_tasks() -> dict[str, str | None]:
+    """Every pipeline class the family table names -> the task it runs; None for a class that runs more than one
+    (FLUX.2's, FLUX.1 Kontext's: text2img or edit), whose task comes from the images a request gives."""
+    from .model.families import FAMILIES  # no torch: the family table is data
+
+    tasks: dict[str, str | None] = {}
+    for family in FAMILIES.values():
+        for task, name in family.pipelines.items():
+            tasks[name] = task if tasks.get(name, task) == task else None
+    return tasks
+
+
+# Pipeline names clients send (docker-diffusers-api's PIPELINE) -> the task they stand for: the tasks' own names,
+# every class the family table names, and diffusers' AutoPipelines and older names.
+PIPELINES: dict[str, str | None] = {
     "AutoPipelineForText2Image": "text2img",
-    "StableDiffusionPipeline": "text2img",
-    "StableDiffusionXLPipeline": "text2img",
     "AutoPipelineForImage2Image": "img2img",
-    "StableDiffusionImg2ImgPipeline": "img2img",
-    "StableDiffusionXLImg2ImgPipeline": "img2img",
     "AutoPipelineForInpainting": "inpaint",
-    "StableDiffusionInpaintPipeline": "inpaint",
-    "StableDiffusionXLInpaintPipeline": "inpaint",
     "StableDiffusionInpaintPipelineLegacy": "inpaint",  # diffusers' old one: docker-diffusers-api's test sends it
-    **{f"{family}Pipeline": "text2img" for family in ("StableDiffusion3", "Flux", "Flux2Klein", "QwenImage", "ZImage")},
-    **{f"{family}Img2ImgPipeline": "img2img" for family in ("StableDiffusion3", "Flux", "QwenImage", "ZImage")},
-    **{f"{family}InpaintPipeline": "inpaint" for family in ("StableDiffusion3", "Flux", "Flux2Klein", "QwenImage")},
-    "ChromaPipeline": "text2img",
-    "ChromaImg2ImgPipeline": "img2img",
-    "ChromaInpaintPipeline": "inpaint",
-    "ZImageInpaintPipeline": "inpaint",
-    "FluxKontextPipeline": "edit",
-    "Flux2Pipeline": "text2img",
-    "QwenImageEditPipeline": "edit",
-    "QwenImageEditPlusPipeline": "edit",
-    "edit": "edit",
+    **_pipeline_tasks(),
     "text2img": "text2img",
     "txt2img": "text2img",
     "img2img": "img2img",
     "inpaint": "inpaint",
+    "edit": "edit",
 }
 # callInputs -> input field.
 CALL_INPUTS = {
@@ -218,8 +216,8 @@ class GenerateInput(RequestModel):
     @property
     def task(self) -> str:
         """text2img, img2img, inpaint or edit: from `pipeline` when given, else from the images given."""
-        if self.pipeline:
-            return PIPELINES[self.pipeline]
+        if self.pipeline and (named := PIPELINES[self.pipeline]) is not None:
+            return named
         if self.images:
             return "edit"
         return "inpaint" if self.mask_image else "img2img" if self.image else "text2img"

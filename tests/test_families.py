@@ -267,6 +267,19 @@ def test_reference_images_are_refused_where_they_cannot_be_read(
     assert status == 422 and body["$error"]["field"] == "images[1]", body
 
 
+def test_a_pipeline_named_by_its_class_runs_its_task_and_one_with_two_tasks_takes_it_from_the_images(
+    models: dict[str, LoadedModel],
+) -> None:
+    klein = {**FAST, "pipeline": "Flux2KleinPipeline"}  # text2img or edit, as the family table says
+    status, drawn = handle(models["tiny-flux2-klein"], klein)
+    assert status == 200 and drawn["$meta"]["task"] == "text2img", drawn
+    status, edited = handle(models["tiny-flux2-klein"], {**klein, "images": [png_base64()]})
+    assert status == 200 and edited["$meta"]["task"] == "edit", edited
+    fill = {**FAST, "pipeline": "FluxFillPipeline", "image": png_base64(), "mask_image": png_base64(64, 64, (255,) * 3)}
+    status, filled = handle(models["tiny-flux-fill"], fill)  # every class the family table names is known
+    assert status == 200 and filled["$meta"]["task"] == "inpaint", filled
+
+
 @pytest.mark.parametrize("name", ["tiny-flux", *NEW])
 def test_a_baked_lora_changes_a_new_familys_picture_and_leaves_nothing_behind(
     tiny: dict[str, Path], tmp_path: Path, name: str
@@ -297,6 +310,16 @@ def test_the_prompt_past_max_sequence_length_is_cut_and_said(models: dict[str, L
         cut = handle(models[name], {**long, "max_sequence_length": 8})[1]
         assert cut["$meta"]["truncated"] is True and full["$meta"]["truncated"] is False, name
         assert cut["images"][0]["base64"] != full["images"][0]["base64"], name
+
+
+def test_qwen_images_prompt_past_its_pipelines_512_tokens_is_cut_unless_the_request_asks_for_more(
+    models: dict[str, LoadedModel],
+) -> None:
+    long = {**FAST, "prompt": "color " * 600}  # a template word: one token each, 600 in all
+    cut = handle(models["tiny-qwenimage"], long)[1]
+    full = handle(models["tiny-qwenimage"], {**long, "max_sequence_length": 1024})[1]
+    assert cut["$meta"]["truncated"] is True and full["$meta"]["truncated"] is False
+    assert cut["images"][0]["base64"] != full["images"][0]["base64"]  # the pipeline read past 512 tokens
 
 
 def test_a_field_or_size_the_family_does_not_take_is_a_422_naming_both(

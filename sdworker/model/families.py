@@ -7,7 +7,7 @@ dtype is known when the weights are read.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +66,29 @@ class Family:
             return True
         return any(word in model_id.lower() for word in ("turbo", "lightning", "lcm", "schnell"))
 
+
+_QWEN = Family(
+    "qwenimage",
+    ("QwenImagePipeline",),
+    {
+        "text2img": "QwenImagePipeline",
+        "img2img": "QwenImageImg2ImgPipeline",
+        "inpaint": "QwenImageInpaintPipeline",
+    },
+    "transformer",
+    "bfloat16",
+    50,
+    4.0,
+    frozenset({"negative_prompt", "max_sequence_length", "true_cfg_scale"}),
+    distilled_steps=8,  # the Lightning LoRAs' merged models
+    distilled_guidance=1.0,
+    sized_img2img=True,
+    packed=2,
+    sequence_length=512,  # what its pipelines read by default; up to 1024 when a request asks
+    max_sequence_length=1024,
+    guidance_kwarg="true_cfg_scale",  # real classifier-free guidance, with a negative prompt
+    negative_default=" ",  # Qwen-Image's own examples: without one the pipeline skips guidance
+)
 
 _SD = {"text2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline"}
 FAMILIES = {
@@ -232,48 +255,16 @@ FAMILIES = {
             sequence_length=512,
             references=4,  # the pipeline documents no limit: this worker's, as FLUX.2's guidance for [klein]
         ),
-        Family(
-            "qwenimage",
-            ("QwenImagePipeline",),
-            {
-                "text2img": "QwenImagePipeline",
-                "img2img": "QwenImageImg2ImgPipeline",
-                "inpaint": "QwenImageInpaintPipeline",
-            },
-            "transformer",
-            "bfloat16",
-            50,
-            4.0,
-            frozenset({"negative_prompt", "max_sequence_length", "true_cfg_scale"}),
-            distilled_steps=8,  # the Lightning LoRAs' merged models
-            distilled_guidance=1.0,
-            sized_img2img=True,
-            packed=2,
-            sequence_length=1024,
-            max_sequence_length=1024,
-            guidance_kwarg="true_cfg_scale",  # real classifier-free guidance, with a negative prompt
-            negative_default=" ",  # Qwen-Image's own examples: without one the pipeline skips guidance
-        ),
+        _QWEN,
         *(
-            Family(
-                name,  # Qwen-Image-Edit (one reference) and Edit-2509/2511 (Plus: several), Qwen-Image's weights
-                (pipeline,),
-                # No text2img: their pipelines read the size of a reference image, and fail without one. No
-                # inpaint: QwenImageEditInpaintPipeline draws about a megapixel whatever width and height say.
-                {"edit": pipeline},
-                "transformer",
-                "bfloat16",
-                50,
-                4.0,
-                frozenset({"negative_prompt", "max_sequence_length", "true_cfg_scale"}),
-                distilled_steps=8,  # the Lightning LoRAs' merged models
-                distilled_guidance=1.0,
-                sized_img2img=True,
-                packed=2,
-                sequence_length=1024,
-                max_sequence_length=1024,
-                guidance_kwarg="true_cfg_scale",
-                negative_default=" ",
+            # Qwen-Image-Edit (one reference) and Edit-2509/2511 (Plus: several): Qwen-Image's weights and rules.
+            # No text2img: their pipelines read the size of a reference image, and fail without one. No inpaint:
+            # QwenImageEditInpaintPipeline draws about a megapixel whatever width and height say.
+            replace(
+                _QWEN,
+                name=name,
+                pipeline_classes=(pipeline,),
+                pipelines={"edit": pipeline},
                 variant_of="qwenimage",
                 references=references,  # Edit-2509's model card: one to three images work best
             )

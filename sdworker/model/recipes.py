@@ -114,18 +114,18 @@ def _tiny_unet(**extra: Any) -> Any:
     return UNet2DConditionModel(**{**config, **extra})
 
 
-def _bake_tiny_sd(dest: Path) -> None:
-    """SD 1.x layout with random weights: UNet, VAE, CLIP text encoder, tokenizer, PNDM, safety checker."""
+def _bake_tiny_sd(dest: Path, pipeline: str = "StableDiffusionPipeline", in_channels: int = 4) -> None:
+    """SD 1.x layout with random weights: UNet, VAE, CLIP text encoder, tokenizer, PNDM, safety checker. As
+    `StableDiffusionInpaintPipeline` with 9 input channels (4 noise, 1 mask, 4 masked-image latents), the
+    inpainting checkpoints' (sd-v1-5-inpainting)."""
+    import diffusers
     import torch
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from diffusers import PNDMScheduler
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextModel, CLIPVisionConfig
 
     torch.manual_seed(0)
-    unet = _tiny_unet(
-        cross_attention_dim=32,
-        attention_head_dim=8,
-    )
+    unet = _tiny_unet(in_channels=in_channels, cross_attention_dim=32, attention_head_dim=8)
     checker_config = CLIPConfig(
         text_config=_tiny_text_config().to_dict(),
         vision_config=CLIPVisionConfig(
@@ -138,7 +138,7 @@ def _bake_tiny_sd(dest: Path) -> None:
         ).to_dict(),
         projection_dim=32,
     )
-    pipe = StableDiffusionPipeline(
+    pipe = getattr(diffusers, pipeline)(
         unet=unet,
         vae=_tiny_vae(),
         text_encoder=CLIPTextModel(_tiny_text_config()),
@@ -157,10 +157,11 @@ def _bake_tiny_sd(dest: Path) -> None:
     pipe.save_pretrained(dest, safe_serialization=True)
 
 
-def _tiny_sdxl_unet(time_ids: int, cross_attention_dim: int) -> Any:
+def _tiny_sdxl_unet(time_ids: int, cross_attention_dim: int, in_channels: int = 4) -> Any:
     """SDXL's UNet layout: text-time conditioning over `time_ids` ids (6 for the base; 5, with the aesthetic
     score, for the refiner) and the pooled text embedding (32)."""
     return _tiny_unet(
+        in_channels=in_channels,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -179,15 +180,19 @@ def _sdxl_scheduler() -> Any:
     )
 
 
-def _bake_tiny_sdxl(dest: Path) -> None:
-    """SDXL layout with random weights: two text encoders, text-time conditioning, Euler."""
+def _bake_tiny_sdxl(dest: Path, inpaint: bool = False) -> None:
+    """SDXL layout with random weights: two text encoders, text-time conditioning, Euler. With `inpaint`, the
+    inpainting checkpoint's (stable-diffusion-xl-1.0-inpainting-0.1): a 9-channel UNet, 6 time ids (no aesthetic
+    score)."""
     import torch
-    from diffusers import StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(0)
-    unet = _tiny_sdxl_unet(time_ids=6, cross_attention_dim=64)
-    pipe = StableDiffusionXLPipeline(
+    unet = _tiny_sdxl_unet(time_ids=6, cross_attention_dim=64, in_channels=9 if inpaint else 4)
+    extra = {"requires_aesthetics_score": False} if inpaint else {}
+    pipe = (StableDiffusionXLInpaintPipeline if inpaint else StableDiffusionXLPipeline)(
+        **extra,
         unet=unet,
         vae=_tiny_vae(force_upcast=True),
         text_encoder=CLIPTextModel(_tiny_text_config()),
@@ -534,80 +539,6 @@ def _bake_tiny_chroma(dest: Path) -> None:
     pipe.save_pretrained(dest, safe_serialization=True)
 
 
-def _bake_tiny_sd_inpaint(dest: Path) -> None:
-    """SD 1.x inpainting layout (sd-v1-5-inpainting) with random weights: tiny-sd with a 9-channel UNet (4 noise, 1
-    mask, 4 masked-image latents)."""
-    import torch
-    from diffusers import PNDMScheduler, StableDiffusionInpaintPipeline
-    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextModel, CLIPVisionConfig
-
-    torch.manual_seed(0)
-    unet = _tiny_unet(in_channels=9, cross_attention_dim=32, attention_head_dim=8)
-    checker_config = CLIPConfig(
-        text_config=_tiny_text_config().to_dict(),
-        vision_config=CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            image_size=32,
-            patch_size=4,
-        ).to_dict(),
-        projection_dim=32,
-    )
-    pipe = StableDiffusionInpaintPipeline(
-        unet=unet,
-        vae=_tiny_vae(),
-        text_encoder=CLIPTextModel(_tiny_text_config()),
-        tokenizer=_tiny_tokenizer(),
-        scheduler=PNDMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            skip_prk_steps=True,
-            set_alpha_to_one=False,
-            steps_offset=1,
-        ),
-        safety_checker=StableDiffusionSafetyChecker(checker_config),
-        feature_extractor=CLIPImageProcessor(crop_size=32, size=32),
-    )
-    pipe.save_pretrained(dest, safe_serialization=True)
-
-
-def _bake_tiny_sdxl_inpaint(dest: Path) -> None:
-    """SDXL inpainting layout (stable-diffusion-xl-1.0-inpainting-0.1) with random weights: tiny-sdxl with a
-    9-channel UNet; 6 time ids (no aesthetic score), zeros for an empty prompt."""
-    import torch
-    from diffusers import StableDiffusionXLInpaintPipeline
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(0)
-    # recipes.py's _tiny_sdxl_unet(time_ids=6, cross_attention_dim=64), with 9 input channels.
-    unet = _tiny_unet(
-        in_channels=9,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=6 * 8 + 32,
-        cross_attention_dim=64,
-    )
-    pipe = StableDiffusionXLInpaintPipeline(
-        unet=unet,
-        vae=_tiny_vae(force_upcast=True),
-        text_encoder=CLIPTextModel(_tiny_text_config()),
-        text_encoder_2=CLIPTextModelWithProjection(_tiny_text_config(projection_dim=32)),
-        tokenizer=_tiny_tokenizer(),
-        tokenizer_2=_tiny_tokenizer(),
-        scheduler=_sdxl_scheduler(),
-        requires_aesthetics_score=False,
-        force_zeros_for_empty_prompt=True,
-    )
-    pipe.save_pretrained(dest, safe_serialization=True)
-
-
 RECIPES: dict[str, Callable[[Path], None]] = {
     "tiny-sd": _bake_tiny_sd,
     "tiny-sdxl": _bake_tiny_sdxl,
@@ -620,8 +551,8 @@ RECIPES: dict[str, Callable[[Path], None]] = {
     "tiny-flux-fill": lambda dest: _bake_tiny_flux(dest, "FluxFillPipeline", in_channels=384, out_channels=64),
     # FLUX.1 Kontext [dev]: FLUX.1-dev's layout; the reference image's latents join the noise as more tokens.
     "tiny-flux-kontext": lambda dest: _bake_tiny_flux(dest, "FluxKontextPipeline"),
-    "tiny-sd-inpaint": _bake_tiny_sd_inpaint,
-    "tiny-sdxl-inpaint": _bake_tiny_sdxl_inpaint,
+    "tiny-sd-inpaint": lambda dest: _bake_tiny_sd(dest, "StableDiffusionInpaintPipeline", in_channels=9),
+    "tiny-sdxl-inpaint": lambda dest: _bake_tiny_sdxl(dest, inpaint=True),
     "tiny-flux2": _bake_tiny_flux2,
     "tiny-flux2-klein": _bake_tiny_flux2_klein,
     "tiny-flux2-klein-base": lambda dest: _bake_tiny_flux2_klein(dest, distilled=False),

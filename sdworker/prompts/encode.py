@@ -76,8 +76,9 @@ def planning_tokenizers(pipe: Any) -> dict[str, Any]:
 
 def _tokenizer(component: Any) -> Any:
     """A pipeline's tokenizer, or the tokenizer inside the processor it has in that place (FLUX.2 [dev]'s)."""
-    inner = getattr(component, "tokenizer", None)
-    return inner if inner is not None and hasattr(component, "image_processor") else component
+    from transformers import ProcessorMixin
+
+    return component.tokenizer if isinstance(component, ProcessorMixin) else component
 
 
 def plan(pipe: Any, family: str, request: Any, default: Syntax, max_sequence_length: int | None) -> PromptPlan:
